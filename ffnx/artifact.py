@@ -1,0 +1,148 @@
+"""Artifact directories: atomic file writes, staging, and `manifest.json` (stdlib only).
+
+An artifact is a directory holding `model.onnx`, optionally `model.opt.onnx` and `model.plan`,
+and `manifest.json`. The manifest is written last, so a directory without one is incomplete.
+New artifacts are built in a sibling staging directory and renamed into place only when every
+step succeeded; a failure leaves any previous artifact untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ffnx.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+MODEL_OPT = "model.opt.onnx"
+PLAN = "model.plan"
+SCHEMA_VERSION = 1
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename it onto `final` only if the block succeeds."""
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(final: str | Path, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(final: str | Path, obj: object) -> None:
+    write_bytes_atomic(final, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, force: bool) -> Iterator[Path]:
+    """Build a new artifact in a staging dir; on success swap it onto `out` atomically.
+
+    Refuses an existing `out` unless `force`. On failure the staging dir is removed and `out`
+    (old artifact or nothing) is left as it was.
+    """
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+    try:
+        yield stage
+        if not (stage / MANIFEST).exists():
+            raise ArtifactError("internal: artifact staged without a manifest")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def file_hashes(directory: str | Path) -> dict[str, str]:
+    """sha256 of every regular file in the artifact except the manifest."""
+    d = Path(directory)
+    return {
+        p.name: sha256(p)
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> dict:
+    """Refresh `files` hashes and write the manifest last, atomically."""
+    manifest = dict(manifest)
+    manifest["schema_version"] = SCHEMA_VERSION
+    manifest["files"] = file_hashes(directory)
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArtifactError(f"{d} is not an artifact directory (run `ffnx export` first)")
+    path = d / MANIFEST
+    if not path.exists():
+        raise ArtifactError(
+            f"{d} has no {MANIFEST}: the artifact is incomplete (re-run `ffnx export --force`)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
+
+
+def model_path(directory: str | Path, manifest: dict | None = None, prefer_opt: bool = True) -> Path:
+    """The ONNX file a runtime should load: the optimized one when present."""
+    d = Path(directory)
+    manifest = manifest if manifest is not None else read_manifest(d)
+    files = manifest.get("files", {})
+    for name in ((MODEL_OPT, MODEL) if prefer_opt else (MODEL,)):
+        if name in files:
+            if not (d / name).exists():
+                raise ArtifactError(f"{d / name} is listed in the manifest but missing")
+            return d / name
+    raise ArtifactError(f"{d} has no ONNX model listed in its manifest")
+
+
+def check_integrity(directory: str | Path, manifest: dict, names: list[str] | None = None) -> None:
+    """Compare file hashes against the manifest; raise naming the first mismatch."""
+    d = Path(directory)
+    for name, digest in manifest.get("files", {}).items():
+        if names is not None and name not in names:
+            continue
+        p = d / name
+        if not p.exists():
+            raise ArtifactError(f"{p} is listed in the manifest but missing")
+        if sha256(p) != digest:
+            raise ArtifactError(f"{p} does not match its sha256 in the manifest (modified or truncated)")

@@ -1,0 +1,33 @@
+"""One exception family per user-facing failure; the CLI prints `str(err)` as one line."""
+
+
+class FfnxError(Exception):
+    """Base of every error ffnx reports to a user (one line, non-zero exit)."""
+
+
+class ModelSpecError(FfnxError):
+    """A model name or `module:factory` spec cannot be resolved or called."""
+
+
+class ExportError(FfnxError):
+    """torch -> ONNX export failed (names the module/op and a fix when known)."""
+
+
+class VerificationError(FfnxError):
+    """Numerical check of an export or a pass exceeded its tolerance."""
+
+
+class ArtifactError(FfnxError):
+    """An artifact directory or ONNX file is missing, incomplete or corrupted."""
+
+
+class InputError(FfnxError):
+    """Inputs given to an engine do not match its declared inputs."""
+
+
+class PassError(FfnxError):
+    """A graph pass cannot run (bad arguments, missing calibration data)."""
+
+
+class BackendError(FfnxError):
+    """A runtime backend is unavailable or failed to load (missing package, plugin, GPU)."""

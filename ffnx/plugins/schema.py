@@ -1,0 +1,157 @@
+"""Op schemas: the single source that export, graph passes, ORT lowerings, CUDA kernels and the
+TensorRT plugins all read. Pure Python data (no torch/onnx import), so the runtime can use it.
+
+Naming: TensorRT's ONNX parser maps an unknown node to a plugin by ``op_type`` plus the node
+attributes ``plugin_version`` / ``plugin_namespace`` and ignores the domain
+(onnx-tensorrt ``builtin_op_importers.cpp``: ``importFallbackPluginImporter``). ONNX Runtime
+dispatches on (domain, op_type). So every ffnx node carries domain ``ffnx``, an op_type that
+collides with no ONNX or com.microsoft op (``FfnxMoE``, not ``MoE``) and both plugin attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DOMAIN = "ffnx"
+DOMAIN_VERSION = 1
+PLUGIN_NAMESPACE = "ffnx"
+PLUGIN_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    shape: str  # symbolic, e.g. "[T, D]"; "*" means any number of leading dims
+    dtypes: tuple[str, ...]
+    doc: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Attr:
+    name: str
+    kind: str  # "int" | "float" | "string"
+    default: object
+    doc: str
+    choices: tuple = ()
+
+
+@dataclass(frozen=True)
+class OpSchema:
+    op_type: str
+    doc: str
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+    attributes: tuple[Attr, ...] = field(default_factory=tuple)
+
+    def input_index(self, name: str) -> int:
+        return [p.name for p in self.inputs].index(name)
+
+    def attr(self, name: str) -> Attr:
+        return {a.name: a for a in self.attributes}[name]
+
+    def defaults(self) -> dict:
+        return {a.name: a.default for a in self.attributes}
+
+
+FLOAT = ("float32", "float16", "bfloat16")
+PLUGIN_ATTRS = (
+    Attr("plugin_namespace", "string", PLUGIN_NAMESPACE, "TensorRT plugin namespace"),
+    Attr("plugin_version", "string", PLUGIN_VERSION, "TensorRT plugin version"),
+)
+
+# Activations. Gated ones read fc1 rows [0, H) as gate and [H, 2H) as up (not interleaved):
+#   swiglu: silu(g) * u   geglu: gelu(g) * u (erf)   reglu: relu(g) * u
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+ACTIVATIONS = GATED_ACTIVATIONS + ("gelu", "relu", "silu")
+
+MOE = OpSchema(
+    op_type="FfnxMoE",
+    doc=(
+        "Mixture-of-Experts FFN, one node per MoE layer.\n"
+        "Routing (routing_mode='router'): s = router_logits [T, E].\n"
+        "  scoring='softmax':       p = softmax(s); idx = topk(p, k); w = p[idx]\n"
+        "  scoring='topk_softmax':  idx = topk(s, k); w = softmax(s[idx])\n"
+        "  scoring='sigmoid':       p = sigmoid(s); idx = topk(p + score_bias, k); w = p[idx]\n"
+        "  normalize=1: w = w / sum(w) (before scaling); then w *= routed_scaling_factor.\n"
+        "Routing (routing_mode='hash'): idx = hash_table[token_ids] [T, k]; w = 1/k each.\n"
+        "Experts: h_e = act(x @ fc1_weight[e].T + fc1_bias[e]); y_e = h_e @ fc2_weight[e].T + "
+        "fc2_bias[e]. Output y = sum_j w_j * y_{idx_j} + shared(x), where shared is one dense FFN "
+        "with the same activation (several shared experts are concatenated into one wide FFN) "
+        "optionally scaled by sigmoid(x @ shared_gate_weight.T).\n"
+        "Heterogeneous expert widths (Duo-LLM small/big, skip) are zero-padded to the widest "
+        "expert: act(0) = 0 for every activation here, so padding is exact; a skip expert is "
+        "all-zero."
+    ),
+    inputs=(
+        Port("hidden", "[*, D]", FLOAT, "token hidden states"),
+        Port("router_logits", "[*, E]", FLOAT, "router logits (empty for hash routing)", True),
+        Port("fc1_weight", "[E, H1, D]", FLOAT, "H1 = 2H for gated activations ([gate; up])"),
+        Port("fc1_bias", "[E, H1]", FLOAT, "", True),
+        Port("fc2_weight", "[E, D, H]", FLOAT, "down projection"),
+        Port("fc2_bias", "[E, D]", FLOAT, "", True),
+        Port("score_bias", "[E]", ("float32",), "selection-only bias (sigmoid scoring)", True),
+        Port("token_ids", "[*]", ("int64",), "token ids (hash routing)", True),
+        Port("hash_table", "[V, k]", ("int64",), "expert ids per token id (hash routing)", True),
+        Port("shared_fc1_weight", "[Hs1, D]", FLOAT, "shared experts' fc1 (concatenated)", True),
+        Port("shared_fc2_weight", "[D, Hs]", FLOAT, "shared experts' fc2 (stacked)", True),
+        Port("shared_gate_weight", "[1, D]", FLOAT, "sigmoid gate on the shared output", True),
+    ),
+    outputs=(Port("output", "[*, D]", FLOAT, "same shape and dtype as hidden"),),
+    attributes=(
+        Attr("num_experts", "int", 0, "E"),
+        Attr("top_k", "int", 2, "experts per token"),
+        Attr("routing_mode", "string", "router", "", ("router", "hash")),
+        Attr("scoring", "string", "softmax", "", ("softmax", "topk_softmax", "sigmoid")),
+        Attr("normalize", "int", 0, "renormalise the top-k weights to sum 1", (0, 1)),
+        Attr("routed_scaling_factor", "float", 1.0, "multiplies the routing weights"),
+        Attr("activation", "string", "swiglu", "", ACTIVATIONS),
+        *PLUGIN_ATTRS,
+    ),
+)
+
+SPARSE_FFN = OpSchema(
+    op_type="FfnxSparseFFN",
+    doc=(
+        "Activation-sparse FFN, one node per FFN.\n"
+        "Gated: a = act(x @ w_gate.T); non-gated: a = act(x @ w_up.T + b_up).\n"
+        "mode='threshold' (CHESS): keep channel c where |a_c| > thresholds[c].\n"
+        "mode='topk' (Lazy Neuron): keep the k largest |a_c| per token.\n"
+        "Gated: y = (mask * a * (x @ w_up.T)) @ w_down.T + b_down; only kept rows of w_up and "
+        "columns of w_down are read. Non-gated: y = (mask * a) @ w_down.T + b_down."
+    ),
+    inputs=(
+        Port("hidden", "[*, D]", FLOAT, "token hidden states"),
+        Port("w_gate", "[H, D]", FLOAT, "gate projection (gated FFNs)", True),
+        Port("w_up", "[H, D]", FLOAT, "up projection"),
+        Port("b_up", "[H]", FLOAT, "", True),
+        Port("w_down", "[D, H]", FLOAT, "down projection"),
+        Port("b_down", "[D]", FLOAT, "", True),
+        Port("thresholds", "[H]", ("float32",), "per-channel |activation| thresholds", True),
+    ),
+    outputs=(Port("output", "[*, D]", FLOAT, "same shape and dtype as hidden"),),
+    attributes=(
+        Attr("mode", "string", "threshold", "", ("threshold", "topk")),
+        Attr("k", "int", 0, "kept channels per token (mode='topk')"),
+        Attr("activation", "string", "relu", "", ACTIVATIONS),
+        *PLUGIN_ATTRS,
+    ),
+)
+
+OPS: dict[str, OpSchema] = {s.op_type: s for s in (MOE, SPARSE_FFN)}
+
+
+def schema_markdown() -> str:
+    """Render every schema as Markdown (docs and `ffnx plugins --schemas`)."""
+    out = []
+    for s in OPS.values():
+        out.append(f"## `{DOMAIN}::{s.op_type}`\n\n{s.doc}\n\n| input | shape | dtypes | |\n|---|---|---|---|")
+        for p in s.inputs:
+            opt = " (optional)" if p.optional else ""
+            out.append(f"| {p.name}{opt} | {p.shape} | {', '.join(p.dtypes)} | {p.doc} |")
+        out.append("\n| attribute | kind | default | |\n|---|---|---|---|")
+        for a in s.attributes:
+            ch = f" one of {a.choices}" if a.choices else ""
+            out.append(f"| {a.name} | {a.kind} | {a.default!r} | {a.doc}{ch} |")
+        out.append("")
+    return "\n".join(out)
