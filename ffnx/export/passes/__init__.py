@@ -1,0 +1,44 @@
+"""The pass registry: every pass, in the order the default pipeline runs them.
+
+`ffnx optimize --list-passes` prints this list. Exact passes run by default; approximate ones
+(`exact = False`) only when named with --passes and given calibration inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult
+
+ORDER = [
+    "cleanup",
+    "fold_batchnorm",
+    "fold_prepbn",
+    "reparameterize_ffn",
+    "layernorm_to_rmsnorm",
+    "fold_norm_affine",
+    "fuse_gate_up",
+    "fuse_parallel_ffn",
+    "lower_moe",
+    "ffn_fusion",
+    "remove_layernorm",
+]
+
+
+def registry() -> list[GraphPass]:
+    """Instances of every pass in ORDER (each module defines `PASS`)."""
+    out = []
+    for name in ORDER:
+        mod_name = f"ffnx.export.passes.{name}"
+        if importlib.util.find_spec(mod_name) is None:  # TODO(integration): import all directly
+            continue
+        out.append(importlib.import_module(mod_name).PASS)
+    return out
+
+
+def by_name() -> dict[str, GraphPass]:
+    return {p.name: p for p in registry()}
+
+
+__all__ = ["GraphPass", "Match", "PassContext", "PassResult", "ORDER", "registry", "by_name"]

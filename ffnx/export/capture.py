@@ -1,0 +1,62 @@
+"""Module swaps scoped to one export: blocks stock export cannot handle become ffnx ops.
+
+A capture rule is a function `(name, module, target) -> replacement | None`; a replacement is a
+torch module with the same numerics whose forward emits one ffnx op node at export time, and
+which names the op type it needs in `ffnx_op_type`. Rules are tried in order on every submodule
+(outermost first; a replaced module's children are not visited). The original modules are put
+back when the export finishes, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+CaptureRule = Callable[[str, torch.nn.Module, str], torch.nn.Module | None]
+RULES: list[CaptureRule] = []
+
+
+def register(rule: CaptureRule) -> CaptureRule:
+    RULES.append(rule)
+    return rule
+
+
+def _load_rules() -> None:
+    # Rule modules register themselves on import; imported here to keep `capture` import-light.
+    import ffnx.export.moe_capture  # noqa: F401
+
+
+def _plan(root: torch.nn.Module, target: str) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+
+    def visit(prefix: str, mod: torch.nn.Module) -> None:
+        for child_name, child in mod.named_children():
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            new = next((r for r in (rule(full, child, target) for rule in RULES) if r is not None), None)
+            if new is not None:
+                swaps.append((mod, child_name, new))
+            else:
+                visit(full, child)
+
+    visit("", root)
+    return swaps
+
+
+@contextlib.contextmanager
+def captured(root: torch.nn.Module, target: str = "ort") -> Iterator[set[str]]:
+    """Swap every matching block for its ffnx-op twin; yield the set of op types used."""
+    _load_rules()
+    swaps = _plan(root, target)
+    originals = []
+    ops: set[str] = set()
+    try:
+        for parent, name, new in swaps:
+            originals.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, new)
+            ops.add(getattr(new, "ffnx_op_type", type(new).__name__))
+        yield ops
+    finally:
+        for parent, name, old in reversed(originals):
+            setattr(parent, name, old)

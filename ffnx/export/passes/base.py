@@ -1,0 +1,112 @@
+"""The shape of a graph pass: `match` (pattern), `check` (exactness, with a reason), `rewrite`.
+
+Passes work on onnx-graphsurgeon graphs. The driver (ffnx.export.optimize) gives each pass a
+fresh graph, calls `apply`, and afterwards runs cleanup, shape inference, the onnx checker and
+numerical verification against the graph before the pass; a failing pass is rolled back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+@dataclass
+class Match:
+    """One candidate site: the nodes involved plus whatever `rewrite` needs."""
+
+    nodes: list[gs.Node]
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return ", ".join(f"{n.op}({n.name})" for n in self.nodes[:4])
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph.
+
+    feeds: sample inputs (calibration data for approximate passes).
+    max_error: approximate passes refuse above this max abs error of the final outputs.
+    target: "ort" or "trt" (lowering passes choose by it).
+    """
+
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    max_error: float | None = None
+    target: str = "ort"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    matched: int = 0
+    applied: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (site, reason)
+    notes: dict = field(default_factory=dict)  # pass-specific measurements (errors, choices)
+
+
+class GraphPass:
+    """Subclass, set `name`, write the docstring (math + exactness condition), implement
+    `match`/`check`/`rewrite`. Override `apply` only when sites interact (e.g. calibration)."""
+
+    name: str = ""
+    exact: bool = True  # False: approximate, opt-in, needs calibration feeds and --max-error
+    default: bool = True  # runs in the default pipeline
+
+    def match(self, graph: gs.Graph) -> list[Match]:
+        raise NotImplementedError
+
+    def check(self, graph: gs.Graph, m: Match) -> str | None:
+        """None when the rewrite is exact for this match, else the reason it is skipped."""
+        return None
+
+    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
+        raise NotImplementedError
+
+    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        for m in self.match(graph):
+            res.matched += 1
+            reason = self.check(graph, m)
+            if reason:
+                res.skipped.append((m.describe(), reason))
+                continue
+            self.rewrite(graph, m, ctx)
+            res.applied += 1
+        return res
+
+    @property
+    def summary(self) -> str:
+        doc = (self.__doc__ or "").strip().splitlines()
+        return doc[0] if doc else ""
+
+
+# Helpers passes share: constants and single-consumer checks read like the math.
+
+
+def const(t: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node output), else None."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        v = t.inputs[0].attrs.get("value")
+        return np.asarray(v.values) if isinstance(v, gs.Constant) else None
+    return None
+
+
+def sole_consumer(t: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The only node reading `t`, if `t` is not also a graph output."""
+    if len(t.outputs) != 1 or t in graph.outputs:
+        return None
+    return t.outputs[0]
+
+
+def producer(t: gs.Tensor, op: str | tuple[str, ...] | None = None) -> gs.Node | None:
+    if len(t.inputs) != 1:
+        return None
+    n = t.inputs[0]
+    if op is None or n.op == op or (isinstance(op, tuple) and n.op in op):
+        return n
+    return None

@@ -1,0 +1,163 @@
+"""`export_artifact`: spec -> verified artifact directory (export, verify, optimize, manifest).
+
+Everything is built in a staging directory; the artifact appears (or replaces the old one, with
+--force) only when every step succeeded, and `manifest.json` is its last file.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import ffnx
+from ffnx import artifact
+from ffnx.errors import VerificationError
+from ffnx.export import verify
+from ffnx.export.capture import captured
+from ffnx.export.inputs import example_dims, inputs_for, int_range, other_dims, to_numpy, torch_outputs
+from ffnx.export.torch_export import DEFAULT_OPSET, export_onnx
+from ffnx.models.spec import ModelSpec
+from ffnx.runtime.backends.base import TensorInfo
+
+Step = Callable[[str], None]
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"ffnx": ffnx.__version__, "python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "onnx-graphsurgeon"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def io_infos(spec: ModelSpec, model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """Inputs with the spec's dim labels; outputs with the graph's (symbolic) dims."""
+    ins = []
+    for name, t in spec.inputs.items():
+        axes = {int(a): lbl for a, lbl in spec.dynamic.get(name, {}).items()}
+        shape = tuple(axes.get(i, int(d)) for i, d in enumerate(t.shape))
+        ins.append(TensorInfo(name, _dtype_name(t), shape))
+    outs = []
+    for o in model.graph.output:
+        tt = o.type.tensor_type
+        dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+        outs.append(TensorInfo(o.name, dt, shape))
+    return ins, outs
+
+
+def verify_export(
+    spec: ModelSpec, onnx_path: Path, tol: verify.Tolerance, output_names: list[str]
+) -> list[dict]:
+    """Run torch and ORT at the example shape and at a second shape; raise above tolerance."""
+    sess = verify.ort_session(str(onnx_path))
+    shapes = [example_dims(spec)]
+    if spec.dynamic:
+        shapes.append(other_dims(spec))
+    results = []
+    for i, dims in enumerate(shapes):
+        feeds = spec.inputs if i == 0 else inputs_for(spec, dims, seed=1)
+        ref = torch_outputs(spec.module, feeds, output_names)
+        got = verify.run_session(sess, to_numpy(feeds))
+        report = verify.compare_outputs(ref, got, tol, what=f"{spec.name} at {dims}")
+        results.append({"dims": dims, "outputs": report})
+        bad = verify.failures(report)
+        if bad:
+            raise VerificationError(
+                f"ONNX output of {spec.name!r} differs from torch at {dims} "
+                f"(atol={tol.atol}, rtol={tol.rtol}): {'; '.join(bad)}"
+            )
+    return results
+
+
+def base_manifest(spec: ModelSpec, model: onnx.ModelProto, opset: int, source: str) -> dict:
+    ins, outs = io_infos(spec, model)
+    ex = example_dims(spec)
+    return {
+        "ffnx_version": ffnx.__version__,
+        "model": {
+            "name": spec.name,
+            "source": source,
+            "variant": spec.variant,
+            "params": spec.params,
+            "description": spec.description,
+        },
+        "inputs": [i.to_json() for i in ins],
+        "outputs": [o.to_json() for o in outs],
+        "dynamic": {k: {str(a): lbl for a, lbl in v.items()} for k, v in spec.dynamic.items()},
+        "dims": {lbl: {"example": n, "min": 1, "max": spec.max_dims.get(lbl)} for lbl, n in ex.items()},
+        "input_ranges": {
+            n: list(int_range(t)) for n, t in spec.inputs.items() if not t.dtype.is_floating_point
+        },
+        "export": {"exporter": "torch.onnx.export(dynamo=True)", "opset": opset},
+        "passes": [],
+        "plugins": [],
+        "versions": tool_versions(),
+    }
+
+
+def sample_feeds(spec: ModelSpec) -> list[dict[str, np.ndarray]]:
+    """Inputs graph passes verify on: the example shape and, when dynamic, a second one."""
+    feeds = [to_numpy(spec.inputs)]
+    if spec.dynamic:
+        feeds.append(to_numpy(inputs_for(spec, other_dims(spec), seed=2)))
+    return feeds
+
+
+def export_artifact(
+    spec: ModelSpec,
+    out: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    tol: verify.Tolerance = verify.Tolerance(),
+    force: bool = False,
+    optimize: bool = True,
+    passes: list[str] | None = None,
+    skip: list[str] = (),
+    target: str = "ort",
+    source: str = "",
+    step: Step = lambda s: None,
+) -> dict:
+    """Export, verify at two shapes, optimize, write the manifest; return the manifest."""
+    with artifact.staged_dir(out, force) as stage:
+        step("exporting with torch.onnx (dynamo)")
+        onnx_path = stage / artifact.MODEL
+        with captured(spec.module, target) as plugins:
+            export_onnx(spec, onnx_path, opset)
+            model = onnx.load(str(onnx_path), load_external_data=False)
+            manifest = base_manifest(spec, model, opset, source or spec.name)
+            output_names = [o["name"] for o in manifest["outputs"]]
+            step("verifying ONNX Runtime against torch at two shapes")
+            checks = verify_export(spec, onnx_path, tol, output_names)
+        manifest["plugins"] = sorted(plugins)
+        manifest["export"]["verification"] = checks
+        manifest["export"]["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol}
+        manifest["export"]["max_abs_error"] = verify.worst([c["outputs"] for c in checks])["max_abs"]
+        if optimize:
+            from ffnx.export.optimize import optimize_file
+
+            step("running graph passes")
+            manifest["passes"] = optimize_file(
+                onnx_path,
+                stage / artifact.MODEL_OPT,
+                sample_feeds(spec),
+                passes=passes,
+                skip=skip,
+                target=target,
+                tol=tol,
+                step=step,
+            )
+        artifact.write_manifest(stage, manifest)
+    return artifact.read_manifest(out)
+

@@ -1,0 +1,108 @@
+"""torch -> ONNX with `torch.onnx.export(dynamo=True)`, quiet, with errors a user can act on."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ffnx.errors import ExportError
+from ffnx.models.spec import ModelSpec
+
+DEFAULT_OPSET = 18  # ORT >= 1.14, TensorRT >= 8.6 and every Jetson TensorRT read it
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph
+DATA_DEPENDENT = re.compile(r"data.dependent|GuardOnDataDependent|Could not guard|nonzero", re.I)
+
+
+def dynamic_shapes(spec: ModelSpec) -> dict[str, dict[int, torch.export.Dim]]:
+    """One `Dim` per label, shared by every axis carrying that label."""
+    dims: dict[str, torch.export.Dim] = {}
+    out = {}
+    for name in spec.inputs:
+        axes = spec.dynamic.get(name, {})
+        out[name] = {}
+        for axis, label in axes.items():
+            if label not in dims:
+                hi = spec.max_dims.get(label)
+                dims[label] = torch.export.Dim(_ident(label), min=1, **({"max": hi} if hi else {}))
+            out[name][int(axis)] = dims[label]
+    return out
+
+
+def _ident(label: str) -> str:
+    s = re.sub(r"\W", "_", label)
+    return s if s and not s[0].isdigit() else f"d_{s}"
+
+
+def _user_frame(text: str) -> str:
+    """The innermost user-code frame torch.export reports: 'file:line in fn: code'."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', text)
+    frames = [f for f in frames if "/torch/" not in f[0]]
+    if not frames:
+        return ""
+    file, line, fn, code = frames[-1]
+    return f" at {Path(file).name}:{line} in {fn}: `{code.strip()}`"
+
+
+def explain_failure(spec: ModelSpec, err: BaseException) -> str:
+    text = f"{err}\n" + "".join(
+        str(c) for c in (err.__cause__, err.__context__) if c is not None
+    )
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    where = _user_frame(text)
+    hint = "simplify the forward (no Python-side data-dependent control flow) or wrap it in a torch.library op"
+    if DATA_DEPENDENT.search(text):
+        hint = (
+            "the forward branches on tensor values; make the control flow tensor-only "
+            "(torch.where/torch.cond) or register the block as a custom op"
+        )
+    elif "Unsupported" in text or "not supported" in text.lower() or "no symbolic" in text.lower():
+        hint = "an op has no ONNX translation; register one with torch.onnx custom_translation_table"
+    return f"torch.onnx.export of {spec.name!r} failed{where}: {first[:300]} (fix: {hint})"
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporter's progress prints, warnings and log spam (errors still raise)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    buf = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_onnx(spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export `spec.module` to `path`; large models get external data beside it (`<name>.data`)."""
+    path = Path(path)
+    module = spec.module.eval()
+    args = tuple(spec.inputs.values())
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    try:
+        with quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=list(spec.inputs),
+                dynamic_shapes=dynamic_shapes(spec) if spec.dynamic else None,
+                opset_version=opset,
+                verbose=False,
+            )
+            program.save(str(path), external_data=nbytes > EXTERNAL_DATA_BYTES)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(explain_failure(spec, e)) from e
+    return path
