@@ -26,6 +26,12 @@ PLAN = "model.plan"
 SCHEMA_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -40,6 +46,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
         os.replace(tmp, final)
@@ -71,6 +78,7 @@ def staged_dir(out: str | Path, force: bool) -> Iterator[Path]:
         raise ArtifactError(f"{out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+    os.chmod(stage, 0o777 & ~_umask())
     try:
         yield stage
         if not (stage / MANIFEST).exists():
@@ -122,12 +130,14 @@ def read_manifest(directory: str | Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
 
 
-def model_path(directory: str | Path, manifest: dict | None = None, prefer_opt: bool = True) -> Path:
+def model_path(
+    directory: str | Path, manifest: dict | None = None, prefer_opt: bool = True
+) -> Path:
     """The ONNX file a runtime should load: the optimized one when present."""
     d = Path(directory)
     manifest = manifest if manifest is not None else read_manifest(d)
     files = manifest.get("files", {})
-    for name in ((MODEL_OPT, MODEL) if prefer_opt else (MODEL,)):
+    for name in (MODEL_OPT, MODEL) if prefer_opt else (MODEL,):
         if name in files:
             if not (d / name).exists():
                 raise ArtifactError(f"{d / name} is listed in the manifest but missing")
@@ -145,4 +155,6 @@ def check_integrity(directory: str | Path, manifest: dict, names: list[str] | No
         if not p.exists():
             raise ArtifactError(f"{p} is listed in the manifest but missing")
         if sha256(p) != digest:
-            raise ArtifactError(f"{p} does not match its sha256 in the manifest (modified or truncated)")
+            raise ArtifactError(
+                f"{p} does not match its sha256 in the manifest (modified or truncated)"
+            )

@@ -34,7 +34,9 @@ def _plan(root: torch.nn.Module, target: str) -> list[tuple[torch.nn.Module, str
     def visit(prefix: str, mod: torch.nn.Module) -> None:
         for child_name, child in mod.named_children():
             full = f"{prefix}.{child_name}" if prefix else child_name
-            new = next((r for r in (rule(full, child, target) for rule in RULES) if r is not None), None)
+            new = next(
+                (r for r in (rule(full, child, target) for rule in RULES) if r is not None), None
+            )
             if new is not None:
                 swaps.append((mod, child_name, new))
             else:

@@ -92,7 +92,11 @@ def apply_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict], tol
         new = _finish(graph, model.opset_import)
         outs = run_model(new, ctx.feeds)
         checks = [verify.compare_outputs(r, o, tol, p.name) for r, o in zip(ref, outs)]
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, VerificationError) as e:
+    except (
+        onnx.checker.ValidationError,
+        onnx.shape_inference.InferenceError,
+        VerificationError,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         report.update(status="rolled_back", reason=f"invalid graph: {first[:300]}", after=before)
         return model, report
@@ -133,7 +137,9 @@ def optimize_model(
                 raise PassError(f"{p.name} is approximate: give --max-error (and --calib inputs)")
             new, report = apply_pass(p, model, ctx, original, approximate_tolerance(max_error))
             if report["status"] == "rolled_back":
-                raise PassError(f"{p.name} refused: {report['reason']} exceeds --max-error {max_error}")
+                raise PassError(
+                    f"{p.name} refused: {report['reason']} exceeds --max-error {max_error}"
+                )
         if new is not model:
             model, ref = new, run_model(new, feeds)
         reports.append(report)

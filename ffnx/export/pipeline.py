@@ -19,7 +19,14 @@ from ffnx import artifact
 from ffnx.errors import VerificationError
 from ffnx.export import verify
 from ffnx.export.capture import captured
-from ffnx.export.inputs import example_dims, inputs_for, int_range, other_dims, to_numpy, torch_outputs
+from ffnx.export.inputs import (
+    example_dims,
+    inputs_for,
+    int_range,
+    other_dims,
+    to_numpy,
+    torch_outputs,
+)
 from ffnx.export.torch_export import DEFAULT_OPSET, export_onnx
 from ffnx.models.spec import ModelSpec
 from ffnx.runtime.backends.base import TensorInfo
@@ -29,7 +36,14 @@ Step = Callable[[str], None]
 
 def tool_versions() -> dict[str, str]:
     out = {"ffnx": ffnx.__version__, "python": platform.python_version()}
-    for dist in ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "onnx-graphsurgeon"):
+    for dist in (
+        "torch",
+        "onnx",
+        "onnxscript",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnx-graphsurgeon",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -52,7 +66,9 @@ def io_infos(spec: ModelSpec, model: onnx.ModelProto) -> tuple[list[TensorInfo],
     for o in model.graph.output:
         tt = o.type.tensor_type
         dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim
+        )
         outs.append(TensorInfo(o.name, dt, shape))
     return ins, outs
 
@@ -96,7 +112,9 @@ def base_manifest(spec: ModelSpec, model: onnx.ModelProto, opset: int, source: s
         "inputs": [i.to_json() for i in ins],
         "outputs": [o.to_json() for o in outs],
         "dynamic": {k: {str(a): lbl for a, lbl in v.items()} for k, v in spec.dynamic.items()},
-        "dims": {lbl: {"example": n, "min": 1, "max": spec.max_dims.get(lbl)} for lbl, n in ex.items()},
+        "dims": {
+            lbl: {"example": n, "min": 1, "max": spec.max_dims.get(lbl)} for lbl, n in ex.items()
+        },
         "input_ranges": {
             n: list(int_range(t)) for n, t in spec.inputs.items() if not t.dtype.is_floating_point
         },
@@ -127,6 +145,7 @@ def export_artifact(
     skip: list[str] = (),
     target: str = "ort",
     source: str = "",
+    size: str = "",
     step: Step = lambda s: None,
 ) -> dict:
     """Export, verify at two shapes, optimize, write the manifest; return the manifest."""
@@ -137,13 +156,16 @@ def export_artifact(
             export_onnx(spec, onnx_path, opset)
             model = onnx.load(str(onnx_path), load_external_data=False)
             manifest = base_manifest(spec, model, opset, source or spec.name)
+            manifest["model"]["size"] = size
             output_names = [o["name"] for o in manifest["outputs"]]
             step("verifying ONNX Runtime against torch at two shapes")
             checks = verify_export(spec, onnx_path, tol, output_names)
         manifest["plugins"] = sorted(plugins)
         manifest["export"]["verification"] = checks
         manifest["export"]["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol}
-        manifest["export"]["max_abs_error"] = verify.worst([c["outputs"] for c in checks])["max_abs"]
+        manifest["export"]["max_abs_error"] = verify.worst([c["outputs"] for c in checks])[
+            "max_abs"
+        ]
         if optimize:
             from ffnx.export.optimize import optimize_file
 
@@ -160,4 +182,3 @@ def export_artifact(
             )
         artifact.write_manifest(stage, manifest)
     return artifact.read_manifest(out)
-

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -50,35 +53,52 @@ def _user_frame(text: str) -> str:
 
 
 def explain_failure(spec: ModelSpec, err: BaseException) -> str:
-    text = f"{err}\n" + "".join(
-        str(c) for c in (err.__cause__, err.__context__) if c is not None
-    )
-    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    text = f"{err}\n" + "".join(str(c) for c in (err.__cause__, err.__context__) if c is not None)
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), type(root).__name__)
     where = _user_frame(text)
-    hint = "simplify the forward (no Python-side data-dependent control flow) or wrap it in a torch.library op"
+    hint = "remove Python-side data-dependent control flow or wrap the block in a torch.library op"
     if DATA_DEPENDENT.search(text):
         hint = (
             "the forward branches on tensor values; make the control flow tensor-only "
             "(torch.where/torch.cond) or register the block as a custom op"
         )
     elif "Unsupported" in text or "not supported" in text.lower() or "no symbolic" in text.lower():
-        hint = "an op has no ONNX translation; register one with torch.onnx custom_translation_table"
+        hint = (
+            "an op has no ONNX translation; register one with torch.onnx custom_translation_table"
+        )
     return f"torch.onnx.export of {spec.name!r} failed{where}: {first[:300]} (fix: {hint})"
 
 
 @contextlib.contextmanager
 def quiet():
-    """Silence the exporter's progress prints, warnings and log spam (errors still raise)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    """Silence the exporter's prints, warnings and log spam, down to file descriptors 1 and 2
+    (torch's log handlers hold the original streams). Errors still raise."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    buf = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    sink = tempfile.TemporaryFile()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            yield buf
+            yield
     finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        sink.close()
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
 

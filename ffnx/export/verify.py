@@ -1,4 +1,4 @@
-"""Numerical comparison used by export, every graph pass and the CLI (one place, explicit tolerances).
+"""Numerical comparison used by export, every graph pass and the CLI (explicit tolerances).
 
 An output passes when every element satisfies |got - ref| <= atol + rtol * |ref| (numpy.allclose),
 and, when the output is a float tensor, cosine(got, ref) >= min_cosine.
@@ -26,7 +26,9 @@ class Tolerance:
 def output_metrics(ref: np.ndarray, got: np.ndarray) -> dict:
     ref64, got64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
     if ref64.shape != got64.shape:
-        raise VerificationError(f"shape mismatch: expected {list(ref.shape)}, got {list(got.shape)}")
+        raise VerificationError(
+            f"shape mismatch: expected {list(ref.shape)}, got {list(got.shape)}"
+        )
     diff = np.abs(got64 - ref64)
     scale = float(np.abs(ref64).max()) if ref64.size else 0.0
     max_abs = float(diff.max()) if diff.size else 0.0
@@ -41,7 +43,9 @@ def output_metrics(ref: np.ndarray, got: np.ndarray) -> dict:
 
 
 def within(ref: np.ndarray, got: np.ndarray, metrics: dict, tol: Tolerance) -> bool:
-    ok = bool(np.allclose(np.asarray(got, np.float64), np.asarray(ref, np.float64), tol.rtol, tol.atol))
+    ok = bool(
+        np.allclose(np.asarray(got, np.float64), np.asarray(ref, np.float64), tol.rtol, tol.atol)
+    )
     if np.issubdtype(np.asarray(ref).dtype, np.floating) and np.asarray(ref).size > 1:
         ok = ok and metrics["cosine"] >= tol.min_cosine
     return ok

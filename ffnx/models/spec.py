@@ -15,7 +15,7 @@ class ModelSpec:
     inputs: example inputs by forward-argument name, in forward order.
     dynamic: per input, {axis: label}; axes sharing a label must be equal at run time.
     make_inputs: optional `dims -> inputs` (dims maps labels to sizes) for other shapes; when
-        absent, export derives them from `inputs` (floats ~ N(0,1), ints within the example's range).
+        absent, export derives them from `inputs` (floats ~ N(0,1), ints in the example's range).
     """
 
     name: str

@@ -23,12 +23,14 @@ DYNAMIC_RE = re.compile(r"^(?P<name>[^:]+):(?P<axes>\d+=[\w.-]+(,\d+=[\w.-]+)*)$
 
 
 def parse_dynamic(items: list[str] | tuple[str, ...]) -> dict[str, dict[int, str]]:
-    """`["input_ids:0=batch,1=seq", "mask:0=batch"]` -> {"input_ids": {0: "batch", 1: "seq"}, ...}"""
+    """`["ids:0=batch,1=seq", "mask:0=batch"]` -> {"ids": {0: "batch", 1: "seq"}, "mask": …}"""
     out: dict[str, dict[int, str]] = {}
     for item in items:
         m = DYNAMIC_RE.match(item.strip())
         if not m:
-            raise ModelSpecError(f"bad --dynamic {item!r}; expected name:axis=label[,axis=label], e.g. x:0=batch")
+            raise ModelSpecError(
+                f"bad --dynamic {item!r}; expected name:axis=label[,axis=label], e.g. x:0=batch"
+            )
         axes = out.setdefault(m["name"], {})
         for part in m["axes"].split(","):
             axis, label = part.split("=")
@@ -39,7 +41,9 @@ def parse_dynamic(items: list[str] | tuple[str, ...]) -> dict[str, dict[int, str
 def _import_factory(ref: str):
     target, _, attr = ref.rpartition(":")
     if not target or not attr:
-        raise ModelSpecError(f"bad model spec {ref!r}; expected pkg.module:factory or file.py:factory")
+        raise ModelSpecError(
+            f"bad model spec {ref!r}; expected pkg.module:factory or file.py:factory"
+        )
     try:
         if target.endswith(".py") or "/" in target:
             path = Path(target)
@@ -55,7 +59,9 @@ def _import_factory(ref: str):
     except ModelSpecError:
         raise
     except Exception as e:
-        raise ModelSpecError(f"cannot import {target!r} for {ref!r}: {type(e).__name__}: {e}") from e
+        raise ModelSpecError(
+            f"cannot import {target!r} for {ref!r}: {type(e).__name__}: {e}"
+        ) from e
     if not hasattr(module, attr):
         raise ModelSpecError(f"{target!r} has no attribute {attr!r}")
     return getattr(module, attr)
@@ -84,7 +90,11 @@ def load_factory(ref: str, dynamic: dict[str, dict[int, str]] | None = None) -> 
         raise ModelSpecError(f"factory {ref!r} raised {type(e).__name__}: {e}") from e
     if isinstance(result, ModelSpec):
         spec = result
-    elif isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], torch.nn.Module):
+    elif (
+        isinstance(result, tuple)
+        and len(result) in (2, 3)
+        and isinstance(result[0], torch.nn.Module)
+    ):
         module, inputs = result[0], result[1]
         spec = ModelSpec(
             name=ref.rpartition(":")[2],
@@ -103,7 +113,8 @@ def load_factory(ref: str, dynamic: dict[str, dict[int, str]] | None = None) -> 
     unknown = sorted(set(spec.dynamic) - set(spec.inputs))
     if unknown:
         raise ModelSpecError(
-            f"--dynamic names unknown input(s) {', '.join(unknown)}; inputs are {', '.join(spec.inputs)}"
+            f"--dynamic names unknown input(s) {', '.join(unknown)}; "
+            f"inputs are {', '.join(spec.inputs)}"
         )
     for name, axes in spec.dynamic.items():
         rank = spec.inputs[name].dim()
@@ -113,7 +124,9 @@ def load_factory(ref: str, dynamic: dict[str, dict[int, str]] | None = None) -> 
     return spec
 
 
-def resolve(ref: str, size: str = "tiny", dynamic: dict[str, dict[int, str]] | None = None) -> ModelSpec:
+def resolve(
+    ref: str, size: str = "tiny", dynamic: dict[str, dict[int, str]] | None = None
+) -> ModelSpec:
     """Zoo name, factory reference or `hf:PATH` -> ModelSpec."""
     if ref.startswith("hf:"):
         from ffnx.models.hf import load_hf

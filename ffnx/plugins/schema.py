@@ -145,7 +145,10 @@ def schema_markdown() -> str:
     """Render every schema as Markdown (docs and `ffnx plugins --schemas`)."""
     out = []
     for s in OPS.values():
-        out.append(f"## `{DOMAIN}::{s.op_type}`\n\n{s.doc}\n\n| input | shape | dtypes | |\n|---|---|---|---|")
+        out.append(
+            f"## `{DOMAIN}::{s.op_type}`\n\n{s.doc}\n\n"
+            "| input | shape | dtypes | |\n|---|---|---|---|"
+        )
         for p in s.inputs:
             opt = " (optional)" if p.optional else ""
             out.append(f"| {p.name}{opt} | {p.shape} | {', '.join(p.dtypes)} | {p.doc} |")

@@ -33,7 +33,9 @@ class Engine:
         declared = {d["name"]: TensorInfo.from_json(d) for d in self.manifest.get("inputs", [])}
         # Prefer the manifest's dim labels (what the user declared) over the file's symbols.
         self.inputs = [declared.get(i.name, i) for i in backend.inputs]
-        declared_out = {d["name"]: TensorInfo.from_json(d) for d in self.manifest.get("outputs", [])}
+        declared_out = {
+            d["name"]: TensorInfo.from_json(d) for d in self.manifest.get("outputs", [])
+        }
         self.outputs = [declared_out.get(o.name, o) for o in backend.outputs]
         self.dim_bounds = {
             label: (int(d.get("min", 0)), d.get("max"))
@@ -87,7 +89,9 @@ class Engine:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.backend.run(validate_feeds(feeds, self.inputs, self.dim_bounds))
 
-    def random_inputs(self, dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    def random_inputs(
+        self, dims: dict[str, int] | None = None, seed: int = 0
+    ) -> dict[str, np.ndarray]:
         """Inputs drawn within the declared dims (example sizes unless `dims` overrides)."""
         return random_inputs(self.inputs, self.manifest, dims, seed)
 

@@ -13,7 +13,9 @@ def _expected(inputs: list[TensorInfo]) -> str:
 
 
 def validate_feeds(
-    feeds: dict[str, object], inputs: list[TensorInfo], dim_bounds: dict[str, tuple[int, int]] = None
+    feeds: dict[str, object],
+    inputs: list[TensorInfo],
+    dim_bounds: dict[str, tuple[int, int]] = None,
 ) -> dict[str, np.ndarray]:
     """Return feeds as contiguous numpy arrays, or raise InputError.
 
@@ -39,7 +41,9 @@ def validate_feeds(
             try:
                 arr = np.asarray(arr)
             except Exception as e:
-                raise InputError(f"input {info.name!r} is not array-like ({type(arr).__name__})") from e
+                raise InputError(
+                    f"input {info.name!r} is not array-like ({type(arr).__name__})"
+                ) from e
         if arr.dtype.name != info.dtype:
             raise InputError(
                 f"input {info.name!r} has dtype {arr.dtype.name}, expected {info.describe()}"

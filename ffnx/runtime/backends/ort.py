@@ -1,4 +1,4 @@
-"""`OrtBackend`: ONNX Runtime (CPU EP by default; CUDA EP when onnxruntime-gpu and a GPU are there)."""
+"""`OrtBackend`: ONNX Runtime (CPU EP; CUDA EP when onnxruntime-gpu and a GPU are present)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def default_providers(device: str = "auto") -> list[str]:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         raise BackendError(
-            "CUDA execution provider unavailable: install onnxruntime-gpu (and only it) on a GPU host"
+            "CUDA execution provider unavailable: install onnxruntime-gpu (only it) on a GPU host"
         )
     return ["CPUExecutionProvider"]
 

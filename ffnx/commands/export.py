@@ -1,0 +1,112 @@
+"""`ffnx export`: model -> verified, optimized artifact (and TensorRT engine with --target trt)."""
+
+from __future__ import annotations
+
+import click
+
+from ffnx.commands import ui
+from ffnx.commands.options import csv_list
+
+
+@click.command("export", context_settings={"max_content_width": 100})
+@click.argument("model")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact dir.")
+@click.option(
+    "--size",
+    type=click.Choice(["tiny", "base"]),
+    default="tiny",
+    show_default=True,
+    help="Zoo model size.",
+)
+@click.option(
+    "--dynamic",
+    multiple=True,
+    metavar="NAME:AXIS=LABEL",
+    help="Dynamic dims, e.g. input_ids:0=batch,1=seq (repeatable).",
+)
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option("--force", is_flag=True, help="Replace an existing artifact (only on success).")
+@click.option("--atol", type=float, default=None, help="Verification abs tolerance (1e-4).")
+@click.option("--rtol", type=float, default=None, help="Verification rel tolerance (1e-3).")
+@click.option("--no-optimize", is_flag=True, help="Skip graph passes (no model.opt.onnx).")
+@click.option("--passes", callback=csv_list, help="Run only these passes (comma-separated).")
+@click.option("--skip", callback=csv_list, help="Skip these passes.")
+@click.option(
+    "--target",
+    type=click.Choice(["ort", "trt"]),
+    default="ort",
+    show_default=True,
+    help="trt keeps ffnx ops for the plugins, checks the graph, and builds model.plan.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8", "fp8"]),
+    default="fp32",
+    show_default=True,
+    help="TensorRT precision (--target trt).",
+)
+def export_cmd(
+    model,
+    out,
+    size,
+    dynamic,
+    opset,
+    force,
+    atol,
+    rtol,
+    no_optimize,
+    passes,
+    skip,
+    target,
+    precision,
+) -> None:
+    """Export MODEL (zoo name, pkg.module:factory, file.py:factory or hf:PATH) to an artifact
+    directory, verified against torch at two shapes.
+
+    \b
+    Example:
+      ffnx export gpt-swiglu --out artifacts/gpt-swiglu
+      ffnx export my_model.py:build --dynamic x:0=batch --out artifacts/mine --force
+      ffnx export hf:./mixtral-tiny --out artifacts/mixtral --target trt --precision fp16
+    """
+    from ffnx.export import verify
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.export.torch_export import DEFAULT_OPSET
+    from ffnx.models.user import parse_dynamic, resolve
+
+    spec = resolve(model, size, parse_dynamic(dynamic))
+    tol = verify.Tolerance(
+        atol=verify.DEFAULT_ATOL if atol is None else atol,
+        rtol=verify.DEFAULT_RTOL if rtol is None else rtol,
+    )
+    with ui.steps(f"exporting {spec.name}") as step:
+        manifest = export_artifact(
+            spec,
+            out,
+            opset=opset or DEFAULT_OPSET,
+            tol=tol,
+            force=force,
+            optimize=not no_optimize,
+            passes=passes,
+            skip=skip or [],
+            target=target,
+            source=model,
+            size=size,
+            step=step,
+        )
+        if target == "trt":
+            from ffnx.build.engine import build_engine
+
+            step("building the TensorRT engine")
+            build_engine(out, precision=precision)
+    v = manifest["export"]
+    ui.err.print(
+        f"exported {spec.name} ({manifest['model']['params']:,} params, opset {v['opset']}) to "
+        f"{out}; max abs error vs torch {v['max_abs_error']:.2e}"
+    )
+    applied = [p for p in manifest.get("passes", []) if p["status"] == "applied"]
+    if applied:
+        ui.err.print("passes applied: " + ", ".join(f"{p['name']}×{p['applied']}" for p in applied))
+
+
+COMMANDS = [export_cmd]

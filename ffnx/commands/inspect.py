@@ -1,0 +1,125 @@
+"""`ffnx inspect`: what an artifact or ONNX file contains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ffnx.commands import ui
+from ffnx.errors import ArtifactError
+
+
+def load_onnx(path: Path):
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model) if path.stat().st_size < 2**31 else None
+    except Exception as e:  # protobuf DecodeError, checker errors: the file is unusable
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(
+            f"{path} is not a valid ONNX model (corrupted or truncated?): {line}"
+        ) from e
+    return model
+
+
+def _io(values) -> list[dict]:
+    import onnx
+
+    return [
+        {
+            "name": v.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+            "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+        }
+        for v in values
+    ]
+
+
+def describe(path: str | Path) -> dict:
+    from ffnx import artifact
+    from ffnx.export.graph_stats import graph_stats, op_histogram
+    from ffnx.export.recognize import ffn_variants, lowering_notes
+
+    p = Path(path)
+    manifest = artifact.read_manifest(p) if p.is_dir() else {}
+    file = artifact.model_path(p, manifest) if p.is_dir() else p
+    if not file.exists():
+        raise ArtifactError(f"{file} does not exist")
+    model = load_onnx(file)
+    dims = {k: v.get("example", 1) for k, v in manifest.get("dims", {}).items()}
+    info = {
+        "file": str(file),
+        "inputs": manifest.get("inputs") or _io(model.graph.input),
+        "outputs": manifest.get("outputs") or _io(model.graph.output),
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        **graph_stats(model, dims),
+        "ops": op_histogram(model),
+        "ffn_variants": ffn_variants(model),
+        "lowerings": lowering_notes(model),
+    }
+    if manifest:
+        info["model"] = manifest.get("model", {})
+        info["passes"] = [
+            {k: p.get(k) for k in ("name", "status", "applied", "reason")}
+            for p in manifest.get("passes", [])
+        ]
+        info["plugins"] = manifest.get("plugins", [])
+    return info
+
+
+@click.command("inspect", context_settings={"max_content_width": 100})
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect_cmd(path, as_json) -> None:
+    """Show inputs/outputs, op histogram, params, FLOPs, recognised FFN variants, passes applied
+    and MoE lowerings of an artifact directory or an .onnx file.
+
+    \b
+    Example:
+      ffnx inspect artifacts/bert-postln
+      ffnx inspect model.onnx --json
+    """
+    info = describe(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    o = ui.out
+    o.print(
+        f"[bold]{info['file']}[/]  nodes {info['nodes']:,}  params {info['params']:,}  "
+        f"FLOPs {ui.fmt(info['flops'])}  opsets {info['opsets']}"
+    )
+    o.print(
+        ui.table(
+            "inputs / outputs",
+            ["name", "kind", "dtype", "shape"],
+            [[t["name"], "input", t["dtype"], str(t["shape"])] for t in info["inputs"]]
+            + [[t["name"], "output", t["dtype"], str(t["shape"])] for t in info["outputs"]],
+        )
+    )
+    o.print(ui.table("ops", ["op", "count"], [[k, v] for k, v in info["ops"].items()]))
+    o.print(
+        ui.table(
+            "recognised",
+            ["pattern", "count"],
+            [[k, v] for k, v in info["ffn_variants"].items()] or [["(none)", 0]],
+        )
+    )
+    if info.get("passes"):
+        o.print(
+            ui.table(
+                "passes",
+                ["pass", "status", "applied", "reason"],
+                [
+                    [p["name"], p["status"], p["applied"], p.get("reason") or ""]
+                    for p in info["passes"]
+                ],
+            )
+        )
+    for note in info["lowerings"]:
+        o.print(note)
+
+
+COMMANDS = [inspect_cmd]
