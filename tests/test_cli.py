@@ -1,0 +1,74 @@
+"""CLI on a real artifact: run, bench, inspect, and the errors each command reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from ffnx.cli import main
+
+COMMANDS = ["models", "export", "optimize", "run", "bench", "inspect"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_every_command_help_has_an_example():
+    for cmd in COMMANDS:
+        r = run(cmd, "--help")
+        assert r.exit_code == 0 and "Example:" in r.output, cmd
+
+
+def test_run_saves_outputs(tmp_path, mlp_artifact):
+    x = np.ones((3, 16), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = run("run", mlp_artifact, "--input", f"x={tmp_path / 'x.npy'}", "--save", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    (out,) = list((tmp_path / "o").glob("*.npy"))
+    assert np.load(out).shape == (3, 16)
+
+
+def test_run_bad_input_one_line(tmp_path, mlp_artifact):
+    np.save(tmp_path / "x.npy", np.ones((3, 16), np.float64))
+    r = run("run", mlp_artifact, "--input", f"x={tmp_path / 'x.npy'}", "--save", tmp_path / "o")
+    assert r.exit_code == 1
+    assert r.output.strip() == "error: input 'x' has dtype float64, expected x: float32[batch, 16]"
+    r = run("run", mlp_artifact, "--input", f"x={tmp_path / 'missing.npy'}")
+    assert r.exit_code == 1 and "cannot read --input x=" in r.output
+
+
+def test_bench_compare_torch_json(tmp_path, mlp_artifact):
+    out = tmp_path / "b.json"
+    r = run("bench", mlp_artifact, "--compare", "torch", "--iters", "20", "--warmup", "2",
+            "--threads", "1", "--json", out)
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    runtimes = [x["runtime"] for x in data["results"]]
+    assert runtimes == ["ffnx (ort)", "torch eager"]
+    assert data["results"][1]["ratio_vs_ffnx"] > 0
+    assert "the speed of torch eager" in r.output
+
+
+def test_inspect_json(mlp_artifact):
+    r = run("inspect", mlp_artifact, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["params"] == 16 * 32 + 32 + 32 * 16 + 16
+    assert info["flops"] == 2 * 4 * (16 * 32 + 32 * 16)  # example batch 4
+    assert info["inputs"][0]["shape"] == ["batch", 16]
+
+
+def test_inspect_corrupted_file(tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"\x01\x02not onnx")
+    r = run("inspect", p)
+    assert r.exit_code == 1 and "is not a valid ONNX model" in r.output
+
+
+def test_missing_manifest_is_one_line(tmp_path):
+    r = run("bench", tmp_path)
+    assert r.exit_code == 1
+    assert r.output.strip().startswith("error:") and "incomplete" in r.output
