@@ -55,9 +55,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from ffnx.commands import export, inspect, models, optimize, run
+    from ffnx.commands import build, export, inspect, models, optimize, plugins, run, sparsity
 
-    for mod in (models, export, optimize, run, inspect):
+    for mod in (models, export, optimize, build, run, inspect, plugins, sparsity):
         for cmd in mod.COMMANDS:
             main.add_command(cmd)
 

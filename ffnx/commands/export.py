@@ -45,6 +45,11 @@ from ffnx.commands.options import csv_list
     show_default=True,
     help="TensorRT precision (--target trt).",
 )
+@click.option(
+    "--no-build",
+    is_flag=True,
+    help="With --target trt: export and check the graph; build later with `ffnx build`.",
+)
 def export_cmd(
     model,
     out,
@@ -59,6 +64,7 @@ def export_cmd(
     skip,
     target,
     precision,
+    no_build,
 ) -> None:
     """Export MODEL (zoo name, pkg.module:factory, file.py:factory or hf:PATH) to an artifact
     directory, verified against torch at two shapes.
@@ -94,7 +100,7 @@ def export_cmd(
             size=size,
             step=step,
         )
-        if target == "trt":
+        if target == "trt" and not no_build:
             from ffnx.build.engine import build_engine
 
             step("building the TensorRT engine")

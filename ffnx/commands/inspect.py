@@ -41,6 +41,7 @@ def _io(values) -> list[dict]:
 def describe(path: str | Path) -> dict:
     from ffnx import artifact
     from ffnx.export.graph_stats import graph_stats, op_histogram
+    from ffnx.export.nm_sparsity import report as nm_report
     from ffnx.export.recognize import ffn_variants, lowering_notes
 
     p = Path(path)
@@ -59,6 +60,10 @@ def describe(path: str | Path) -> dict:
         "ops": op_histogram(model),
         "ffn_variants": ffn_variants(model),
         "lowerings": lowering_notes(model),
+        "sparsity_2_4": [
+            {k: w[k] for k in ("weight", "shape", "nm_fraction", "satisfies")}
+            for w in nm_report(model)
+        ],
     }
     if manifest:
         info["model"] = manifest.get("model", {})
@@ -120,6 +125,13 @@ def inspect_cmd(path, as_json) -> None:
         )
     for note in info["lowerings"]:
         o.print(note)
+    nm = info["sparsity_2_4"]
+    ok = [w["weight"] for w in nm if w["satisfies"]]
+    o.print(
+        f"2:4 weight sparsity: {len(ok)} of {len(nm)} linear weights satisfy it"
+        + (f" ({', '.join(ok[:5])}{' …' if len(ok) > 5 else ''})" if ok else "")
+        + ("; `ffnx build --sparse-weights` lets TensorRT use them" if ok else "")
+    )
 
 
 COMMANDS = [inspect_cmd]

@@ -9,53 +9,19 @@ import numpy as np
 
 from ffnx.commands import ui
 from ffnx.commands.options import csv_list, dims_option
-from ffnx.errors import PassError
 
 
 def _calib(path: str | None, model, manifest: dict, dims: dict) -> list[dict[str, np.ndarray]]:
     """Calibration/verification feeds: --calib npz (arrays by input name, or name_0, name_1 …
     for several samples), else random inputs within the declared dims (with a warning)."""
     if path:
-        try:
-            data = dict(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise PassError(f"cannot read --calib {path}: {e}") from e
-        names = [i.name for i in model.graph.input]
-        if all(n in data for n in names):
-            return [{n: data[n] for n in names}]
-        samples = []
-        for k in range(len(data)):
-            s = {n: data.get(f"{n}_{k}") for n in names}
-            if any(v is None for v in s.values()):
-                break
-            samples.append(s)
-        if not samples:
-            raise PassError(f"--calib {path} has arrays {sorted(data)}; expected {names}")
-        return samples
-    from ffnx.runtime.backends.base import TensorInfo
-    from ffnx.runtime.engine import random_inputs
+        from ffnx.commands.feeds import npz_feeds
+
+        return npz_feeds(path, [i.name for i in model.graph.input], "--calib")
+    from ffnx.commands.feeds import random_feeds
 
     ui.err.print("[yellow]no --calib given: verifying on random inputs within the declared dims[/]")
-    infos = [TensorInfo.from_json(i) for i in manifest.get("inputs", [])] or _infos(model)
-    return [random_inputs(infos, manifest, dims, seed=s) for s in (0, 1)]
-
-
-def _infos(model):
-    import onnx
-
-    from ffnx.runtime.backends.base import TensorInfo
-
-    out = []
-    for v in model.graph.input:
-        tt = v.type.tensor_type
-        out.append(
-            TensorInfo(
-                v.name,
-                onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
-                tuple(d.dim_param or d.dim_value for d in tt.shape.dim),
-            )
-        )
-    return out
+    return random_feeds(model, manifest, dims, samples=2)
 
 
 def _print_passes(reports: list[dict]) -> None:
@@ -125,9 +91,40 @@ def _explain(reports: list[dict]) -> None:
     default=None,
     help="Weight-only low-bit MoE experts (accuracy reported).",
 )
+@click.option(
+    "--sparsity",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="sparsify_ffn: target activation sparsity (else the sparsest under --max-error).",
+)
+@click.option(
+    "--sparse-mode",
+    type=click.Choice(["threshold", "topk"]),
+    default=None,
+    help="sparsify_ffn: CHESS per-channel thresholds or Lazy-Neuron top-k.",
+)
+@click.option(
+    "--sparse-lowering",
+    type=click.Choice(["auto", "dense", "gather", "compress", "node"]),
+    default=None,
+    help="sparsify_ffn: ORT formulation (auto = fastest measured).",
+)
 @click.option("--explain", is_flag=True, help="Say why each candidate was skipped.")
 def optimize_cmd(
-    src, out, passes, skip, list_passes, calib, max_error, dims, target, quantize_experts, explain
+    src,
+    out,
+    passes,
+    skip,
+    list_passes,
+    calib,
+    max_error,
+    dims,
+    target,
+    quantize_experts,
+    sparsity,
+    sparse_mode,
+    sparse_lowering,
+    explain,
 ) -> None:
     """Rewrite an ONNX graph with ffnx's passes, each verified against the graph before it.
 
@@ -139,6 +136,7 @@ def optimize_cmd(
       ffnx optimize artifacts/vit-repa
       ffnx optimize model.onnx -o model.opt.onnx --skip fuse_gate_up
       ffnx optimize artifacts/gpt-mlp --passes ffn_fusion --calib calib.npz --max-error 1e-2
+      ffnx optimize artifacts/gpt-relu --passes sparsify_ffn --sparsity 0.9 --max-error 0.05
       ffnx optimize --list-passes
     """
     from ffnx.export.passes import registry
@@ -162,7 +160,18 @@ def optimize_cmd(
     if not p.is_dir() and not out:
         raise click.UsageError("-o/--out is required when SRC is an .onnx file")
     feeds = _calib(calib, model, manifest, dims)
-    opts = {"quantize_experts": quantize_experts} if quantize_experts else {}
+    opts = {
+        k: v
+        for k, v in {
+            "quantize_experts": quantize_experts,
+            "sparsity": sparsity,
+            "sparse_mode": sparse_mode,
+            "sparse_lowering": sparse_lowering,
+        }.items()
+        if v is not None
+    }
+    if p.is_dir() and (p / "calibration.npz").exists():
+        opts["calibration"] = str(p / "calibration.npz")
     with ui.steps("optimizing") as step:
         new, reports = optimize_model(
             model,

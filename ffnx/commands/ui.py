@@ -48,8 +48,10 @@ def bar(description: str) -> Iterator:
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:
     t = Table(title=title)
-    for c in columns:
-        t.add_column(c, justify="left" if c == columns[0] else "right")
+    first = rows[0] if rows else []
+    for i, c in enumerate(columns):
+        numeric = i < len(first) and isinstance(first[i], int | float) and i > 0
+        t.add_column(c, justify="right" if numeric else "left")
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
     return t

@@ -16,7 +16,7 @@ import onnx
 
 import ffnx
 from ffnx import artifact
-from ffnx.errors import VerificationError
+from ffnx.errors import ExportError, VerificationError
 from ffnx.export import verify
 from ffnx.export.capture import captured
 from ffnx.export.inputs import (
@@ -180,5 +180,28 @@ def export_artifact(
                 tol=tol,
                 step=step,
             )
+        if target == "trt":
+            step("checking the graph against TensorRT's ONNX parser")
+            manifest["tensorrt_graph_check"] = check_trt_graph(stage, manifest)
         artifact.write_manifest(stage, manifest)
     return artifact.read_manifest(out)
+
+
+def check_trt_graph(directory: Path, manifest: dict) -> dict:
+    """Fail the export when the graph has ops TensorRT's parser rejects (see trt_graph_check)."""
+    from ffnx.build.trt_graph_check import check_graph, materialize_optional_inputs
+
+    path = artifact.model_path(directory, {"files": {p.name: "" for p in directory.iterdir()}})
+    model = onnx.load(str(path), load_external_data=False)
+    filled = materialize_optional_inputs(model)
+    problems = check_graph(model)
+    if problems:
+        raise ExportError(
+            f"{path.name} is not buildable by TensorRT: {'; '.join(problems[:3])}"
+            + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+        )
+    return {
+        "checked": path.name,
+        "ffnx_nodes": sum(n.domain == "ffnx" for n in model.graph.node),
+        "optional_inputs_filled": filled,
+    }

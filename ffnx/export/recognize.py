@@ -42,6 +42,15 @@ def _trace_to_matmul(name: str, prod: dict, depth: int = 6) -> onnx.NodeProto | 
     return None
 
 
+def _is_silu(mul: onnx.NodeProto, prod: dict) -> bool:
+    """x * Sigmoid(x): an activation, not a gate."""
+    for i, j in ((0, 1), (1, 0)):
+        p = prod.get(mul.input[i])
+        if p is not None and p.op_type == "Sigmoid" and p.input[0] == mul.input[j]:
+            return True
+    return False
+
+
 def ffn_variants(model: onnx.ModelProto) -> dict[str, int]:
     """Counts of recognised patterns: gated FFNs, MoE forms, norms, BatchNorm, ffnx ops."""
     ops = Counter(n.op_type for n in model.graph.node)
@@ -50,9 +59,11 @@ def ffn_variants(model: onnx.ModelProto) -> dict[str, int]:
     for n in model.graph.node:
         if n.domain == "ffnx":
             found[f"{n.op_type} (ffnx op)"] += 1
-        if n.op_type == "Mul" and len(n.input) == 2:
+        if n.op_type == "Mul" and len(n.input) == 2 and not _is_silu(n, prod):
             a, b = (_trace_to_matmul(i, prod) for i in n.input)
-            if a is not None and b is not None and a is not b and a.input[0] == b.input[0]:
+            if a is not None and a is b and prod.get(n.input[0]).op_type != "MatMul":
+                found["gated FFN (gate/up fused into one MatMul + Split)"] += 1
+            elif a is not None and b is not None and a is not b and a.input[0] == b.input[0]:
                 found["gated FFN (two projections of one input multiplied)"] += 1
     if ops.get("NonZero") and (ops.get("ScatterND") or ops.get("ScatterElements")):
         found["MoE exported as per-expert loops (NonZero/Scatter)"] = ops["NonZero"]

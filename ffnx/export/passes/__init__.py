@@ -22,6 +22,7 @@ ORDER = [
     "fuse_parallel_ffn",
     "lower_moe",
     "ffn_fusion",
+    "sparsify_ffn",
     "remove_layernorm",
 ]
 

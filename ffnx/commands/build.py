@@ -1,0 +1,88 @@
+"""`ffnx build`: artifact -> TensorRT engine (model.plan)."""
+
+from __future__ import annotations
+
+import click
+
+from ffnx.commands import ui
+
+
+@click.command("build", context_settings={"max_content_width": 100})
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8", "fp8"]),
+    default="fp32",
+    show_default=True,
+)
+@click.option("--sparse-weights", is_flag=True, help="Let TensorRT use 2:4 sparse weights.")
+@click.option(
+    "--version-compatible",
+    is_flag=True,
+    help="Build a version-compatible plan (runs on the lean runtime).",
+)
+@click.option(
+    "--workspace-gib",
+    "--workspace",
+    "workspace_gib",
+    type=float,
+    default=None,
+    help="Builder workspace limit in GiB.",
+)
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file.")
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    metavar="LABEL:MIN,OPT,MAX",
+    help="Override a dynamic dim's range, e.g. seq:1,128,2048 (repeatable).",
+)
+@click.option("--calib", type=click.Path(exists=True), help="int8 calibration inputs (.npz/dir).")
+@click.option(
+    "--plugin-library",
+    type=click.Path(exists=True, dir_okay=False),
+    help="libffnx_trt_plugins.so (default: `ffnx plugins path`).",
+)
+def build_cmd(
+    path,
+    precision,
+    sparse_weights,
+    version_compatible,
+    workspace_gib,
+    timing_cache,
+    profiles,
+    calib,
+    plugin_library,
+) -> None:
+    """Build a TensorRT engine from an artifact (needs TensorRT and a GPU).
+
+    Optimization profiles come from the manifest's dynamic dims unless --profile is given; the
+    ffnx plugin library is loaded before parsing when the graph has ffnx ops.
+
+    \b
+    Example:
+      ffnx build artifacts/gpt-moe --precision fp16 --profile seq:1,128,2048
+      ffnx build artifacts/vit-repa --precision int8 --calib calib.npz
+    """
+    from ffnx.build.engine import build_engine
+
+    with ui.bar("building TensorRT engine") as tick:
+        section = build_engine(
+            path,
+            precision=precision,
+            sparse_weights=sparse_weights,
+            version_compatible=version_compatible,
+            workspace_gib=workspace_gib,
+            timing_cache=timing_cache,
+            profiles=list(profiles) or None,
+            calib=calib,
+            plugin_library=plugin_library,
+            progress=lambda phase, step, steps: tick(step / steps if steps else 0.0),
+        )
+    ui.err.print(
+        f"built {path}/model.plan with TensorRT {section['version']} "
+        f"({precision}) in {section['build_seconds']} s"
+    )
+
+
+COMMANDS = [build_cmd]
