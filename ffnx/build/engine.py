@@ -1,0 +1,378 @@
+"""`build_engine`: an exported artifact -> `model.plan` (a TensorRT engine) + the manifest's
+"tensorrt" section.
+
+Steps: load model.opt.onnx (else model.onnx); fill empty plugin inputs and check the graph
+(trt_graph_check); choose precision handling by TensorRT major; load the ffnx plugin library
+when the graph has ffnx nodes; parse; one optimization profile over the dynamic dims
+(profiles.py); build; write model.plan atomically, then the manifest (always last).
+
+Precision by TensorRT major (`precision_plan`):
+- 10.x (e.g. JetPack 6's 10.3) builds weakly typed networks: fp16/int8/fp8 are builder flags
+  and TensorRT picks per-layer precision. int8 without Q/DQ nodes needs calibration batches
+  (`calib`), fed through IInt8EntropyCalibrator2.
+- 11.x builds strongly typed networks only (BuilderFlag.FP16/INT8 and the calibrators are
+  gone): fp16 means converting the graph to fp16 first (precision.py, norms/softmax/reductions
+  kept fp32); int8/fp8 need a graph with Q/DQ nodes.
+TensorRT is imported inside the functions that need it; importing this module does not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ffnx import artifact
+from ffnx.build.profiles import DimRange, dim_ranges, input_shapes
+from ffnx.errors import ArtifactError, BackendError, PassError
+
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+Progress = Callable[[str, int, int], None]  # (phase, step, steps)
+_FATAL = ("ScatterND", "NonZero", "plugin_", "required input", "empty name", "ffnx op")
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    flags: tuple[str, ...] = ()  # trt.BuilderFlag names to set (TensorRT 10.x)
+    convert_fp16: bool = False  # rewrite the graph to fp16 before parsing (TensorRT 11.x)
+    calibrate: bool = False  # attach an int8 entropy calibrator (10.x, no Q/DQ)
+
+
+def trt_major(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def precision_plan(major: int, precision: str, has_qdq: bool, has_calib: bool) -> PrecisionPlan:
+    """How `precision` is obtained on TensorRT `major` (see the module doc)."""
+    if precision not in PRECISIONS:
+        raise PassError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return PrecisionPlan()
+    if precision == "fp16":
+        return PrecisionPlan(flags=("FP16",)) if major < 11 else PrecisionPlan(convert_fp16=True)
+    flag = "INT8" if precision == "int8" else "FP8"
+    if has_qdq:
+        return PrecisionPlan(flags=(flag, "FP16")) if major < 11 else PrecisionPlan()
+    if precision == "int8" and major < 11 and has_calib:
+        return PrecisionPlan(flags=("INT8", "FP16"), calibrate=True)
+    if major >= 11:
+        raise PassError(
+            f"{precision} on TensorRT {major}.x needs a graph with Q/DQ nodes: TensorRT 11 "
+            "builds strongly typed networks and has no calibrator; quantize the ONNX first "
+            "(e.g. NVIDIA ModelOpt) or build int8 on TensorRT 10.x with --calib"
+        )
+    if precision == "fp8":
+        raise PassError("fp8 needs a graph with Q/DQ nodes (TensorRT has no fp8 calibrator)")
+    raise PassError(
+        "int8 needs calibration data: pass --calib FILE.npz|DIR (input arrays by name, one "
+        "batch per file) or a graph with Q/DQ nodes"
+    )
+
+
+def import_tensorrt():
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError as e:
+        raise BackendError(
+            "building engines needs the full TensorRT Python package (pip install tensorrt, or "
+            "an nvcr.io/nvidia/tensorrt image; the lean runtime cannot build)"
+        ) from e
+
+
+def load_calibration(calib) -> list[dict[str, np.ndarray]]:
+    """Calibration batches: a list of feed dicts, an .npz (one batch) or a dir of .npz files."""
+    if calib is None:
+        return []
+    if not isinstance(calib, (str, Path)):
+        return [dict(b) for b in calib]
+    p = Path(calib)
+    files = sorted(p.glob("*.npz")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise PassError(f"--calib {p}: no .npz calibration batches found")
+    return [dict(np.load(f)) for f in files]
+
+
+def _prepare_graph(onnx_path: Path, plan: PrecisionPlan, work: Path) -> tuple[Path, bool, list]:
+    """The ONNX file to parse (plugin inputs filled, maybe fp16) + has-ffnx + warnings."""
+    import onnx
+
+    from ffnx.build.precision import convert_to_fp16
+    from ffnx.build.trt_graph_check import (
+        check_graph,
+        has_ffnx_nodes,
+        materialize_optional_inputs,
+    )
+
+    model = onnx.load(str(onnx_path))  # external data next to the file is loaded too
+    materialize_optional_inputs(model)
+    problems = check_graph(model)
+    fatal = [p for p in problems if any(k in p for k in _FATAL)]
+    if fatal:
+        raise BackendError(
+            f"{onnx_path.name} cannot be parsed by TensorRT: {'; '.join(fatal[:5])}"
+            + (f" (+{len(fatal) - 5} more)" if len(fatal) > 5 else "")
+        )
+    if plan.convert_fp16:
+        model = convert_to_fp16(model)
+    out = work / "model.trt.onnx"
+    big = model.ByteSize() > 1_800_000_000
+    onnx.save(model, str(out), save_as_external_data=big, location="model.trt.onnx.data")
+    return out, has_ffnx_nodes(model), problems
+
+
+def _parse(trt, network, logger, path: Path, warnings: list[str]) -> None:
+    parser = trt.OnnxParser(network, logger)
+    if parser.parse_from_file(str(path)):
+        return
+    errors = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        name = e.node_name() if hasattr(e, "node_name") else f"#{e.node()}"
+        op = e.node_operator() if hasattr(e, "node_operator") else ""
+        where = f"node {name!r} ({op})" if e.node() >= 0 else "graph"
+        errors.append(f"{where}: {e.desc()}")
+    hint = f"; ffnx's check also found: {'; '.join(warnings[:3])}" if warnings else ""
+    raise BackendError(f"TensorRT's ONNX parser failed: {'; '.join(errors[:5])}{hint}")
+
+
+def _add_profile(trt, builder, network, config, shapes: dict) -> tuple[dict, object]:
+    """One optimization profile covering every dynamic network input; returns the shapes."""
+    used = {}
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        if -1 not in tuple(inp.shape):
+            continue
+        if inp.name not in shapes:
+            raise BackendError(
+                f"input {inp.name!r} has dynamic shape {tuple(inp.shape)} but the manifest "
+                "declares no dims for it; pass --profile LABEL:min,opt,max"
+            )
+        lo, opt, hi = shapes[inp.name]
+        if len(lo) != len(inp.shape):
+            raise BackendError(f"input {inp.name!r}: manifest rank {len(lo)} != graph rank")
+        profile.set_shape(inp.name, lo, opt, hi)
+        used[inp.name] = [list(lo), list(opt), list(hi)]
+    if used:
+        config.add_optimization_profile(profile)
+    return used, profile
+
+
+def _monitor(trt, progress: Progress | None):
+    if progress is None or not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.steps: dict[str, int] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.steps[phase_name] = num_steps
+            progress(phase_name, 0, num_steps)
+
+        def step_complete(self, phase_name, step):
+            progress(phase_name, step + 1, self.steps.get(phase_name, 0))
+            return True
+
+        def phase_finish(self, phase_name):
+            n = self.steps.pop(phase_name, 0)
+            progress(phase_name, n, n)
+
+    return Monitor()
+
+
+def _logger(trt):
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(str(msg).strip())
+
+    return Logger()
+
+
+def _calibrator(trt, batches: list[dict[str, np.ndarray]], cache: Path | None):
+    from ffnx.runtime import cuda
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.batches, self.buffers, self.stream = iter(batches), {}, cuda.Stream()
+
+        def get_batch_size(self):
+            return 1
+
+        def get_batch(self, names):
+            feeds = next(self.batches, None)
+            if feeds is None:
+                return None
+            for n in names:
+                self.buffers.setdefault(n, cuda.DeviceBuffer()).copy_from(feeds[n], self.stream)
+            self.stream.synchronize()
+            return [self.buffers[n].ptr for n in names]
+
+        def read_calibration_cache(self):
+            return cache.read_bytes() if cache and cache.exists() else None
+
+        def write_calibration_cache(self, data):
+            if cache:
+                artifact.write_bytes_atomic(cache, bytes(data))
+
+    return Calibrator()
+
+
+def _device() -> dict:
+    from ffnx.runtime import cuda
+
+    try:
+        major, minor = cuda.compute_capability()
+        return {"gpu": cuda.device_name(), "compute_capability": f"{major}.{minor}"}
+    except cuda.CudaError:
+        return {"gpu": "unknown", "compute_capability": "unknown"}
+
+
+def _set_flags(trt, config, names: Iterable[str]) -> None:
+    for name in names:
+        flag = getattr(trt.BuilderFlag, name, None)
+        if flag is None:
+            raise BackendError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}")
+        config.set_flag(flag)
+
+
+def build_engine(
+    artifact_dir: str | Path,
+    precision: str = "fp32",
+    sparse_weights: bool = False,
+    version_compatible: bool = False,
+    workspace_gib: float | None = None,
+    timing_cache: str | Path | None = None,
+    profiles: list[DimRange | str] | None = None,
+    calib=None,
+    progress: Progress | None = None,
+    plugin_library: str | Path | None = None,
+) -> dict:
+    """Build `artifact_dir/model.plan`; return the manifest's new "tensorrt" section.
+
+    profiles: "label:min,opt,max" overrides of the manifest's dims. calib: int8 calibration
+    batches (TensorRT 10.x only, see load_calibration). progress(phase, step, steps) is called
+    from TensorRT's build threads. plugin_library: default plugin_library_path().
+    """
+    import onnx
+
+    from ffnx.build.trt_graph_check import has_qdq
+
+    d = Path(artifact_dir)
+    manifest = artifact.read_manifest(d)
+    onnx_path = artifact.model_path(d, manifest)
+    ranges = dim_ranges(manifest, profiles)
+    shapes = input_shapes(manifest, ranges)
+    batches = load_calibration(calib)
+    trt = import_tensorrt()
+    major = trt_major(trt)
+    qdq = has_qdq(onnx.load(str(onnx_path), load_external_data=False))
+    plan = precision_plan(major, precision, qdq, bool(batches))
+    flags = list(plan.flags) + ["SPARSE_WEIGHTS"] * sparse_weights
+    flags += ["VERSION_COMPATIBLE"] * version_compatible
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".trt-build.", dir=d) as work:
+        graph, needs_plugins, warnings = _prepare_graph(onnx_path, plan, Path(work))
+        lib_info = _load_plugins(trt, plugin_library) if needs_plugins else {}
+        logger = _logger(trt)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        _parse(trt, network, logger, graph, warnings)
+        config = builder.create_builder_config()
+        used, profile = _add_profile(trt, builder, network, config, shapes)
+        _set_flags(trt, config, flags)
+        if version_compatible and lib_info:
+            config.plugins_to_serialize = [lib_info["plugin_library"]]
+        if workspace_gib:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+        keep_alive = _attach(trt, config, plan, batches, d, profile if used else None, progress)
+        has_cache = _timing_cache(config, timing_cache)
+        serialized = builder.build_serialized_network(network, config)
+        del keep_alive
+        _save(d, serialized, logger, config if has_cache else None, timing_cache)
+    section = {
+        "version": str(trt.__version__),
+        "precision": precision,
+        "strongly_typed": major >= 11,
+        "fp16_graph": plan.convert_fp16,
+        "builder_flags": sorted(set(flags)),
+        **_device(),
+        "profiles": {k: r.to_json() for k, r in ranges.items()},
+        "input_shapes": used,
+        "sparse_weights": sparse_weights,
+        "version_compatible": version_compatible,
+        "workspace_gib": workspace_gib,
+        "source": onnx_path.name,
+        "graph_warnings": warnings,
+        "build_seconds": round(time.perf_counter() - t0, 2),
+        **lib_info,
+    }
+    return _record(d, section)
+
+
+def _record(d: Path, section: dict) -> dict:
+    """Add the "tensorrt" section; the manifest is written last (it hashes model.plan)."""
+    manifest = artifact.read_manifest(d)
+    manifest["tensorrt"] = section
+    manifest.setdefault("versions", {})["tensorrt"] = section["version"]
+    artifact.write_manifest(d, manifest)
+    return section
+
+
+def _save(d: Path, serialized, logger, config, timing_cache) -> None:
+    """model.plan (atomically) and the updated timing cache; the manifest comes after."""
+    if serialized is None:
+        detail = "; ".join(logger.errors[-3:]) or "no error was logged"
+        raise BackendError(f"TensorRT failed to build the engine: {detail}")
+    with artifact.atomic_path(d / artifact.PLAN) as tmp:
+        tmp.write_bytes(memoryview(serialized))
+    if config is not None:
+        data = config.get_timing_cache().serialize()
+        artifact.write_bytes_atomic(timing_cache, bytes(memoryview(data)))
+
+
+def _attach(trt, config, plan: PrecisionPlan, batches, d: Path, profile, progress) -> list:
+    """Calibrator and progress monitor; returns them so they outlive the build."""
+    alive = []
+    if plan.calibrate:
+        alive.append(_calibrator(trt, batches, d / "calibration.cache"))
+        config.int8_calibrator = alive[-1]
+        if profile is not None:
+            config.set_calibration_profile(profile)
+    monitor = _monitor(trt, progress)
+    if monitor is not None:
+        alive.append(monitor)
+        config.progress_monitor = monitor
+    return alive
+
+
+def _load_plugins(trt, path) -> dict:
+    from ffnx.plugins.trt_build import load_plugin_library
+
+    lib = load_plugin_library(trt, path)
+    return {"plugin_library": str(lib), "plugin_library_sha256": artifact.sha256(lib)}
+
+
+def _timing_cache(config, path) -> bool:
+    """Attach the timing cache at `path` (created when absent); False when none is asked."""
+    if path is None:
+        return False
+    p = Path(path)
+    try:
+        data = p.read_bytes() if p.exists() else b""
+    except OSError as e:
+        raise ArtifactError(f"cannot read timing cache {p}: {e}") from e
+    config.set_timing_cache(config.create_timing_cache(data), False)
+    return True

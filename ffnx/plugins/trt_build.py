@@ -1,0 +1,320 @@
+"""Build, locate and load `libffnx_trt_plugins.so`: the IPluginV3 plugins (trt/*.cpp) and the
+CUDA kernels they call (cuda/*.cu) in one self-contained library.
+
+The library links no TensorRT library (the plugins use only TensorRT's virtual interfaces)
+and the CUDA runtime statically, and it exports only `getCreators` and `setLoggerFinder`
+(like TensorRT's libnvinfer_vc_plugin). So one file serves `IPluginRegistry.load_library`,
+`trtexec --dynamicPlugins`, plans built version-compatible, and the lean runtime. It is
+compiled against one TensorRT major's headers and for a list of SM architectures; a JSON
+sidecar records both, and `load_plugin_library` refuses a library that cannot run here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ffnx.errors import BackendError
+from ffnx.plugins import schema
+
+PLUGINS_DIR = Path(__file__).parent
+LIBRARY_NAME = "libffnx_trt_plugins.so"
+DEFAULT_ARCHS = ("80", "86", "87", "89", "90")  # Ampere, Orin, Ada, Hopper
+EXPORTS = ("getCreators", "setLoggerFinder")
+VERSION_SCRIPT = "{\n  global:\n    getCreators;\n    setLoggerFinder;\n  local: *;\n};\n"
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+TRT_INCLUDE_DIRS = (
+    "/usr/include/x86_64-linux-gnu",
+    "/usr/include/aarch64-linux-gnu",  # JetPack / L4T
+    "/usr/local/tensorrt/include",
+    "/opt/tensorrt/include",
+    "/usr/src/tensorrt/include",
+    "/usr/include",
+)
+_loaded: dict[tuple[str, str], Path] = {}
+
+
+def plugin_library_path() -> Path:
+    """Where the library is loaded from: $FFNX_PLUGIN_LIBRARY, else the default build dir."""
+    if os.environ.get("FFNX_PLUGIN_LIBRARY"):
+        return Path(os.environ["FFNX_PLUGIN_LIBRARY"])
+    return default_out_dir() / LIBRARY_NAME
+
+
+def default_out_dir() -> Path:
+    base = os.environ.get("FFNX_PLUGIN_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ffnx", "plugins"
+    )
+    return Path(base)
+
+
+def find_trt_include(explicit: str | Path | None = None) -> Path | None:
+    """A directory holding NvInferRuntime.h: explicit, $FFNX_TRT_INCLUDE, $TRT_ROOT/include,
+    then the system locations (x86_64 and aarch64/Jetson packages, tarball installs)."""
+    cands = [explicit, os.environ.get("FFNX_TRT_INCLUDE")]
+    cands += [os.path.join(os.environ[v], "include") for v in ("TRT_ROOT", "TENSORRT_ROOT")
+              if os.environ.get(v)]  # fmt: skip
+    cands += list(TRT_INCLUDE_DIRS)
+    for c in cands:
+        if c and (Path(c) / "NvInferRuntime.h").is_file():
+            return Path(c)
+    return None
+
+
+def header_version(include: Path) -> tuple[int, int, int]:
+    """TensorRT version the headers declare (NvInferVersion.h; 10.x and 11.x spellings)."""
+    text = (include / "NvInferVersion.h").read_text(errors="replace")
+
+    def num(*names: str) -> int:
+        for n in names:
+            m = re.search(rf"#define\s+{n}\s+(\d+)", text)
+            if m:
+                return int(m.group(1))
+        return 0
+
+    return (
+        num("TRT_MAJOR_ENTERPRISE", "NV_TENSORRT_MAJOR"),
+        num("TRT_MINOR_ENTERPRISE", "NV_TENSORRT_MINOR"),
+        num("TRT_PATCH_ENTERPRISE", "NV_TENSORRT_PATCH"),
+    )
+
+
+def find_nvcc() -> Path:
+    cands = [os.environ.get("CUDACXX")]
+    cands += [os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH")
+              if os.environ.get(v)]  # fmt: skip
+    cands += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for c in cands:
+        if c and os.access(c, os.X_OK):
+            return Path(c)
+    raise BackendError("nvcc not found: install the CUDA toolkit or set CUDACXX=/path/to/nvcc")
+
+
+def cuda_include_dir(nvcc: Path) -> Path:
+    """The toolkit's include dir (cuda_runtime_api.h): $CUDA_HOME, nvcc's toolkit (through a
+    symlink), /usr/local/cuda."""
+    roots = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    roots += [nvcc.resolve().parent.parent, Path("/usr/local/cuda")]
+    for root in roots:
+        for inc in [root / "include", *sorted(root.glob("targets/*/include"))]:
+            if (inc / "cuda_runtime_api.h").is_file():
+                return inc
+    raise BackendError(
+        f"cuda_runtime_api.h not found for {nvcc}: set CUDA_HOME to the CUDA toolkit"
+    )
+
+
+def _norm_arch(a: str | int) -> str:
+    s = str(a).lower().removeprefix("sm_").removeprefix("compute_").replace(".", "")
+    if not re.fullmatch(r"\d{2,3}[af]?", s):
+        raise BackendError(f"bad CUDA architecture {a!r}: use e.g. 87, sm_90 or 8.6")
+    return s
+
+
+def _default_archs() -> list[str]:
+    from ffnx.runtime import cuda
+
+    if cuda.device_count():
+        major, minor = cuda.compute_capability(0)
+        return [f"{major}{minor}"]
+    return list(DEFAULT_ARCHS)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower()] or lines
+        raise BackendError(f"{what} failed: {' | '.join(errors[:5])}")
+
+
+def build_plugin_library(
+    archs: list[str] | None = None,
+    trt_include: str | Path | None = None,
+    trt_lib: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    kernel_sources: list[str | Path] | None = None,
+    jobs: int | None = None,
+) -> Path:
+    """Compile trt/*.cpp and the kernels (default: cuda/*.cu) into out_dir/libffnx_trt_plugins.so.
+
+    archs: SM architectures ("87", "sm_90"); default: this machine's GPU, else DEFAULT_ARCHS.
+    trt_include: TensorRT headers (default: find_trt_include()). trt_lib is accepted for
+    symmetry with CMake but unused: the library links no TensorRT library.
+    Returns the library path; writes it atomically, plus a `.json` sidecar with the archs and
+    the TensorRT header version.
+    """
+    del trt_lib
+    include = find_trt_include(trt_include)
+    if include is None:
+        raise BackendError(
+            "TensorRT headers (NvInferRuntime.h) not found: install TensorRT's development "
+            "files (libnvinfer-dev, a TensorRT tarball, or an nvcr.io TensorRT image) and pass "
+            "--trt-include DIR or set FFNX_TRT_INCLUDE"
+        )
+    nvcc = find_nvcc()
+    archs = [_norm_arch(a) for a in (archs or _default_archs())]
+    kernels = sorted((PLUGINS_DIR / "cuda").glob("*.cu"))
+    if kernel_sources is not None:
+        kernels = [Path(k) for k in kernel_sources]
+    if not kernels:
+        raise BackendError(f"no CUDA kernel sources (*.cu) in {PLUGINS_DIR / 'cuda'}")
+    out = Path(out_dir) if out_dir else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    gencode = _gencode(archs)
+    with tempfile.TemporaryDirectory(prefix="ffnx-plugins-") as tmp:
+        commands = _compile_commands(nvcc, include, gencode, kernels, Path(tmp))
+        with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
+            for f in [pool.submit(_run, c, w) for c, w in commands]:
+                f.result()
+        (Path(tmp) / "exports.map").write_text(VERSION_SCRIPT)
+        lib = Path(tmp) / LIBRARY_NAME
+        link = [str(nvcc), "-shared", "-cudart", "static", *gencode, "-o", str(lib)]
+        link += sorted(str(p) for p in Path(tmp).glob("*.o"))
+        link += ["-Xlinker", f"--version-script={tmp}/exports.map", "-Xlinker", "--no-undefined"]
+        link += ["-Xlinker", f"-soname={LIBRARY_NAME}"]
+        _run(link, "linking the plugin library")
+        final = out / LIBRARY_NAME
+        staged = out / f".{LIBRARY_NAME}.tmp"
+        shutil.copyfile(lib, staged)
+        os.replace(staged, final)
+    meta = {
+        "archs": archs,
+        "tensorrt_headers": ".".join(map(str, header_version(include))),
+        "machine": platform.machine(),
+        "kernels": [k.name for k in kernels],
+    }
+    (out / f"{LIBRARY_NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return final
+
+
+def _gencode(archs: list[str]) -> list[str]:
+    """SASS for every arch plus PTX of the highest (JIT-compiled on newer GPUs)."""
+    flags = [f"-gencode=arch=compute_{a.rstrip('af')},code=sm_{a}" for a in archs]
+    top = max(archs, key=lambda a: int(a.rstrip("af"))).rstrip("af")
+    return [*flags, f"-gencode=arch=compute_{top},code=compute_{top}"]
+
+
+def _compile_commands(
+    nvcc: Path, include: Path, gencode: list[str], kernels: list[Path], tmp: Path
+) -> list[tuple[list[str], str]]:
+    host = ["-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    incs = ["-I", str(PLUGINS_DIR / "cuda"), "-isystem", str(include)]
+    incs += ["-isystem", str(cuda_include_dir(nvcc))]
+    cxx = os.environ.get("CXX", "g++")
+    commands = []
+    for src in kernels:
+        cmd = [str(nvcc), "-std=c++17", "-O3", "-Xcompiler", ",".join(host), *gencode, *incs]
+        commands.append(
+            ([*cmd, "-c", str(src), "-o", str(tmp / f"{src.stem}.cu.o")], f"compiling {src.name}")
+        )
+    for src in sorted((PLUGINS_DIR / "trt").glob("*.cpp")):
+        cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", *host, *incs]
+        commands.append(
+            ([*cmd, "-c", str(src), "-o", str(tmp / f"{src.stem}.o")], f"compiling {src.name}")
+        )
+    return commands
+
+
+def _elf_machine(path: Path) -> str | None:
+    head = path.read_bytes()[:20] if path.stat().st_size >= 20 else b""
+    if head[:4] != b"\x7fELF":
+        return None
+    return ELF_MACHINES.get(int.from_bytes(head[18:20], "little"), f"machine {head[18]}")
+
+
+def arch_runs(archs: list[str], major: int, minor: int) -> bool:
+    """Whether a build for `archs` runs on an sm_<major><minor> GPU: SASS for sm_XY runs on
+    sm_XZ with Z >= Y (not for the arch-specific 'a'/'f' targets); the PTX embedded for the
+    highest arch is JIT-compiled on any newer GPU."""
+    for a in archs:
+        am, an = divmod(int(a.rstrip("af")), 10)
+        if (am, an) == (major, minor) or (a[-1].isdigit() and am == major and an <= minor):
+            return True
+    return max(int(a.rstrip("af")) for a in archs) <= major * 10 + minor
+
+
+def _check_library(path: Path, trt_major: int) -> None:
+    """Refuse, with the fix, a library that cannot work here (before TensorRT dlopens it)."""
+    machine = _elf_machine(path)
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    if machine is None:
+        raise BackendError(f"{path} is not a shared library (no ELF header)")
+    if machine != here:
+        raise BackendError(
+            f"{path} was built for {machine}, this machine is {here}: rebuild it here"
+        )
+    meta_path = path.with_name(path.name + ".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    built = meta.get("tensorrt_headers", "")
+    if built and int(built.split(".")[0]) != trt_major:
+        raise BackendError(
+            f"{path} was compiled against TensorRT {built} headers, but TensorRT {trt_major}.x "
+            "is loaded: rebuild with `ffnx plugins build` against this TensorRT"
+        )
+    from ffnx.runtime import cuda
+
+    if meta.get("archs") and cuda.device_count():
+        major, minor = cuda.compute_capability()
+        if not arch_runs(meta["archs"], major, minor):
+            raise BackendError(
+                f"{path} holds code for sm_{', sm_'.join(meta['archs'])}, this GPU is "
+                f"sm_{major}{minor}: rebuild with `ffnx plugins build --arch {major}{minor}`"
+            )
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise BackendError(f"cannot load {path}: {e}") from e
+    missing = [s for s in EXPORTS if not hasattr(lib, s)]
+    if missing:
+        raise BackendError(f"{path} does not export {missing}: it is not a TensorRT plugin library")
+
+
+def load_plugin_library(tensorrt_module, path: str | Path | None = None) -> Path:
+    """Register the ffnx plugin creators with `tensorrt_module` (tensorrt or tensorrt_lean).
+
+    Idempotent per (module, file). Raises BackendError, never crashes, when the file is missing,
+    built for another CPU, GPU or TensorRT major, or registers no ffnx creators.
+    """
+    trt = tensorrt_module
+    path = Path(path) if path else plugin_library_path()
+    if not path.is_file():
+        raise BackendError(
+            f"TensorRT plugin library {path} not found: build it with `ffnx plugins build` "
+            "(needs nvcc and TensorRT headers) or set FFNX_PLUGIN_LIBRARY to its path"
+        )
+    key = (trt.__name__, str(path.resolve()))
+    if key in _loaded:
+        return _loaded[key]
+    major = int(str(trt.__version__).split(".")[0])
+    _check_library(path, major)
+    registry = trt.get_plugin_registry()
+
+    def missing() -> list[str]:
+        found = [registry.get_creator(op, schema.PLUGIN_VERSION, schema.PLUGIN_NAMESPACE)
+                 for op in schema.OPS]  # fmt: skip
+        return [op for op, c in zip(schema.OPS, found) if c is None]
+
+    if missing():
+        if registry.load_library(str(path)) is None:
+            raise BackendError(
+                f"TensorRT refused to load {path} (see the TensorRT log above); another library "
+                "may already register ffnx plugins"
+            )
+        if missing():
+            raise BackendError(
+                f"{path} loaded but registers no creator for {', '.join(missing())} "
+                f"(namespace {schema.PLUGIN_NAMESPACE!r}, version {schema.PLUGIN_VERSION}): "
+                "rebuild it with `ffnx plugins build`"
+            )
+    _loaded[key] = path
+    return path
