@@ -14,6 +14,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* What ffnx_kernels_abi_version() returns for a library built from this header.
+ * 1: initial ABI. 2: ffnx_sparse_ffn_tensors.w_down_t and ffnx_sparse_ffn_pack_down(). */
+#define FFNX_KERNELS_ABI_VERSION 2
+
 #if defined(_WIN32)
 #define FFNX_API __declspec(dllexport)
 #else
@@ -102,11 +106,19 @@ typedef struct {
   const void* b_down;       /* [D] or NULL */
   const float* thresholds;  /* [H] (threshold mode) */
   void* output;             /* [T, D] */
+  /* ABI 2: [H, D], w_down transposed once by ffnx_sparse_ffn_pack_down (at weight load), or
+   * NULL. With it a kept channel's down weights are one contiguous row, so the small-batch path
+   * reads only the kept channels' bytes; without it that path reads w_down's columns in place
+   * (correct, but at moderate sparsity nearly every 32-byte sector is still touched). */
+  const void* w_down_t;
 } ffnx_sparse_ffn_tensors;
 
 FFNX_API size_t ffnx_sparse_ffn_workspace_size(const ffnx_sparse_ffn_params* p);
 FFNX_API int ffnx_sparse_ffn_launch(const ffnx_sparse_ffn_params* p, const ffnx_sparse_ffn_tensors* t,
                                     void* workspace, size_t workspace_size, void* stream);
+/* ABI 2: w_down_t[h, d] = w_down[d, h] (dtype p->dtype; reads p->hidden, p->inter, p->dtype). */
+FFNX_API int ffnx_sparse_ffn_pack_down(const ffnx_sparse_ffn_params* p, const void* w_down,
+                                       void* w_down_t, void* stream);
 
 FFNX_API const char* ffnx_status_string(int status);
 FFNX_API int ffnx_kernels_abi_version(void); /* bumped on any change to this header */

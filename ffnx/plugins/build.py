@@ -1,0 +1,300 @@
+"""Build and load `libffnx_kernels.so`, the CUDA kernels behind the C ABI in
+`cuda/ffnx_kernels.h`, with plain nvcc (no CMake needed; `cuda/CMakeLists.txt` builds the same
+target for projects that use CMake, such as the TensorRT plugin).
+
+    lib = load_kernels()            # builds into the cache on first use, checks the ABI version
+    lib.ffnx_moe_launch(byref(params), byref(tensors), workspace_ptr, size, stream_ptr)
+
+The cache directory is `$FFNX_PLUGIN_DIR`, else `~/.cache/ffnx/plugins/<hash>/` where the hash
+covers the sources, the architectures and the flags, so an edited kernel is rebuilt.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ffnx.errors import BackendError
+
+CUDA_DIR = Path(__file__).parent / "cuda"
+HEADER = CUDA_DIR / "ffnx_kernels.h"
+LIB_NAME = "libffnx_kernels.so"
+DEFAULT_ARCHS = ("sm_87", "sm_90")
+# Hidden visibility plus --exclude-libs: the .so exports the FFNX_API functions and nothing of
+# the statically linked CUDA runtime.
+FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--threads", "0")
+LINK_FLAGS = ("-shared", "-cudart", "static", "-Xlinker", "--exclude-libs,ALL")
+
+
+def find_nvcc() -> str | None:
+    """nvcc from $NVCC, $CUDA_HOME/bin, PATH, or /usr/local/cuda/bin; None when absent."""
+    candidates = [os.environ.get("NVCC")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(str(Path(os.environ[var]) / "bin" / "nvcc"))
+    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def abi_version() -> int:
+    """FFNX_KERNELS_ABI_VERSION as the header defines it."""
+    m = re.search(r"#define\s+FFNX_KERNELS_ABI_VERSION\s+(\d+)", HEADER.read_text())
+    if not m:
+        raise BackendError(f"{HEADER} defines no FFNX_KERNELS_ABI_VERSION")
+    return int(m.group(1))
+
+
+def sources() -> list[Path]:
+    return sorted(CUDA_DIR.glob("*.cu"))
+
+
+def _gencode(archs) -> list[str]:
+    out = []
+    for a in archs:
+        num = a.removeprefix("sm_")
+        out.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return out
+
+
+def _hash(archs) -> str:
+    h = hashlib.sha256()
+    for f in sorted([*sources(), *CUDA_DIR.glob("*.cuh"), *CUDA_DIR.glob("*.h")]):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update(repr((tuple(archs), FLAGS, LINK_FLAGS)).encode())
+    return h.hexdigest()[:16]
+
+
+def default_out_dir(archs=DEFAULT_ARCHS) -> Path:
+    env = os.environ.get("FFNX_PLUGIN_DIR")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "ffnx" / "plugins" / _hash(archs)
+
+
+def _run(cmd: list[str], what: str, verbose: bool) -> None:
+    if verbose:
+        print(" ".join(cmd), flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if verbose and (r.stdout or r.stderr):
+        print(r.stdout + r.stderr, flush=True)
+    if r.returncode != 0:
+        lines = (r.stderr + r.stdout).splitlines()
+        first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
+        raise BackendError(f"nvcc failed on {what}: {first.strip()}")
+
+
+def build_kernels(archs=DEFAULT_ARCHS, out_dir=None, verbose: bool = False) -> Path:
+    """Compile every `cuda/*.cu` for `archs` (one nvcc call per file, both archs in it, files in
+    parallel) and link `libffnx_kernels.so` into out_dir (default: `default_out_dir(archs)`).
+    Returns the library's path; raises BackendError when nvcc is missing or compilation fails."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BackendError("nvcc not found: install the CUDA toolkit or set CUDA_HOME or NVCC")
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(archs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gencode = _gencode(archs)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
+        objs = [Path(tmp) / (src.stem + ".o") for src in sources()]
+
+        def compile_one(src: Path, obj: Path) -> None:
+            cmd = [nvcc, *FLAGS, *gencode, "-I", str(CUDA_DIR), "-c", str(src), "-o", str(obj)]
+            _run(cmd, src.name, verbose)
+
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            list(pool.map(compile_one, sources(), objs))
+        tmp_lib = Path(tmp) / LIB_NAME
+        _run([nvcc, *LINK_FLAGS, *gencode, *map(str, objs), "-o", str(tmp_lib)], "link", verbose)
+        final = out_dir / LIB_NAME
+        os.replace(tmp_lib, final)  # atomic: a concurrent loader sees the old or the new file
+    return final
+
+
+def kernels_library_path(build_if_missing: bool = False) -> Path:
+    """Path of the cached library for the default archs; builds it when asked and missing."""
+    path = default_out_dir() / LIB_NAME
+    if path.is_file():
+        return path
+    if build_if_missing:
+        return build_kernels()
+    raise BackendError(f"{path} is not built: call ffnx.plugins.build.build_kernels()")
+
+
+# ---- ctypes mirror of ffnx_kernels.h (keep in the header's field order) ---------------------
+_i64, _i32, _f32, _p = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+
+
+class MoEParams(ctypes.Structure):
+    _fields_ = [("num_tokens", _i64), ("hidden", _i64), ("inter", _i64), ("num_experts", _i64),
+                ("top_k", _i64), ("shared_inter", _i64), ("routing_mode", _i32),
+                ("scoring", _i32), ("normalize", _i32), ("activation", _i32),
+                ("routed_scaling_factor", _f32), ("dtype", _i32), ("has_fc1_bias", _i32),
+                ("has_fc2_bias", _i32), ("has_score_bias", _i32),
+                ("has_shared_gate", _i32)]  # fmt: skip
+
+
+class MoETensors(ctypes.Structure):
+    _fields_ = [(n, _p) for n in ("hidden", "router_logits", "fc1_weight", "fc1_bias",
+                                  "fc2_weight", "fc2_bias", "score_bias", "token_ids",
+                                  "hash_table", "shared_fc1_weight", "shared_fc2_weight",
+                                  "shared_gate_weight", "output")]  # fmt: skip
+
+
+class SparseFFNParams(ctypes.Structure):
+    _fields_ = [("num_tokens", _i64), ("hidden", _i64), ("inter", _i64), ("k", _i64),
+                ("gated", _i32), ("mode", _i32), ("activation", _i32), ("dtype", _i32),
+                ("has_b_up", _i32), ("has_b_down", _i32)]  # fmt: skip
+
+
+class SparseFFNTensors(ctypes.Structure):
+    _fields_ = [(n, _p) for n in ("hidden", "w_gate", "w_up", "b_up", "w_down", "b_down",
+                                  "thresholds", "output", "w_down_t")]  # fmt: skip
+
+
+# attribute strings of the schemas -> the header's enum codes
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+ROUTING = {"router": 0, "hash": 1}
+SCORING = {"softmax": 0, "topk_softmax": 1, "sigmoid": 2}
+ACTIVATION = {"swiglu": 0, "geglu": 1, "reglu": 2, "gelu": 3, "relu": 4, "silu": 5}
+SPARSE_MODE = {"threshold": 0, "topk": 1}
+EXPORTS = ("ffnx_moe_workspace_size", "ffnx_moe_launch", "ffnx_sparse_ffn_workspace_size",
+           "ffnx_sparse_ffn_launch", "ffnx_sparse_ffn_pack_down", "ffnx_status_string",
+           "ffnx_kernels_abi_version")  # fmt: skip
+
+
+def load_kernels(path=None) -> ctypes.CDLL:
+    """Load the library (default: the cached build, built if missing), declare the signatures
+    and check that its ABI version is the header's; BackendError otherwise."""
+    path = Path(path) if path is not None else kernels_library_path(build_if_missing=True)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise BackendError(f"cannot load {path}: {e}") from e
+    P = ctypes.POINTER
+    sigs = {
+        "ffnx_moe_workspace_size": (ctypes.c_size_t, [P(MoEParams)]),
+        "ffnx_moe_launch": (ctypes.c_int, [P(MoEParams), P(MoETensors), _p, ctypes.c_size_t, _p]),
+        "ffnx_sparse_ffn_workspace_size": (ctypes.c_size_t, [P(SparseFFNParams)]),
+        "ffnx_sparse_ffn_launch": (ctypes.c_int, [P(SparseFFNParams), P(SparseFFNTensors), _p,
+                                                  ctypes.c_size_t, _p]),  # fmt: skip
+        "ffnx_sparse_ffn_pack_down": (ctypes.c_int, [P(SparseFFNParams), _p, _p, _p]),
+        "ffnx_status_string": (ctypes.c_char_p, [ctypes.c_int]),
+        "ffnx_kernels_abi_version": (ctypes.c_int, []),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name, None)
+        if fn is None:
+            raise BackendError(f"{path} does not export {name}: rebuild it")
+        fn.restype, fn.argtypes = res, args
+    got, want = lib.ffnx_kernels_abi_version(), abi_version()
+    if got != want:
+        raise BackendError(f"{path} has kernel ABI {got}, the header says {want}: rebuild it")
+    return lib
+
+
+def check_status(lib: ctypes.CDLL, status: int, what: str) -> None:
+    """Raise BackendError naming the call and the library's status string."""
+    if status != 0:
+        raise BackendError(f"{what} failed: {lib.ffnx_status_string(status).decode()}")
+
+
+# ---- torch-facing calls (tests, benchmarks); torch is imported by the caller, not here --------
+def _ptr(t) -> int | None:
+    if t is None:
+        return None
+    if not (t.is_cuda and t.is_contiguous()):
+        raise BackendError("ffnx kernels take contiguous CUDA tensors")
+    return t.data_ptr()
+
+
+def _workspace(size: int, like, workspace):
+    import torch
+
+    if workspace is not None and workspace.numel() >= size:
+        return workspace
+    return torch.empty(max(size, 1), dtype=torch.uint8, device=like.device)
+
+
+def _stream(t) -> int:
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def moe_forward(lib, hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                score_bias, token_ids, hash_table, shared_fc1_weight, shared_fc2_weight,
+                shared_gate_weight, *, num_experts, top_k, routing_mode="router",
+                scoring="softmax", normalize=0, routed_scaling_factor=1.0, activation="swiglu",
+                out=None, workspace=None):  # fmt: skip
+    """`ffnx_moe_launch` on CUDA tensors, on the current stream; arguments as `moe_reference`."""
+    import torch
+
+    D = hidden.shape[-1]
+    p = MoEParams(
+        hidden.numel() // D, D, fc2_weight.shape[2], num_experts, top_k,
+        0 if shared_fc1_weight is None else shared_fc2_weight.shape[1], ROUTING[routing_mode],
+        SCORING[scoring], int(normalize), ACTIVATION[activation], routed_scaling_factor,
+        DTYPES[str(hidden.dtype).removeprefix("torch.")], fc1_bias is not None,
+        fc2_bias is not None, score_bias is not None, shared_gate_weight is not None,
+    )  # fmt: skip
+    out = torch.empty_like(hidden) if out is None else out
+    t = MoETensors(*map(_ptr, (hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                               score_bias, token_ids, hash_table, shared_fc1_weight,
+                               shared_fc2_weight, shared_gate_weight, out)))  # fmt: skip
+    size = lib.ffnx_moe_workspace_size(ctypes.byref(p))
+    ws = _workspace(size, hidden, workspace)
+    status = lib.ffnx_moe_launch(ctypes.byref(p), ctypes.byref(t), ws.data_ptr(), ws.numel(),
+                                 _stream(hidden))  # fmt: skip
+    check_status(lib, status, "ffnx_moe_launch")
+    return out
+
+
+def sparse_ffn_params(hidden, w_gate, w_up, b_up, b_down, *, mode, k, activation):
+    D = hidden.shape[-1]
+    return SparseFFNParams(
+        hidden.numel() // D, D, w_up.shape[0], k, w_gate is not None, SPARSE_MODE[mode],
+        ACTIVATION[activation], DTYPES[str(hidden.dtype).removeprefix("torch.")],
+        b_up is not None, b_down is not None,
+    )  # fmt: skip
+
+
+def sparse_ffn_forward(lib, hidden, w_gate, w_up, b_up, w_down, b_down, thresholds, *,
+                       mode="threshold", k=0, activation="relu", w_down_t=None, out=None,
+                       workspace=None):  # fmt: skip
+    """`ffnx_sparse_ffn_launch` on CUDA tensors (arguments as `sparse_ffn_reference`; w_down_t
+    from `pack_down`, or None)."""
+    import torch
+
+    p = sparse_ffn_params(hidden, w_gate, w_up, b_up, b_down, mode=mode, k=k,
+                          activation=activation)  # fmt: skip
+    out = torch.empty_like(hidden) if out is None else out
+    t = SparseFFNTensors(*map(_ptr, (hidden, w_gate, w_up, b_up, w_down, b_down, thresholds, out,
+                                     w_down_t)))  # fmt: skip
+    size = lib.ffnx_sparse_ffn_workspace_size(ctypes.byref(p))
+    ws = _workspace(size, hidden, workspace)
+    status = lib.ffnx_sparse_ffn_launch(ctypes.byref(p), ctypes.byref(t), ws.data_ptr(),
+                                        ws.numel(), _stream(hidden))  # fmt: skip
+    check_status(lib, status, "ffnx_sparse_ffn_launch")
+    return out
+
+
+def pack_down(lib, w_down):
+    """w_down [D, H] -> w_down_t [H, D] via ffnx_sparse_ffn_pack_down."""
+    import torch
+
+    D, H = w_down.shape
+    p = SparseFFNParams(0, D, H, 0, 0, 0, 0, DTYPES[str(w_down.dtype).removeprefix("torch.")], 0, 0)
+    out = torch.empty(H, D, dtype=w_down.dtype, device=w_down.device)
+    status = lib.ffnx_sparse_ffn_pack_down(ctypes.byref(p), _ptr(w_down), _ptr(out),
+                                           _stream(w_down))  # fmt: skip
+    check_status(lib, status, "ffnx_sparse_ffn_pack_down")
+    return out
