@@ -63,6 +63,9 @@ def _example_dims(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
 def _finish(graph: gs.Graph, opset_imports) -> onnx.ModelProto:
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
+    # graphsurgeon drops initializers from the inputs but keeps the IR version; IR < 4 requires
+    # every initializer to be an input, so such a model would fail the checker.
+    model.ir_version = max(model.ir_version, 4)
     del model.opset_import[:]
     model.opset_import.extend(opset_imports)
     model = onnx.shape_inference.infer_shapes(model)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult
 
@@ -28,14 +27,9 @@ ORDER = [
 
 
 def registry() -> list[GraphPass]:
-    """Instances of every pass in ORDER (each module defines `PASS`)."""
-    out = []
-    for name in ORDER:
-        mod_name = f"ffnx.export.passes.{name}"
-        if importlib.util.find_spec(mod_name) is None:  # TODO(integration): import all directly
-            continue
-        out.append(importlib.import_module(mod_name).PASS)
-    return out
+    """Instances of every pass in ORDER (each module defines `PASS`); imported on first use so
+    importing the package stays cheap."""
+    return [importlib.import_module(f"ffnx.export.passes.{name}").PASS for name in ORDER]
 
 
 def by_name() -> dict[str, GraphPass]:
