@@ -1,1 +1,342 @@
-"""Capture rules for MoE blocks (filled in by the MoE work; see ffnx.export.capture)."""
+"""Capture rules for MoE blocks: each supported block becomes a `MoEOpModule` (one FfnxMoE node).
+
+Every rewrite keeps the block's numerics (tests compare swapped and original modules):
+
+- experts are stacked as fc1 [E, H1, D] ([gate; up] rows for gated activations), fc2 [E, D, H];
+  transformers' fused 3-D expert parameters already have this layout and are shared, not copied;
+- shared experts (several are one wide FFN) become shared_fc1 = [gate; up], shared_fc2 = down;
+- Duo-LLM small/big/skip experts are zero-padded to the big width: act(0) = 0 for every
+  activation in the schema, so padded channels add exactly 0; the skip expert is all-zero;
+- JetMoE's output bias b is folded into every expert's fc2 bias: its top-k softmax weights sum
+  to 1, so sum_j w_j (y_j + b) = sum_j w_j y_j + b.
+
+A supported architecture whose configuration the schema cannot express (group-limited routing
+that restricts the choice, an unknown activation, ...) and the refused architectures raise
+`ExportError` naming the module, its class and the reason. Unknown modules are left alone (the
+stock exporter handles them, or reports why not).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ffnx.errors import ExportError
+from ffnx.export.capture import register
+from ffnx.export.moe_op import MoEOpModule, register_onnx_schemas
+
+GATED = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
+BASE = {g: a for a, g in GATED.items()}  # swiglu -> silu; non-gated names map to themselves
+
+
+class Refused(Exception):
+    """This block cannot be expressed as FfnxMoE; the message says why."""
+
+
+def activation_name(act: nn.Module | str) -> str:
+    """'silu' | 'gelu' (erf) | 'relu' for an activation module or config name, else Refused."""
+    if isinstance(act, str):
+        names = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
+        if act not in names:
+            raise Refused(f"activation {act!r} is not one of ffnx's (silu, gelu (erf), relu)")
+        return names[act]
+    n = type(act).__name__
+    if n in ("SiLU", "SiLUActivation"):
+        return "silu"
+    if n == "GELUActivation" or (n == "GELU" and getattr(act, "approximate", "none") == "none"):
+        return "gelu"
+    if n == "ReLU":
+        return "relu"
+    raise Refused(f"activation {n} is not one of ffnx's (silu, gelu (erf), relu)")
+
+
+def _no_bias(*linears: nn.Linear) -> None:
+    for lin in linears:
+        if lin.bias is not None:
+            raise Refused("a shared-expert projection has a bias, which FfnxMoE does not take")
+
+
+def shared_weights(mlp: nn.Module, routed_act: str) -> dict[str, torch.Tensor]:
+    """A gated MLP (gate_proj/up_proj/down_proj) as shared_fc1 = [gate; up], shared_fc2 = down."""
+    _no_bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    act = activation_name(getattr(mlp, "act_fn", None) or mlp.activation_fn)
+    if act != routed_act:
+        raise Refused(f"shared experts use {act} but routed experts {routed_act}")
+    return {
+        "shared_fc1_weight": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+        "shared_fc2_weight": mlp.down_proj.weight,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# transformers
+
+
+def _hf_experts(experts: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """transformers' fused experts (`use_experts_implementation` layout flags) -> fc1/fc2.
+
+    The default `_apply_gate` reads gate_up as [gate; up] halves (whatever `is_concatenated`
+    says: that flag only steers fused kernels), which is fc1's layout; a class with its own
+    `_apply_gate` computes something else and is refused."""
+    if getattr(experts, "has_post_expert_norm", False):
+        raise Refused("experts apply a norm after the down projection")
+    gate_fn = getattr(type(experts), "_apply_gate", None)
+    if gate_fn is not None and gate_fn.__name__ != "_default_apply_gate":
+        raise Refused(f"experts use a custom gated activation ({gate_fn.__qualname__})")
+    gated = getattr(experts, "has_gate", True)
+    w1 = experts.gate_up_proj if gated else experts.up_proj
+    w2 = experts.down_proj
+    b1 = b2 = None
+    if getattr(experts, "has_bias", False):
+        b1 = experts.gate_up_proj_bias if gated else experts.up_proj_bias
+        b2 = experts.down_proj_bias
+    if getattr(experts, "is_transposed", False):
+        w1, w2 = (w.detach().transpose(1, 2).contiguous() for w in (w1, w2))
+    act = activation_name(experts.act_fn)
+    weights = {"fc1_weight": w1, "fc1_bias": b1, "fc2_weight": w2, "fc2_bias": b2}
+    return {k: v for k, v in weights.items() if v is not None}, GATED[act] if gated else act
+
+
+def _group_check(r: nn.Module) -> None:
+    n_group, topk_group = int(r.num_group or 1), int(r.topk_group or 1)
+    if n_group > 1 and topk_group < n_group:
+        raise Refused(
+            f"group-limited routing (n_group={n_group}, topk_group={topk_group}) restricts the "
+            "choice to the best groups, which FfnxMoE does not express; set topk_group = n_group "
+            "(or n_group = 1) if the checkpoint allows"
+        )
+
+
+def _softmax(normalize):
+    return lambda r: {"scoring": "softmax", "normalize": int(normalize(r))}
+
+
+def _deepseek_v3(r: nn.Module) -> dict:
+    _group_check(r)
+    return {
+        "scoring": "sigmoid",
+        "normalize": int(r.norm_topk_prob),
+        "routed_scaling_factor": float(r.routed_scaling_factor),
+        "score_bias": r.e_score_correction_bias.detach().float(),
+    }
+
+
+def _deepseek_v2(r: nn.Module) -> dict:
+    if r.topk_method not in ("greedy", "group_limited_greedy"):
+        raise Refused(f"topk_method {r.topk_method!r} is not plain or group-limited greedy")
+    if r.topk_method == "group_limited_greedy":
+        _group_check(r)
+    scale = float(r.routed_scaling_factor)
+    return {"scoring": "softmax", "normalize": 0, "routed_scaling_factor": scale}
+
+
+_ALWAYS, _NEVER = (lambda r: True), (lambda r: False)
+_NORM = lambda r: r.norm_topk_prob  # noqa: E731
+_TOPK_SOFTMAX = lambda r: {"scoring": "topk_softmax"}  # noqa: E731
+
+# router class -> its routing as FfnxMoE attributes (read from the eager forward of each)
+HF_ROUTERS = {
+    "MixtralTopKRouter": _softmax(_ALWAYS),
+    "MiniMaxTopKRouter": _softmax(_ALWAYS),
+    "Qwen2MoeTopKRouter": _softmax(_NORM),
+    "Qwen3MoeTopKRouter": _softmax(_NORM),
+    "Qwen3NextTopKRouter": _softmax(_NORM),
+    "OlmoeTopKRouter": _softmax(_NORM),
+    "FlexOlmoTopKRouter": _softmax(_NORM),
+    "JambaTopKRouter": _softmax(_NEVER),
+    "GraniteMoeTopKRouter": _TOPK_SOFTMAX,
+    "GraniteMoeSharedTopKRouter": _TOPK_SOFTMAX,
+    "GraniteMoeHybridTopKRouter": _TOPK_SOFTMAX,
+    "DeepseekV3TopkRouter": _deepseek_v3,
+    "Glm4MoeTopkRouter": _deepseek_v3,
+    "DeepseekV2TopkRouter": _deepseek_v2,
+}
+
+# block class -> its children; any other child means semantics this reader does not know
+HF_BLOCKS = {
+    "MixtralSparseMoeBlock": {"gate", "experts"},
+    "MiniMaxSparseMoeBlock": {"gate", "experts"},
+    "Qwen2MoeSparseMoeBlock": {"gate", "experts", "shared_expert", "shared_expert_gate"},
+    "Qwen3MoeSparseMoeBlock": {"gate", "experts"},
+    "Qwen3NextSparseMoeBlock": {"gate", "experts", "shared_expert", "shared_expert_gate"},
+    "OlmoeSparseMoeBlock": {"gate", "experts"},
+    "FlexOlmoSparseMoeBlock": {"gate", "experts"},
+    "JambaSparseMoeBlock": {"router", "experts"},
+    "GraniteMoeMoE": {"router", "experts"},
+    "GraniteMoeSharedMoE": {"router", "experts"},
+    "GraniteMoeHybridMoE": {"router", "experts"},
+    "DeepseekV3MoE": {"gate", "experts", "shared_experts"},
+    "Glm4MoeMoE": {"gate", "experts", "shared_experts"},
+    "DeepseekV2Moe": {"gate", "experts", "shared_experts"},
+}
+
+HF_REFUSED = {
+    "PhimoeSparseMoeBlock": "sparsemixer routing (the second expert is picked after masking the "
+    "first, weights from jitter-thresholded masked softmaxes) has no FfnxMoE scoring mode",
+    "GptOssMLP": "experts use a clamped SwiGLU (gate <= limit, |up| <= limit, "
+    "g*sigmoid(alpha*g)*(up+1)) that no FfnxMoE activation expresses",
+    "Llama4TextMoe": "the router score scales each expert's input, FFN(s*x), while FfnxMoE "
+    "weights expert outputs, s*FFN(x); they differ for gated experts",
+}
+
+
+def _hf_generic(block: nn.Module) -> MoEOpModule:
+    cls = type(block).__name__
+    children = {n for n, _ in block.named_children()}
+    extra = children - HF_BLOCKS[cls]
+    if extra:
+        raise Refused(f"unexpected submodule(s) {sorted(extra)} for this class")
+    router = block.gate if "gate" in children else block.router
+    rcls = type(router).__name__
+    if rcls not in HF_ROUTERS:
+        raise Refused(f"router class {rcls} is not one ffnx reads")
+    routing = dict(HF_ROUTERS[rcls](router))
+    weights, activation = _hf_experts(block.experts)
+    if "score_bias" in routing:
+        weights["score_bias"] = routing.pop("score_bias")
+    for shared in ("shared_expert", "shared_experts"):
+        if shared in children:
+            weights.update(shared_weights(getattr(block, shared), BASE.get(activation, activation)))
+    if "shared_expert_gate" in children:
+        gate = block.shared_expert_gate
+        _no_bias(gate)
+        weights["shared_gate_weight"] = gate.weight
+    attrs = {"num_experts": int(router.weight.shape[0]), "top_k": int(router.top_k),
+             "activation": activation, **routing}  # fmt: skip
+    return MoEOpModule(weights, attrs, router_weight=router.weight, source=cls)
+
+
+def _hf_dbrx(block: nn.Module) -> MoEOpModule:
+    p = block.moe_normalize_expert_weights
+    if p is not None and float(p) != 1.0:
+        raise Refused(f"routing weights are divided by their L{p} norm; FfnxMoE normalizes by L1")
+    glu, E = block.experts.mlp, int(block.experts.num_experts)
+    H, D = int(block.experts.ffn_hidden_size), int(block.experts.hidden_size)
+    act = activation_name(glu.activation_fn)
+    weights = {
+        "fc1_weight": torch.cat([glu.w1.view(E, H, D), glu.v1.view(E, H, D)], dim=1).detach(),
+        "fc2_weight": glu.w2.view(E, H, D).transpose(1, 2).contiguous().detach(),
+    }
+    attrs = {"num_experts": E, "top_k": int(block.top_k), "scoring": "softmax",
+             "normalize": int(p is not None), "activation": GATED[act]}  # fmt: skip
+    return MoEOpModule(weights, attrs, router_weight=block.router.layer.weight, source="DbrxFFN")
+
+
+def _hf_jetmoe(block: nn.Module) -> MoEOpModule:
+    E = int(block.router.num_experts)
+    fc2 = block.output_linear.weight
+    weights = {
+        "fc1_weight": block.input_linear.weight,
+        "fc2_weight": fc2,
+        "fc2_bias": block.bias.detach().expand(E, fc2.shape[1]).contiguous(),
+    }
+    attrs = {"num_experts": E, "top_k": int(block.router.top_k), "scoring": "topk_softmax",
+             "activation": GATED[activation_name(block.activation)]}  # fmt: skip
+    return MoEOpModule(weights, attrs, router_weight=block.router.layer.weight, source="JetMoeMoE")
+
+
+HF_SPECIAL = {"DbrxFFN": _hf_dbrx, "JetMoeMoE": _hf_jetmoe}
+
+
+def hf_block(module: nn.Module) -> MoEOpModule | None:
+    """The FfnxMoE twin of a transformers MoE block, None if not an MoE block, Refused if the
+    block is MoE but cannot be expressed."""
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    cls = type(module).__name__
+    if cls in HF_REFUSED:
+        raise Refused(HF_REFUSED[cls])
+    if cls in HF_SPECIAL:
+        return HF_SPECIAL[cls](module)
+    if cls in HF_BLOCKS:
+        return _hf_generic(module)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# ffnx zoo (ffnx.models.moe)
+
+
+def _expert_tensors(expert: nn.Module, width: int, gated: bool, D: int, like: torch.Tensor):
+    """One zoo expert as (fc1 [H1, D], b1 [H1] | None, fc2 [D, width], b2 [D] | None), its
+    channels zero-padded to `width`: a padded channel's pre-activation is 0 and act(0) = 0 (times
+    up = 0 when gated), so it adds exactly nothing. A SkipExpert is all zeros."""
+    if type(expert).__name__ == "SkipExpert":
+        return like.new_zeros((2 if gated else 1) * width, D), None, like.new_zeros(D, width), None
+    first = [expert.gate, expert.up] if gated else [expert.fc1]
+    last = expert.down if gated else expert.fc2
+    grow = lambda t: F.pad(t.detach(), (0, 0) * (t.dim() - 1) + (0, width - t.shape[0]))  # noqa: E731
+    fc1 = torch.cat([grow(lin.weight) for lin in first])
+    b1 = None if first[0].bias is None else torch.cat([grow(lin.bias) for lin in first])
+    fc2 = F.pad(last.weight.detach(), (0, width - last.in_features))
+    return fc1, b1, fc2, None if last.bias is None else last.bias.detach()
+
+
+def _stack(ts: list[torch.Tensor | None], shape: tuple, like: torch.Tensor):
+    """Stack per-expert tensors; a missing one (a skip expert's bias) is zeros."""
+    if all(t is None for t in ts):
+        return None
+    return torch.stack([like.new_zeros(shape) if t is None else t for t in ts])
+
+
+def zoo_block(module: nn.Module) -> MoEOpModule | None:
+    """The FfnxMoE twin of an ffnx zoo MoE layer (`ffnx.models.moe.MoE`), else None (also when
+    its activation is not a schema activation: the stock exporter handles it then)."""
+    from ffnx.models.moe import MoE
+    from ffnx.plugins.schema import ACTIVATIONS, GATED_ACTIVATIONS
+
+    if not isinstance(module, MoE) or module.activation not in ACTIVATIONS:
+        return None
+    gated = module.activation in GATED_ACTIVATIONS
+    width = max(max(module.expert_hidden), 1)
+    like = next(module.parameters())  # dtype and device
+    experts = [_expert_tensors(e, width, gated, module.dim, like) for e in module.experts]
+    fc1, b1, fc2, b2 = zip(*experts)
+    weights = {"fc1_weight": torch.stack(fc1), "fc2_weight": torch.stack(fc2)}
+    for key, ts in (("fc1_bias", b1), ("fc2_bias", b2)):
+        shape = (fc1[0].shape[0],) if key == "fc1_bias" else (module.dim,)
+        if (t := _stack(list(ts), shape, like)) is not None:
+            weights[key] = t
+    if module.score_bias is not None:
+        weights["score_bias"] = module.score_bias.detach().float()
+    if module.shared is not None:
+        sh = module.shared
+        lins = [sh.gate, sh.up, sh.down] if gated else [sh.fc1, sh.fc2]
+        if any(lin.bias is not None for lin in lins):
+            return None
+        weights["shared_fc1_weight"] = torch.cat([lin.weight for lin in lins[:-1]]).detach()
+        weights["shared_fc2_weight"] = lins[-1].weight
+    if module.shared_gate is not None:
+        weights["shared_gate_weight"] = module.shared_gate.weight
+    hashed = module.routing_mode == "hash"
+    if hashed:
+        weights["hash_table"] = module.hash_table
+    attrs = {"num_experts": module.num_experts, "activation": module.activation,
+             "top_k": int(module.hash_table.shape[1]) if hashed else module.top_k,
+             "routing_mode": module.routing_mode, "scoring": module.scoring,
+             "normalize": int(module.normalize),
+             "routed_scaling_factor": module.routed_scaling_factor}  # fmt: skip
+    router = None if hashed else module.router.weight
+    return MoEOpModule(weights, attrs, router_weight=router, source=type(module).__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# rule
+
+
+@register
+def capture_moe(name: str, module: nn.Module, target: str) -> nn.Module | None:
+    """Capture rule: MoE blocks (ffnx zoo, transformers) -> MoEOpModule."""
+    try:
+        new = hf_block(module)
+        if new is None:
+            new = zoo_block(module)
+    except Refused as e:
+        raise ExportError(
+            f"cannot export MoE block {name} ({type(module).__qualname__}) as ffnx::FfnxMoE: {e}"
+        ) from None
+    if new is not None:
+        register_onnx_schemas()
+        new.train(module.training)
+    return new

@@ -1,0 +1,197 @@
+"""What every FfnxMoE lowering shares: reading the node, routing, activations, shared experts.
+
+Math (schema `ffnx.plugins.schema.MOE`), on tokens flattened to x [T, D]:
+  router:  s = logits [T, E]
+    softmax       p = softmax(s);  idx, w = topk(p, k)
+    topk_softmax  v, idx = topk(s, k);  w = softmax(v)
+    sigmoid       p = sigmoid(s);  idx = topk(p + score_bias, k);  w = p[idx]
+    normalize=1   w = w / sum_j w_j;   then  w = w * routed_scaling_factor
+  hash:    idx = hash_table[token_ids];  w = routed_scaling_factor / k
+  output   y = sum_j w_j * FFN_{idx_j}(x) + shared(x)
+Lowerings compute in float32 (fp16/bf16 models are cast in and out: ORT's CPU kernels for the
+ops used here are float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ffnx.export.lowering._build import Builder, f32, i64
+from ffnx.export.passes.base import const
+from ffnx.plugins.schema import GATED_ACTIVATIONS, MOE
+
+_BASE_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+
+
+class LoweringError(ValueError):
+    """An ffnx node cannot be lowered (the message names the node and the reason)."""
+
+
+@dataclass
+class MoESite:
+    """One FfnxMoE node with its attributes (schema defaults filled in) and named inputs."""
+
+    node: gs.Node
+    attrs: dict
+    inputs: dict[str, gs.Tensor | None]
+    E: int
+    k: int
+    D: int
+    H1: int
+    H: int
+
+    @classmethod
+    def of(cls, node: gs.Node) -> MoESite:
+        attrs = {**MOE.defaults(), **node.attrs}
+        names = [p.name for p in MOE.inputs]
+        ins = {n: (t if t is not None and t.name else None) for n, t in zip(names, node.inputs)}
+        ins.update({n: None for n in names[len(node.inputs) :]})
+        fc1, fc2 = ins["fc1_weight"], ins["fc2_weight"]
+        shapes = [getattr(t, "shape", None) for t in (fc1, fc2)]
+        if any(s is None or len(s) != 3 or not all(isinstance(d, int) for d in s) for s in shapes):
+            raise LoweringError(f"{node.name}: expert weights need static 3-D shapes, got {shapes}")
+        (E, H1, D), (_, _, H) = shapes
+        k = int(attrs["top_k"])
+        if attrs["routing_mode"] == "hash" and ins["hash_table"] is not None:
+            k = int(ins["hash_table"].shape[1]) if ins["hash_table"].shape else k
+        return cls(node, attrs, ins, E, k, D, H1, H)
+
+    @property
+    def activation(self) -> str:
+        return str(self.attrs["activation"])
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def dtype(self):
+        return self.node.inputs[0].dtype or np.float32
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The input's constant value as float32 (int64 for ids), or None (absent or dynamic)."""
+        t = self.inputs[name]
+        v = None if t is None else const(t)
+        if v is None or v.dtype.kind in "iu":
+            return v
+        return v.astype(np.float32)
+
+    def is_const(self, *names: str) -> bool:
+        return all(self.inputs[n] is None or self.value(n) is not None for n in names)
+
+    def tensor(self, b: Builder, name: str):
+        """The input as a float32 tensor (None when absent)."""
+        t = self.inputs[name]
+        if t is None:
+            return None
+        v = self.value(name)
+        if v is not None:
+            return t if t.dtype == np.float32 and isinstance(t, gs.Constant) else b.const(v, name)
+        return t if t.dtype in (None, np.float32) else b.op("Cast", t, to=1)
+
+    def weight_bytes(self) -> int:
+        """Bytes of one expert's fc1 + fc2 weights (fp32)."""
+        return 4 * (self.H1 * self.D + self.D * self.H)
+
+
+def activate(b: Builder, h, act: str, axis: int, H: int):
+    """act(h); gated activations split h along `axis` into [gate; up] halves of width H."""
+    if act not in GATED_ACTIVATIONS:
+        return _act(b, h, act)
+    g, u = b.op("Split", h, i64(H, H), axis=axis, n_out=2)
+    return b.mul(_act(b, g, _BASE_ACT[act]), u)
+
+
+def _act(b: Builder, x, act: str):
+    if act == "relu":
+        return b.op("Relu", x)
+    if act == "silu":
+        return b.mul(x, b.op("Sigmoid", x))
+    if act == "gelu":  # erf form: ORT fuses it into one Gelu kernel
+        erf = b.op("Erf", b.mul(x, f32(1 / np.sqrt(2.0))))
+        return b.mul(b.mul(x, f32(0.5)), b.add(erf, f32(1.0)))
+    raise LoweringError(f"unknown activation {act!r}")
+
+
+def flatten(b: Builder, s: MoESite):
+    """hidden [*, D] -> x [T, D] float32."""
+    x = b.reshape(s.inputs["hidden"], -1, s.D)
+    return x if s.dtype == np.float32 else b.op("Cast", x, to=1)
+
+
+def route(b: Builder, s: MoESite):
+    """-> idx [T, k] int64, w [T, k] float32 (see the module docstring)."""
+    a, k = s.attrs, s.k
+    scale = float(a["routed_scaling_factor"])
+    if a["routing_mode"] == "hash":
+        ids = b.reshape(s.inputs["token_ids"], -1)
+        idx = b.op("Gather", s.inputs["hash_table"], ids, axis=0)
+        return idx, b.op("Expand", f32(scale / k), b.op("Shape", idx))
+    logits = b.reshape(s.inputs["router_logits"], -1, s.E)
+    if s.dtype != np.float32:
+        logits = b.op("Cast", logits, to=1)
+    scoring, normalize = a["scoring"], int(a["normalize"])
+    if scoring == "softmax":
+        w, idx = b.op("TopK", b.op("Softmax", logits, axis=1), i64(k), axis=1, n_out=2)
+    elif scoring == "topk_softmax":
+        v, idx = b.op("TopK", logits, i64(k), axis=1, n_out=2)
+        w, normalize = b.op("Softmax", v, axis=1), 0  # already sums to 1
+    elif scoring == "sigmoid":
+        p = b.op("Sigmoid", logits)
+        bias = s.tensor(b, "score_bias")
+        if bias is None:
+            w, idx = b.op("TopK", p, i64(k), axis=1, n_out=2)
+        else:
+            _, idx = b.op("TopK", b.add(p, bias), i64(k), axis=1, n_out=2)
+            w = b.op("GatherElements", p, idx, axis=1)
+    else:
+        raise LoweringError(f"{s.node.name}: unknown scoring {scoring!r}")
+    if normalize:
+        w = b.op("Div", w, b.reduce_sum(w, 1, keepdims=1))
+    if scale != 1.0:
+        w = b.mul(w, f32(scale))
+    return idx, w
+
+
+def dense_ffn(b: Builder, x, w1, w2, act: str, H: int):
+    """act(x @ w1.T) @ w2.T for x [T, D], w1 [H1, D], w2 [D, H] (shared experts)."""
+    h = activate(b, b.op("Gemm", x, w1, transB=1), act, axis=1, H=H)
+    return b.op("Gemm", h, w2, transB=1)
+
+
+def shared(b: Builder, s: MoESite, x):
+    """shared(x) [T, D] or None: dense FFN of the shared experts, times sigmoid(x @ gate.T)."""
+    w1 = s.tensor(b, "shared_fc1_weight")
+    if w1 is None:
+        return None
+    w2 = s.tensor(b, "shared_fc2_weight")
+    y = dense_ffn(b, x, w1, w2, s.activation, H=w2.shape[1] if w2.shape else -1)
+    gate = s.tensor(b, "shared_gate_weight")
+    if gate is not None:
+        y = b.mul(y, b.op("Sigmoid", b.op("Gemm", x, gate, transB=1)))
+    return y
+
+
+def finish(b: Builder, s: MoESite, y) -> None:
+    """Route y [T, D] into the ffnx node's output (original shape and dtype); detach the node."""
+    if s.dtype != np.float32:
+        y = b.op("Cast", y, to=int(_onnx_dtype(s.dtype)))
+    out = s.node.outputs[0]
+    node = gs.Node(
+        "Reshape",
+        name=b.name("output"),
+        inputs=[y, b.op("Shape", s.inputs["hidden"])],
+        outputs=[out],
+    )
+    s.node.outputs.clear()
+    s.node.inputs.clear()
+    b.graph.nodes.append(node)
+
+
+def _onnx_dtype(dtype) -> int:
+    from onnx.helper import np_dtype_to_tensor_dtype
+
+    return np_dtype_to_tensor_dtype(np.dtype(dtype))

@@ -1,0 +1,110 @@
+"""Standard-ONNX lowerings of the routed experts: each maps (x [T, D], idx [T, k], w [T, k]) to
+y [T, D] = sum_j w[t, j] * FFN_{idx[t, j]}(x[t]).
+
+sorted  Group the T*k (token, slot) pairs by expert (TopK as a sort), gather the tokens once,
+        Split them by the per-expert counts, fc1 per expert (Gemm on the expert's own weight
+        initializer: an expert without tokens costs a node launch, not a weight read), Concat,
+        the activation once for all rows, Split, fc2 per expert, Concat, scale by w, un-permute
+        with one Gather and sum over the k slots. Reads only the active experts' weights and
+        does exactly the routed FLOPs; 2 Gemm nodes per expert plus ~20.
+gather  Gather the k selected experts' weights per token, [T, k, H1, D], and multiply as a batch
+        of GEMVs (W @ x). Few nodes whatever E, but the gathered copy costs twice the weight
+        bytes per token: for very many experts at T=1 only.
+dense   Every expert on every token as one wide dense FFN: x @ [D, E*H1], act, scale each
+        expert's hidden slice by its routing weight (0 when not selected), @ [E*H, D] (the sum over
+        experts is the GEMM's reduction). E/k times the routed FLOPs, but two big prepacked
+        GEMMs: small E*H at large T.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ffnx.export.lowering._build import Builder, i64
+from ffnx.export.lowering.moe_common import MoESite, activate
+
+
+def sorted_experts(b: Builder, s: MoESite, x, idx, w, linear=None):
+    """`linear(b, s, rows, "fc1"|"fc2", e)` computes one expert projection (default: Gemm)."""
+    E, k, D = s.E, s.k, s.D
+    flat_e = b.reshape(idx, -1)
+    n = b.op("Shape", flat_e)
+    _, perm = b.op("TopK", flat_e, n, axis=0, largest=0, sorted=1, n_out=2)
+    xs = b.op("Gather", x, b.op("Div", perm, i64(k)), axis=0)  # [N, D], grouped by expert
+    ws = b.op("Gather", b.reshape(w, -1, 1), perm, axis=0)  # [N, 1]
+    hits = b.op("Equal", b.unsqueeze(flat_e, 1), np.arange(E, dtype=np.int64).reshape(1, E))
+    counts = b.reduce_sum(b.op("Cast", hits, to=7), 0)  # [E] tokens per expert, some 0
+    lin = linear or gemm_linear
+    h = _per_expert(b, s, xs, counts, "fc1", lin)
+    h = activate(b, h, s.activation, axis=1, H=s.H)  # once for all experts' rows
+    y = b.mul(_per_expert(b, s, h, counts, "fc2", lin), ws)
+    _, inv = b.op("TopK", perm, n, axis=0, largest=0, sorted=1, n_out=2)
+    y = b.reshape(b.op("Gather", y, inv, axis=0), -1, k, D)
+    return b.reduce_sum(y, 1)
+
+
+def _per_expert(b: Builder, s: MoESite, rows, counts, fc: str, linear):
+    """Concat_e linear_e(rows_e): rows [N, *] grouped by expert, counts[e] rows each."""
+    if s.E == 1:
+        return linear(b, s, rows, fc, 0)
+    parts = b.op("Split", rows, counts, axis=0, n_out=s.E)
+    return b.op("Concat", *(linear(b, s, parts[e], fc, e) for e in range(s.E)), axis=0)
+
+
+def gemm_linear(b: Builder, s: MoESite, rows, fc: str, e: int):
+    """rows @ W_e.T + b_e with Gemm(transB) on expert e's own weight initializer."""
+    w, bias = _expert_param(b, s, f"{fc}_weight", e), _expert_param(b, s, f"{fc}_bias", e)
+    return b.op("Gemm", rows, w, bias, transB=1)
+
+
+def _expert_param(b: Builder, s: MoESite, name: str, e: int):
+    if s.inputs[name] is None:
+        return None
+    v = s.value(name)
+    if v is not None:
+        return b.const(v[e], f"{name}{e}")
+    return b.op("Gather", s.tensor(b, name), i64(e).reshape(()), axis=0)
+
+
+def gather_weights(b: Builder, s: MoESite, x, idx, w):
+    k, D = s.k, s.D
+    fc1, fc2 = s.tensor(b, "fc1_weight"), s.tensor(b, "fc2_weight")
+    xc = b.reshape(x, -1, 1, D, 1)
+    h = b.matmul(b.op("Gather", fc1, idx, axis=0), xc)  # [T, k, H1, 1]
+    h = b.add(h, _gathered_bias(b, s, "fc1_bias", idx))
+    h = activate(b, h, s.activation, axis=2, H=s.H)
+    y = b.matmul(b.op("Gather", fc2, idx, axis=0), h)  # [T, k, D, 1]
+    y = b.add(y, _gathered_bias(b, s, "fc2_bias", idx))
+    y = b.mul(y, b.reshape(w, -1, k, 1, 1))
+    return b.reshape(b.reduce_sum(y, 1), -1, D)
+
+
+def _gathered_bias(b: Builder, s: MoESite, name: str, idx):
+    bias = s.tensor(b, name)
+    return None if bias is None else b.unsqueeze(b.op("Gather", bias, idx, axis=0), 3)
+
+
+def dense_experts(b: Builder, s: MoESite, x, idx, w):
+    E, H1, H, D = s.E, s.H1, s.H, s.D
+    hits = b.op("Equal", b.unsqueeze(idx, 2), np.arange(E, dtype=np.int64).reshape(1, 1, E))
+    g = b.reduce_sum(b.mul(b.op("Cast", hits, to=1), b.unsqueeze(w, 2)), 1)  # [T, E] dense weights
+    h = b.matmul(x, _wide(b, s, "fc1_weight", (2, 0, 1), (D, E * H1)))
+    if s.inputs["fc1_bias"] is not None:
+        h = b.add(h, b.reshape(s.tensor(b, "fc1_bias"), -1))
+    h = activate(b, b.reshape(h, -1, E, H1), s.activation, axis=2, H=H)  # [T, E, H]
+    h = b.reshape(b.mul(h, b.unsqueeze(g, 2)), -1, E * H)
+    y = b.matmul(h, _wide(b, s, "fc2_weight", (0, 2, 1), (E * H, D)))
+    if s.inputs["fc2_bias"] is not None:
+        y = b.add(y, b.matmul(g, s.tensor(b, "fc2_bias")))
+    return y
+
+
+def _wide(b: Builder, s: MoESite, name: str, perm: tuple, shape: tuple):
+    """The stacked weight transposed by `perm` and reshaped to one 2-D GEMM operand."""
+    v = s.value(name)
+    if v is not None:
+        return b.const(np.ascontiguousarray(v.transpose(perm)).reshape(shape), f"{name}_wide")
+    return b.reshape(b.op("Transpose", s.tensor(b, name), perm=list(perm)), *shape)
+
+
+FORMS = {"sorted": sorted_experts, "gather": gather_weights, "dense": dense_experts}

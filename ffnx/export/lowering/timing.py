@@ -1,0 +1,125 @@
+"""Timing of lowering candidates on this machine (the chooser and `benchmarks/moe.py`).
+
+Candidates are timed round-robin (one batch of runs of each per round), so a machine whose load
+changes during the measurement slows every candidate alike; the fastest round counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ffnx.export.lowering.moe_model import MoEConfig, moe_feeds, moe_model, moe_weights
+
+
+def ort_session(model: onnx.ModelProto | bytes, threads: int | None = None, spin: bool = True):
+    """A CPU session. spin=True is ORT's default (idle workers spin a while before blocking: what
+    a deployed model gets); `round_robin` pauses between candidates so that one session's
+    spinning workers do not steal the cores from the next."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def lowered_model(model: onnx.ModelProto, choice: str, why: str = "") -> onnx.ModelProto:
+    """`model` with every FfnxMoE node lowered to `choice` (opset imports fixed up)."""
+    from ffnx.export.lowering import lower_moe_node
+
+    graph = gs.import_onnx(model)
+    for node in [n for n in graph.nodes if n.op == "FfnxMoE"]:
+        lower_moe_node(graph, node, choice, why)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    del out.opset_import[:]
+    out.opset_import.extend([o for o in model.opset_import if o.domain != "ffnx"])
+    if any(n.domain == "com.microsoft" for n in out.graph.node):
+        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return out
+
+
+def round_robin(
+    runs: dict[str, Callable[[], object]],
+    rounds: int = 7,
+    max_rounds: int = 0,
+    min_round_s: float = 0.03,
+    pause_s: float = 0.002,
+) -> dict[str, list[float]]:
+    """Seconds per call of each callable, one sample per round. Each round runs every callable in
+    turn: a pause (`pause_s`: the previous one's thread pool goes idle), one untimed call (warms
+    the caches), then as many timed calls
+    as fill `min_round_s` (calibrated on the warm-up call); the sample is their median (a call
+    preempted by another process does not move it). After `rounds` rounds, rounds go on until
+    the samples are `stable` or `max_rounds` is reached."""
+    reps = {}
+    for name, fn in runs.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        reps[name] = max(1, int(min_round_s / max(time.perf_counter() - t0, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    done = 0
+    while done < rounds or (done < max_rounds and not stable(samples)):
+        for name, fn in runs.items():
+            time.sleep(pause_s)
+            fn()
+            calls = []
+            for _ in range(reps[name]):
+                t0 = time.perf_counter()
+                fn()
+                calls.append(time.perf_counter() - t0)
+            samples[name].append(float(np.median(calls)))
+        done += 1
+    return samples
+
+
+def best(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The fastest round of each: load from other processes only ever adds time, so on a shared
+    machine the minimum estimates the quiet-machine latency better than the median."""
+    return {name: float(min(v)) for name, v in samples.items()}
+
+
+def stable(samples: dict[str, list[float]], tol: float = 0.03) -> bool:
+    """Whether every minimum is reproducible: the fastest rounds of the first and the second half
+    of the rounds agree within `tol` (on a busy machine they do not)."""
+    for v in samples.values():
+        h = len(v) // 2
+        if h == 0 or abs(min(v[:h]) - min(v[h:])) > tol * min(v):
+            return False
+    return True
+
+
+def time_lowerings(
+    cfg: MoEConfig,
+    choices: list[str],
+    tokens: list[int],
+    threads: int | None = None,
+    rounds: int = 7,
+    max_rounds: int = 21,
+    seed: int = 0,
+    skip: Callable[[int, str], bool] | None = None,
+) -> dict[int, dict[str, list[float]]]:
+    """Per T, the `round_robin` samples (seconds per call) of each lowering of a random
+    single-node MoE with `cfg`'s shapes (`skip(T, choice)`: leave that one out at that T)."""
+    model = moe_model(cfg, moe_weights(cfg, seed))
+    sessions = {c: ort_session(lowered_model(model, c), threads) for c in choices}
+    out = {}
+    for T in tokens:
+        feeds = moe_feeds(cfg, T, seed=T)
+        runs = {
+            c: (lambda s=s, f=feeds: s.run(None, f))
+            for c, s in sessions.items()
+            if not (skip and skip(T, c))
+        }
+        out[T] = round_robin(runs, rounds=rounds, max_rounds=max_rounds)
+    return out

@@ -1,0 +1,205 @@
+"""`ffnx::moe`: the MoE op in torch (custom op), at ONNX export (one `ffnx::FfnxMoE` node) and in
+ONNX's schema registry (checker + shape inference).
+
+Contract: `ffnx.plugins.schema.MOE`. Eager math is `ffnx.plugins.reference.moe_reference`, the one
+torch reference. `MoEOpModule` is what capture rules swap in for an MoE block: it holds the stacked
+expert weights, computes router logits with the block's own router weight (a plain MatMul in the
+graph) and calls `moe()`, which during `torch.onnx.export` becomes exactly one node:
+
+    FfnxMoE(hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias, score_bias,
+            token_ids, hash_table, shared_fc1_weight, shared_fc2_weight, shared_gate_weight)
+    domain "ffnx", attributes = schema attributes (plugin_namespace="ffnx", plugin_version="1")
+
+Absent optional inputs are empty input names in their schema positions (trailing ones dropped).
+`torch.onnx.ops.symbolic` emits the node inside the forward, so `export_onnx` needs no
+translation table and dynamic dims stay symbolic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ffnx.plugins import schema
+from ffnx.plugins.schema import MOE
+
+INPUTS = tuple(p.name for p in MOE.inputs)
+ROUTING_ATTRS = ("num_experts", "top_k", "routing_mode", "scoring", "normalize",
+                 "routed_scaling_factor", "activation")  # fmt: skip
+
+
+@torch.library.custom_op("ffnx::moe", mutates_args=())
+def moe_op(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    score_bias: torch.Tensor | None,
+    token_ids: torch.Tensor | None,
+    hash_table: torch.Tensor | None,
+    shared_fc1_weight: torch.Tensor | None,
+    shared_fc2_weight: torch.Tensor | None,
+    shared_gate_weight: torch.Tensor | None,
+    num_experts: int,
+    top_k: int,
+    routing_mode: str,
+    scoring: str,
+    normalize: int,
+    routed_scaling_factor: float,
+    activation: str,
+) -> torch.Tensor:
+    """Eager `ffnx::moe`: the schema's math via the single torch reference."""
+    from ffnx.plugins.reference import moe_reference
+
+    return moe_reference(
+        hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias, score_bias,
+        token_ids, hash_table, shared_fc1_weight, shared_fc2_weight, shared_gate_weight,
+        num_experts=num_experts, top_k=top_k, routing_mode=routing_mode, scoring=scoring,
+        normalize=normalize, routed_scaling_factor=routed_scaling_factor, activation=activation,
+    ).contiguous()  # fmt: skip
+
+
+@moe_op.register_fake
+def _moe_fake(hidden, *args, **kwargs) -> torch.Tensor:
+    return torch.empty_like(hidden)
+
+
+def moe(inputs: dict[str, torch.Tensor | None], attrs: dict) -> torch.Tensor:
+    """One MoE layer: `ffnx::FfnxMoE` under `torch.onnx.export`, `torch.ops.ffnx.moe` otherwise.
+
+    inputs: schema input name -> tensor (missing names are absent); attrs: the routing attributes.
+    """
+    unknown = set(inputs) - set(INPUTS)
+    if unknown:
+        raise ValueError(f"unknown FfnxMoE input(s) {sorted(unknown)}; known: {INPUTS}")
+    args = [inputs.get(n) for n in INPUTS]
+    full = {**MOE.defaults(), **attrs}
+    hidden = args[0]
+    if torch.onnx.is_in_onnx_export():
+        return torch.onnx.ops.symbolic(
+            f"{schema.DOMAIN}::{MOE.op_type}",
+            args,
+            {a.name: full[a.name] for a in MOE.attributes},
+            dtype=hidden.dtype,
+            shape=hidden.shape,
+            version=schema.DOMAIN_VERSION,
+        )
+    return moe_op(*args, **{k: full[k] for k in ROUTING_ATTRS})
+
+
+class MoEOpModule(torch.nn.Module):
+    """An MoE layer as one `ffnx::moe` call, with the weights laid out as the schema wants.
+
+    router_weight [E, D]: logits = hidden @ router_weight.T (a plain MatMul); None for hash
+    routing. Tensors in `weights` (schema input names) are registered as parameters (float)
+    or buffers (int64, score_bias); passing an existing Parameter shares it (no copy). `attrs`:
+    the routing attributes (schema defaults for missing ones), cast to the schema's kinds.
+    """
+
+    ffnx_op_type = MOE.op_type
+
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        attrs: dict,
+        router_weight: torch.Tensor | None = None,
+        source: str = "",
+    ):
+        super().__init__()
+        bad = set(weights) - set(INPUTS[2:])
+        if bad:
+            raise ValueError(f"unknown MoE weight(s) {sorted(bad)}")
+        for name, t in [("router_weight", router_weight), *weights.items()]:
+            if t is None:
+                continue
+            if isinstance(t, torch.nn.Parameter) or (
+                t.is_floating_point() and name != "score_bias"
+            ):
+                self.register_parameter(name, _param(t))
+            else:
+                self.register_buffer(name, t.detach())
+        kinds = {"int": int, "float": float, "string": str}
+        self.attrs = {k: kinds[MOE.attr(k).kind](attrs[k]) for k in ROUTING_ATTRS if k in attrs}
+        # blocks that call `ffn(h, token_ids)` for hash-routed layers read this flag
+        self.needs_token_ids = self.attrs.get("routing_mode") == "hash"
+        self.source = source
+
+    def _get(self, name: str) -> torch.Tensor | None:
+        return getattr(self, name, None)
+
+    def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None):
+        logits = None
+        if self._get("router_weight") is not None:
+            logits = F.linear(hidden, self.router_weight)
+        inputs = {n: self._get(n) for n in INPUTS[2:]}
+        inputs.update(hidden=hidden, router_logits=logits)
+        if token_ids is not None:
+            inputs["token_ids"] = token_ids
+        return moe(inputs, self.attrs)
+
+    def extra_repr(self) -> str:
+        fc1 = tuple(self.fc1_weight.shape)
+        return f"source={self.source!r}, fc1={fc1}, " + ", ".join(
+            f"{k}={v!r}" for k, v in self.attrs.items()
+        )
+
+
+def _param(t: torch.Tensor) -> torch.nn.Parameter:
+    if isinstance(t, torch.nn.Parameter):
+        return t
+    return torch.nn.Parameter(t.detach(), requires_grad=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX schema registration (checker, shape inference)
+
+_ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)",
+               "bfloat16": "tensor(bfloat16)", "int64": "tensor(int64)"}  # fmt: skip
+
+
+def _onnx_schema(s: schema.OpSchema):
+    import onnx
+    from onnx.defs import OpSchema
+
+    float_set = set(schema.FLOAT)
+    opt = OpSchema.FormalParameterOption
+
+    def param(p: schema.Port):
+        type_str = "T" if set(p.dtypes) == float_set else _ONNX_TYPES[p.dtypes[0]]
+        return OpSchema.FormalParameter(
+            p.name, type_str, p.doc, param_option=opt.Optional if p.optional else opt.Single
+        )
+
+    def attr(a: schema.Attr):
+        default = {"int": int, "float": float, "string": str}[a.kind](a.default)
+        return OpSchema.Attribute(a.name, onnx.helper.make_attribute(a.name, default), a.doc)
+
+    out = OpSchema(
+        s.op_type,
+        schema.DOMAIN,
+        schema.DOMAIN_VERSION,
+        s.doc,
+        inputs=[param(p) for p in s.inputs],
+        outputs=[param(p) for p in s.outputs],
+        type_constraints=[("T", [_ONNX_TYPES[d] for d in schema.FLOAT], "float types")],
+        attributes=[attr(a) for a in s.attributes],
+    )
+    out.set_type_and_shape_inference_function(_same_as_hidden)
+    return out
+
+
+def _same_as_hidden(ctx) -> None:
+    """Output 0 has hidden's (input 0) type and shape: every ffnx op maps [*, D] -> [*, D]."""
+    ctx.set_output_type(0, ctx.get_input_type(0))
+
+
+def register_onnx_schemas() -> None:
+    """Register every ffnx op schema with onnx (idempotent), so `onnx.checker` validates ffnx
+    nodes' inputs/attributes and `onnx.shape_inference` types their outputs."""
+    import onnx.defs
+
+    for s in schema.OPS.values():
+        if not onnx.defs.has(s.op_type, schema.DOMAIN):
+            onnx.defs.register_schema(_onnx_schema(s))

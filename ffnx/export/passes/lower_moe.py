@@ -1,0 +1,129 @@
+"""lower_moe: replace each ffnx::FfnxMoE node by the ONNX Runtime lowering chosen for it.
+
+Pattern: one FfnxMoE node. Check: the expert weights have static 3-D shapes. Rewrite: the
+lowering `ffnx.export.lowering.choose` picks for the layer (measured on this machine per shape
+signature and cached, or forced by options): `sorted`, `gather`, `dense` (standard ONNX),
+`ort_moe` (com.microsoft::MoE), an `If` on the token count between two of them, or with
+options["quantize_experts"] = "int4"/"int8" the weight-only quantized `sorted_int4/8`
+(MatMulNBits experts) / `qmoe_int4/8` (com.microsoft::QMoE).
+
+Exactness: every float lowering computes the schema's math with the sums reordered (fp32
+rounding only). Quantized experts are not exact: `is_exact(ctx)` says so, and the pass notes
+give each quantized layer's max abs error and cosine against its fp32 lowering (random inputs).
+
+Target "trt" keeps every FfnxMoE node: TensorRT runs it as the ffnx plugin.
+The choice per layer goes to `PassResult.notes["layers"]`, to the lowered nodes' names
+(`<layer>/<lowering>/...`) and to a line `ffnx.lower_moe <layer>: <lowering> (<why>)` in the
+graph doc_string (`ffnx.export.lowering.lowering_report` reads them back).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ffnx.export.lowering import LoweringError, lower_moe_node
+from ffnx.export.lowering.choose import choose
+from ffnx.export.lowering.moe_common import MoESite
+from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult
+from ffnx.plugins.schema import DOMAIN
+
+MS_DOMAIN = "com.microsoft"
+
+
+class LowerMoE(GraphPass):
+    """Lower FfnxMoE nodes to the fastest ONNX Runtime form measured for each layer."""
+
+    name = "lower_moe"
+
+    def match(self, graph: gs.Graph) -> list[Match]:
+        return [Match([n]) for n in graph.nodes if n.op == "FfnxMoE" and n.domain == DOMAIN]
+
+    def check(self, graph: gs.Graph, m: Match) -> str | None:
+        try:
+            m.info["site"] = MoESite.of(m.nodes[0])
+        except LoweringError as e:
+            return str(e)
+        return None
+
+    @staticmethod
+    def is_exact(ctx: PassContext) -> bool:
+        """False when the options quantize the experts (verify by --max-error then)."""
+        return not ctx.options.get("quantize_experts")
+
+    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        matches = self.match(graph)
+        res.matched = len(matches)
+        if ctx.target == "trt":
+            why = "kept for the TensorRT plugin (ffnx::FfnxMoE runs as one plugin layer)"
+            res.skipped = [(m.describe(), why) for m in matches]
+            res.notes = {"target": "trt", "kept": [m.nodes[0].name for m in matches]}
+            return res
+        layers = {}
+        for m in matches:
+            reason = self.check(graph, m)
+            if reason:
+                res.skipped.append((m.describe(), reason))
+                continue
+            layers[m.nodes[0].name] = self.rewrite(graph, m, ctx)
+            res.applied += 1
+        if any(_uses_contrib(note["lowering"]) for note in layers.values()):
+            graph.import_domains = _with_domain(graph.import_domains, MS_DOMAIN)
+        res.notes = {"target": ctx.target, "layers": layers}
+        return res
+
+    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> dict:
+        site = m.info["site"]
+        choice = choose(site, ctx.options)
+        note = {"lowering": choice.lowering, "why": choice.why}
+        if choice.timings:
+            note["timings_ms"] = {
+                str(T): {c: round(v * 1e3, 4) for c, v in d.items()}
+                for T, d in choice.timings.items()
+            }
+        if choice.skipped:
+            note["not_applicable"] = choice.skipped
+        if ctx.options.get("quantize_experts"):
+            note["quantization_error"] = quantization_error(m.nodes[0], choice.lowering)
+        lower_moe_node(graph, m.nodes[0], choice.lowering, why=choice.why.split(";")[0])
+        return note
+
+
+def _uses_contrib(lowering: str) -> bool:
+    return any(p.startswith(("ort_moe", "qmoe_", "sorted_int")) for p in lowering.split("|"))
+
+
+def _with_domain(domains, name: str):
+    from onnx import helper
+
+    domains = list(domains or [])
+    if not any(d.domain == name for d in domains):
+        domains.append(helper.make_opsetid(name, 1))
+    return domains
+
+
+def quantization_error(node: gs.Node, lowering: str, tokens: int = 64, seed: int = 0) -> dict:
+    """max abs and cosine of the quantized lowering against the fp32 `sorted` lowering of the
+    same layer (its real weights) on random N(0, 1) hidden states and router logits."""
+    from ffnx.export.lowering.moe_model import site_model
+    from ffnx.export.lowering.timing import lowered_model, ort_session
+    from ffnx.export.quantize import error_metrics
+
+    model = site_model(node)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model.graph.input:
+        dims = [tokens] + [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
+        if vi.name == "token_ids":
+            vocab = next(i.dims[0] for i in model.graph.initializer if i.name == "hash_table")
+            feeds[vi.name] = rng.integers(0, vocab, dims).astype(np.int64)
+        else:
+            feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
+    ref, got = (
+        ort_session(lowered_model(model, c)).run(None, feeds)[0] for c in ("sorted", lowering)
+    )
+    return error_metrics(ref, got)
+
+
+PASS = LowerMoE()

@@ -1,0 +1,129 @@
+"""`hf:PATH`: a local transformers causal LM as a `ModelSpec` (input_ids -> logits).
+
+PATH is a model directory (config.json + safetensors/bin weights, loaded with
+`from_pretrained(local_files_only=True)`), a directory holding only config.json, or a bare
+config.json file (both: random weights from a fixed seed, `from_config`). Nothing is downloaded:
+HF_HUB_OFFLINE is set and remote code is never trusted. The model is loaded in float32, eval,
+eager attention, no KV cache; batch and sequence are dynamic. MoE blocks are exported as
+`ffnx::FfnxMoE` by the capture rules (`ffnx.export.moe_capture`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ffnx.errors import ModelSpecError
+from ffnx.models.spec import ModelSpec
+
+SEED = 0
+MAX_SEQ = 8192  # cap on the exported `seq` dim (the config's max_position_embeddings if smaller)
+EXAMPLE = (2, 8)  # example (batch, seq); sizes > 1 so torch.export keeps both dims dynamic
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+class CausalLMLogits(torch.nn.Module):
+    """`input_ids` int64 [batch, seq] -> logits float32 [batch, seq, vocab]."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _config_path(path: Path) -> tuple[Path, bool]:
+    """-> (config.json, has_weights)."""
+    if path.is_file():
+        if path.suffix != ".json":
+            raise ModelSpecError(f"hf:{path}: expected a model directory or a config.json file")
+        return path, False
+    if not path.is_dir():
+        raise ModelSpecError(f"hf:{path}: no such directory or config.json (nothing is downloaded)")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelSpecError(f"hf:{path}: directory has no config.json")
+    return cfg, any(any(path.glob(p)) for p in WEIGHT_FILES)
+
+
+def _import_transformers():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelSpecError(
+            "hf: models need transformers: pip install 'ffnx[hf]' (transformers>=4.46)"
+        ) from e
+    return transformers
+
+
+def _load_model(cfg_path: Path, weights: bool) -> torch.nn.Module:
+    tf = _import_transformers()
+    try:
+        config = tf.AutoConfig.from_pretrained(str(cfg_path), trust_remote_code=False)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSpecError(f"hf:{cfg_path}: cannot read the config: {first}") from e
+    kwargs = dict(attn_implementation="eager", dtype=torch.float32)
+    try:
+        if weights:
+            model = tf.AutoModelForCausalLM.from_pretrained(
+                str(cfg_path.parent), config=config, local_files_only=True,
+                trust_remote_code=False, **kwargs,
+            )  # fmt: skip
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SEED)
+                model = tf.AutoModelForCausalLM.from_config(
+                    config, trust_remote_code=False, **kwargs
+                )
+    except (ValueError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSpecError(
+            f"hf:{cfg_path.parent}: cannot build a causal LM for model_type "
+            f"{getattr(config, 'model_type', '?')!r}: {first}"
+        ) from e
+    return model.float().eval()
+
+
+def _moe_variant(config) -> str:
+    k = getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_top_k", None)
+    return f"moe-top{k}" if k else ""
+
+
+def load_hf(path: str, dynamic: dict[str, dict[int, str]] | None = None) -> ModelSpec:
+    """`hf:PATH` -> ModelSpec (forward(input_ids) -> logits; batch/seq dynamic)."""
+    cfg_path, weights = _config_path(Path(path).expanduser())
+    model = _load_model(cfg_path, weights)
+    config = model.config
+    vocab = int(config.get_text_config().vocab_size)
+    max_seq = min(int(getattr(config, "max_position_embeddings", MAX_SEQ) or MAX_SEQ), MAX_SEQ)
+
+    def make_inputs(dims: dict[str, int], seed: int = SEED) -> dict[str, torch.Tensor]:
+        b, t = dims.get("batch", EXAMPLE[0]), dims.get("seq", EXAMPLE[1])
+        g = torch.Generator().manual_seed(seed + b * 7919 + t)
+        return {"input_ids": torch.randint(0, vocab, (b, t), generator=g)}
+
+    example = make_inputs({"batch": EXAMPLE[0], "seq": EXAMPLE[1]})
+    example["input_ids"][0, 0], example["input_ids"][-1, -1] = 0, vocab - 1  # full id range
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    name = cfg_path.parent.name if cfg_path.name == "config.json" else cfg_path.stem
+    spec = ModelSpec(
+        name=name or config.model_type,
+        module=CausalLMLogits(model).eval(),
+        inputs=example,
+        dynamic={"input_ids": {0: "batch", 1: "seq"}},
+        make_inputs=make_inputs,
+        variant=_moe_variant(config),
+        description=f"transformers {arch} ({config.model_type}) from {path}"
+        + ("" if weights else f", random weights (seed {SEED})"),
+        max_dims={"seq": max_seq},
+    )
+    if dynamic:
+        spec.dynamic = {**spec.dynamic, **dynamic}
+    return spec

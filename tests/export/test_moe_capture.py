@@ -1,0 +1,263 @@
+"""MoE capture: swapped modules keep the numerics of zoo and transformers MoE blocks; refused
+blocks fail with one line; zoo MoE models export one FfnxMoE node per MoE layer."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ffnx.errors import ExportError
+from ffnx.export.capture import captured
+from ffnx.export.moe_capture import capture_moe
+from ffnx.export.moe_op import MoEOpModule
+from ffnx.models import zoo
+
+TOKENS = (1, 16, 256)
+
+
+def _close_to(ref: torch.Tensor, got: torch.Tensor) -> None:
+    """fp32 swap exactness: max |got - ref| <= 1e-5 * max |ref|."""
+    err, scale = float((got - ref).abs().max()), float(ref.abs().max())
+    assert err <= 1e-5 * scale, f"max abs error {err:.3g} at scale {scale:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# transformers blocks
+
+transformers = pytest.importorskip("transformers")
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256)  # fmt: skip
+ROUTED = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
+# family -> (config class, config kwargs, MoE block class[, refusal reason])
+TWO = dict(num_experts_per_tok=2)
+HF_SUPPORTED = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, **TWO), "MixtralSparseMoeBlock"),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, **ROUTED,
+                  shared_expert_intermediate_size=48), "Qwen2MoeSparseMoeBlock"),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, **ROUTED, norm_topk_prob=True),
+                  "Qwen3MoeSparseMoeBlock"),
+    "qwen3_next": ("Qwen3NextConfig", dict(num_experts=4, **ROUTED,
+                   shared_expert_intermediate_size=48), "Qwen3NextSparseMoeBlock"),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, **TWO), "OlmoeSparseMoeBlock"),
+    "flex_olmo": ("FlexOlmoConfig", dict(num_experts=4, **TWO), "FlexOlmoSparseMoeBlock"),
+    "minimax": ("MiniMaxConfig", dict(num_local_experts=4, **TWO), "MiniMaxSparseMoeBlock"),
+    "jamba": ("JambaConfig", dict(num_experts=4, **TWO), "JambaSparseMoeBlock"),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, **TWO), "GraniteMoeMoE"),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(num_local_experts=4, **TWO),
+                         "GraniteMoeHybridMoE"),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=4, **TWO,
+                         shared_intermediate_size=32), "GraniteMoeSharedMoE"),
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=8, **ROUTED, n_shared_experts=2,
+                    n_group=2, topk_group=2, routed_scaling_factor=2.5), "DeepseekV3MoE"),
+    "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1),
+                 "Glm4MoeMoE"),
+    "deepseek_v2": ("DeepseekV2Config", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1,
+                    routed_scaling_factor=1.5), "DeepseekV2Moe"),
+    "dbrx": ("DbrxConfig", dict(d_model=64, n_heads=4, n_layers=1, ffn_config=dict(
+             ffn_hidden_size=96, moe_num_experts=4, moe_top_k=2)), "DbrxFFN"),
+    "jetmoe": ("JetMoeConfig", dict(kv_channels=16, num_local_experts=4, **TWO), "JetMoeMoE"),
+}  # fmt: skip
+HF_REFUSED = {
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, **TWO), "PhimoeSparseMoeBlock",
+               "sparsemixer"),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, **TWO), "GptOssMLP", "clamped SwiGLU"),
+    "llama4": ("Llama4TextConfig", dict(num_local_experts=4, num_experts_per_tok=1,
+               intermediate_size_mlp=96), "Llama4TextMoe", "scales each expert's input"),
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=8, **ROUTED, n_group=4,
+                    topk_group=2), "DeepseekV3MoE", "group-limited routing"),
+}  # fmt: skip
+
+
+def hf_block(family: str, table: dict) -> torch.nn.Module:
+    cfg_cls, kw, block_cls, *_ = table[family]
+    base = {} if family == "dbrx" else dict(BASE)
+    if family == "jetmoe":
+        base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, vocab_size=256)
+    config = getattr(transformers, cfg_cls)(**base, **kw)
+    mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    torch.manual_seed(0)
+    block = getattr(mod, block_cls)(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.2)
+        for name, b in block.named_buffers():
+            if name.endswith("bias"):  # e_score_correction_bias: must change the selection
+                b.normal_(0.0, 0.1)
+    return block
+
+
+@pytest.mark.parametrize("family", HF_SUPPORTED)
+def test_hf_block_swap_keeps_numerics(family):
+    block = hf_block(family, HF_SUPPORTED)
+    new = capture_moe("model.layers.0.mlp", block, "ort")
+    assert isinstance(new, MoEOpModule)
+    for t in TOKENS:
+        x = torch.randn(1, t, 64, generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            ref, got = block(x), new(x)
+        _close_to(ref[0] if isinstance(ref, tuple) else ref, got)
+
+
+def test_hf_fused_expert_weights_are_shared_not_copied():
+    block = hf_block("mixtral", HF_SUPPORTED)
+    new = capture_moe("mlp", block, "ort")
+    assert new.fc1_weight is block.experts.gate_up_proj
+    assert new.fc2_weight is block.experts.down_proj
+    assert new.router_weight is block.gate.weight
+
+
+def test_deepseek_v3_attributes():
+    new = capture_moe("mlp", hf_block("deepseek_v3", HF_SUPPORTED), "ort")
+    assert new.attrs == dict(num_experts=8, top_k=2, scoring="sigmoid", normalize=1,
+                             routed_scaling_factor=2.5, activation="swiglu")  # fmt: skip
+    assert new.score_bias.shape == (8,) and new.shared_fc1_weight.shape == (2 * 64, 64)
+
+
+@pytest.mark.parametrize("family", HF_REFUSED)
+def test_hf_refused_blocks_fail_with_one_line(family):
+    block = hf_block(family, HF_REFUSED)
+    cls, reason = HF_REFUSED[family][2], HF_REFUSED[family][3]
+    with pytest.raises(ExportError) as info:
+        capture_moe("model.layers.3.mlp", block, "ort")
+    msg = str(info.value)
+    assert "\n" not in msg and "model.layers.3.mlp" in msg and cls in msg and reason in msg
+
+
+def test_refusal_surfaces_from_captured():
+    model = torch.nn.Sequential(hf_block("phimoe", HF_REFUSED))
+    with pytest.raises(ExportError, match=r"0 \(PhimoeSparseMoeBlock\)"):
+        with captured(model, "ort"):
+            pass
+    assert type(model[0]).__name__ == "PhimoeSparseMoeBlock"
+
+
+def test_unrelated_modules_are_not_captured():
+    assert capture_moe("fc", torch.nn.Linear(4, 4), "ort") is None
+    assert capture_moe("mlp", zoo.build("gpt-swiglu", "tiny").module, "ort") is None
+
+
+# --------------------------------------------------------------------------------------------
+# ffnx zoo
+
+ZOO_MOE = ("gpt-moe", "gpt-switch", "gpt-moe-shared", "gpt-finegrained", "gpt-hash", "gpt-duo")
+
+
+def _zoo(name: str):
+    spec = zoo.build(name, "tiny")
+    with torch.no_grad():  # a non-zero selection bias, so it matters
+        for n, b in spec.module.named_buffers():
+            if n.endswith("score_bias"):
+                b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    return spec
+
+
+def _ids(b: int, s: int, vocab: int = 512) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(s))
+    }
+
+
+SHAPES = ((1, 1), (1, 16), (2, 128))
+
+
+@pytest.mark.parametrize("name", [*ZOO_MOE, "gpt-moe-topk-softmax"])
+def test_zoo_swap_keeps_numerics(name):
+    model = _zoo(name).module
+    for b, s in SHAPES:
+        ids = _ids(b, s)
+        with torch.no_grad():
+            ref = model(**ids)
+            with captured(model, "ort") as ops:
+                got = model(**ids)
+        assert ops == {"FfnxMoE"}
+        _close_to(ref, got)
+
+
+def test_duo_padding_and_skip_are_exact_per_expert():
+    """Every Duo expert (small, big, skip) is chosen somewhere, and the padded op matches."""
+    from ffnx.models.moe import DuoMoE
+
+    torch.manual_seed(0)
+    moe = DuoMoE(64, 40, 176).eval()
+    x = torch.randn(256, 64)
+    chosen = set(moe.router(x).argmax(-1).tolist())
+    assert chosen == {0, 1, 2}
+    new = capture_moe("ffn", moe, "ort")
+    assert new.fc1_weight.shape == (3, 2 * 176, 64) and not new.fc1_weight[2].any()
+    with torch.no_grad():
+        _close_to(moe(x), new(x))
+
+
+# gpt-duo (padding, skip) and gpt-hash (token ids) always; the others are export-heavy (~5 s each)
+FAST = ("gpt-duo", "gpt-hash")
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in ZOO_MOE]
+)
+def test_zoo_moe_exports_one_node_per_layer(tmp_path, name):
+    from ffnx.export import verify
+    from ffnx.export.optimize import runnable
+    from ffnx.export.torch_export import export_onnx
+
+    spec = _zoo(name)
+    layers = sum(isinstance(m, importlib.import_module("ffnx.models.moe").MoE)
+                 for m in spec.module.modules())  # fmt: skip
+    with captured(spec.module, "ort") as ops:
+        export_onnx(spec, tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    moe = [n for n in model.graph.node if n.op_type == "FfnxMoE"]
+    assert ops == {"FfnxMoE"} and len(moe) == layers == 2
+    assert all(n.domain == "ffnx" for n in moe)
+    assert not any(n.op_type in ("NonZero", "ScatterND") for n in model.graph.node)
+    sess = verify.ort_session(runnable(model))
+    for b, s in SHAPES:
+        ids = _ids(b, s)
+        with torch.no_grad():
+            ref = spec.module(**ids).numpy()
+        got = sess.run(None, {k: v.numpy() for k, v in ids.items()})[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_hf_transposed_biased_expert_layout_matches_transformers_kernel():
+    """`is_transposed` / `has_bias` experts read as transformers' own batched kernel reads them."""
+    from transformers.integrations import moe as hf_moe
+
+    from ffnx.export.moe_capture import _hf_experts
+    from ffnx.plugins.reference import moe_reference, route
+
+    E, D, H, k = 4, 16, 24, 2
+    g = torch.Generator().manual_seed(0)
+
+    class Experts(torch.nn.Module):
+        _apply_gate = hf_moe._default_apply_gate
+        has_gate, has_bias, is_transposed, is_concatenated = True, True, True, True
+        has_post_expert_norm, _is_expert_parallel, num_experts = False, False, E
+
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(E, D, 2 * H, generator=g))
+            self.gate_up_proj_bias = torch.nn.Parameter(torch.randn(E, 2 * H, generator=g))
+            self.down_proj = torch.nn.Parameter(torch.randn(E, H, D, generator=g))
+            self.down_proj_bias = torch.nn.Parameter(torch.randn(E, D, generator=g))
+            self.act_fn = torch.nn.SiLU()
+
+    experts, x = Experts(), torch.randn(64, D, generator=g)
+    logits = torch.randn(64, E, generator=g)
+    routing = dict(num_experts=E, top_k=k, scoring="softmax", normalize=1)
+    idx, w = route(logits, None, None, None, routing_mode="router", routed_scaling_factor=1.0,
+                   **routing)  # fmt: skip
+    with torch.no_grad():
+        ref = hf_moe.batched_mm_experts_forward(experts, x, idx, w)
+        weights, act = _hf_experts(experts)
+        got = moe_reference(
+            x, logits, weights["fc1_weight"], weights["fc1_bias"], weights["fc2_weight"],
+            weights["fc2_bias"], None, None, None, None, None, None, activation=act, **routing,
+        )  # fmt: skip
+    assert act == "swiglu" and weights["fc1_weight"].shape == (E, 2 * H, D)
+    _close_to(ref, got)
