@@ -158,6 +158,10 @@ def optimize_model(
     before it on `feeds` (each pass's error is measured against its own input graph)."""
     if not feeds:
         raise PassError("graph passes need sample inputs to verify against")
+    if any(n.domain == "ffnx" for n in model.graph.node):
+        from ffnx.export.moe_op import register_onnx_schemas  # typed checks of ffnx nodes
+
+        register_onnx_schemas()
     ctx = PassContext(feeds=feeds, max_error=max_error, target=target, options=options or {})
     reports = []
     original = ref = run_model(model, feeds)
