@@ -67,7 +67,7 @@ def flop_count(model: onnx.ModelProto, dims: dict[str, int]) -> int | None:
         if n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2:
             a, b = shapes.get(n.input[0]), shapes.get(n.input[1])
             out = shapes.get(n.output[0])
-            if a is None or b is None or out is None:
+            if not a or not b or out is None:  # unknown, or rank 0 (not a real product)
                 continue
             k = a[-1] if n.op_type == "MatMul" or not _attr(n, "transA") else a[0]
             total += 2 * int(np.prod(out)) * int(k)
