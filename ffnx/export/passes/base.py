@@ -75,7 +75,11 @@ class GraphPass:
                 continue
             self.rewrite(graph, m, ctx)
             res.applied += 1
+            self.note(res, m)
         return res
+
+    def note(self, res: PassResult, m: Match) -> None:
+        """Record what an applied match did in `res.notes` (optional)."""
 
     @property
     def summary(self) -> str:

@@ -433,21 +433,11 @@ class FoldBatchNorm(GraphPass):
         else:
             to_mul_add(b, a)
 
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        res = PassResult()
-        for m in self.match(graph):
-            res.matched += 1
-            reason = self.check(graph, m)
-            if reason:
-                res.skipped.append((m.describe(), reason))
-                continue
-            self.rewrite(graph, m, ctx)
-            res.applied += 1
-            how = m.info["how"]
-            res.notes[how] = res.notes.get(how, 0) + 1
-            if how == "mul_add":
-                res.notes.setdefault("mul_add_why", []).append(f"{m.describe()}: {m.info['why']}")
-        return res
+    def note(self, res: PassResult, m: Match) -> None:
+        how = m.info["how"]
+        res.notes[how] = res.notes.get(how, 0) + 1
+        if how == "mul_add":
+            res.notes.setdefault("mul_add_why", []).append(f"{m.describe()}: {m.info['why']}")
 
 
 PASS = FoldBatchNorm()
