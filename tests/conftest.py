@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 USER_MODEL = textwrap.dedent(
-    '''
+    """
     import torch
 
     class Net(torch.nn.Module):
@@ -38,7 +38,7 @@ USER_MODEL = textwrap.dedent(
 
     def not_a_model():
         return 42
-    '''
+    """
 )
 
 

@@ -42,8 +42,20 @@ def test_run_bad_input_one_line(tmp_path, mlp_artifact):
 
 def test_bench_compare_torch_json(tmp_path, mlp_artifact):
     out = tmp_path / "b.json"
-    r = run("bench", mlp_artifact, "--compare", "torch", "--iters", "20", "--warmup", "2",
-            "--threads", "1", "--json", out)
+    r = run(
+        "bench",
+        mlp_artifact,
+        "--compare",
+        "torch",
+        "--iters",
+        "20",
+        "--warmup",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        out,
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     runtimes = [x["runtime"] for x in data["results"]]

@@ -77,8 +77,17 @@ def test_existing_output_refused_then_replaced_atomically(tmp_path, user_model_f
 
 def test_verification_failure_publishes_nothing(tmp_path, user_model_file):
     # An impossible tolerance makes verification fail: nothing may be published.
-    r = run("export", f"{user_model_file}:build", "--out", tmp_path / "a", "--atol", "0",
-            "--rtol", "0", "--no-optimize")
+    r = run(
+        "export",
+        f"{user_model_file}:build",
+        "--out",
+        tmp_path / "a",
+        "--atol",
+        "0",
+        "--rtol",
+        "0",
+        "--no-optimize",
+    )
     if r.exit_code == 0:  # bit-exact export: verification legitimately passed
         pytest.skip("export is bit-exact on this machine")
     assert "differs from torch" in r.output and "max_abs=" in r.output
@@ -87,6 +96,7 @@ def test_verification_failure_publishes_nothing(tmp_path, user_model_file):
 
 
 def test_debug_shows_traceback(tmp_path, user_model_file):
-    r = CliRunner().invoke(main, ["--debug", "export", f"{user_model_file}:broken", "--out",
-                                  str(tmp_path / "a")])
+    r = CliRunner().invoke(
+        main, ["--debug", "export", f"{user_model_file}:broken", "--out", str(tmp_path / "a")]
+    )
     assert r.exit_code != 0 and r.exc_info is not None

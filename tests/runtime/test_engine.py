@@ -45,7 +45,10 @@ def test_run_is_thread_safe(mlp_artifact):
 @pytest.mark.parametrize(
     "feeds, message",
     [
-        ({"y": np.zeros((2, 16), np.float32)}, "unknown input(s) y; missing input(s) x; expected x: float32[batch, 16]"),
+        (
+            {"y": np.zeros((2, 16), np.float32)},
+            "unknown input(s) y; missing input(s) x; expected x: float32[batch, 16]",
+        ),
         ({"x": np.zeros((2, 16, 1), np.float32)}, "rank 3"),
         ({"x": np.zeros((2, 15), np.float32)}, "axis 1 must be 16"),
         ({"x": np.zeros((2, 16), np.float64)}, "dtype float64, expected x: float32[batch, 16]"),
