@@ -141,6 +141,17 @@ def bench_cmd(path, compare, iters, seconds, warmup, json_out, graph, backend, d
         peak_rss_mib=peak_rss_mib(),
     )
     results.append(s)
+    if hasattr(engine.backend, "time_gpu"):  # TensorRT: device time from CUDA events
+        from ffnx.bench import stats_ms
+
+        gpu_ms = engine.backend.time_gpu(engine.validate(feeds), iters=iters or 100, warmup=warmup)
+        g = stats_ms([t / 1e3 for t in gpu_ms])
+        g.update(
+            runtime=f"ffnx ({engine.backend_name}, GPU events)",
+            throughput_per_s=throughput(g, items),
+            peak_rss_mib=peak_rss_mib(),
+        )
+        results.append(g)
     if compare == "torch":
         results.append(_bench_torch(engine, feeds, iters, seconds, warmup, threads, items))
         results[-1]["ratio_vs_ffnx"] = results[-1]["p50_ms"] / s["p50_ms"]

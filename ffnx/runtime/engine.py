@@ -86,8 +86,12 @@ class Engine:
     def backend_name(self) -> str:
         return self.backend.name
 
+    def validate(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Feeds checked against the declared inputs (InputError naming what was expected)."""
+        return validate_feeds(feeds, self.inputs, self.dim_bounds)
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.backend.run(validate_feeds(feeds, self.inputs, self.dim_bounds))
+        return self.backend.run(self.validate(feeds))
 
     def random_inputs(
         self, dims: dict[str, int] | None = None, seed: int = 0
