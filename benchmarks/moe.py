@@ -28,6 +28,7 @@ roofline, and the quantized entries' speed-up over the fastest fp32 lowering.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -53,6 +54,7 @@ SIZES = {"tiny": (64, 128, 8, 2), "zoo": (512, 1024, 8, 2), "base": (1024, 2816,
 FP32 = ("sorted", "gather", "dense", "ort_moe")
 QUANT = ("sorted_int4", "qmoe_int4", "sorted_int8", "qmoe_int8")
 GATHER_LIMIT = 1 << 30
+INPUTS = 4
 
 
 def layer(size: str, seed: int = 0) -> tuple[TopKMoE, MoEConfig, dict[str, np.ndarray]]:
@@ -144,16 +146,19 @@ def bench(args) -> dict:
         "tokens": {},
     }
     for T in args.tokens:
-        x = torch.randn(T, cfg.D, generator=torch.Generator().manual_seed(T))
-        feeds = {"hidden": x.numpy()}
+        # Successive calls take turns over INPUTS token batches: at T=1 they route to different
+        # experts, so no call finds its experts' weights still in the cache from the previous one.
+        gen = torch.Generator().manual_seed(T)
+        xs = [torch.randn(T, cfg.D, generator=gen) for _ in range(INPUTS)]
+        feeds = {"hidden": xs[0].numpy()}
         with torch.inference_mode():
-            ref = mod(x).numpy()
-        runs = {"torch": lambda x=x: _torch_call(mod, x)}
+            ref = mod(xs[0]).numpy()
+        runs = {"torch": _turns(xs, lambda x: _torch_call(mod, x))}
         for n, s in sessions.items():
             if n == "gather" and T * cfg.k * expert_bytes > GATHER_LIMIT:
                 continue
-            feed = {s.get_inputs()[0].name: feeds["hidden"]}
-            runs[n] = lambda s=s, feed=feed: s.run(None, feed)
+            name = s.get_inputs()[0].name
+            runs[n] = _turns([{name: x.numpy()} for x in xs], lambda f, s=s: s.run(None, f))
         if T == 1:
             xg = np.ones((1, cfg.D), np.float32)
             runs["gemv_roofline"] = lambda xg=xg: gemv.run(None, {"x": xg})
@@ -218,6 +223,12 @@ def bench_model(args) -> dict:
         }
         print(f"model T={T} done", flush=True)
     return out
+
+
+def _turns(items: list, fn):
+    """A callable that calls fn(items[0]), fn(items[1]), ... in turn, round and round."""
+    it = itertools.cycle(items)
+    return lambda: fn(next(it))
 
 
 def _torch_call(mod, *args, **kwargs):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# MoE lowering by the measured-and-cached rule costs 20-90 s per new layer shape; tests that
+# check the measurement force it themselves with a temp cache.
+os.environ.setdefault("FFNX_MOE_LOWERING", "rule")
 
 USER_MODEL = textwrap.dedent(
     """

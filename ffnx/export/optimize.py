@@ -167,7 +167,8 @@ def optimize_model(
     original = ref = run_model(model, feeds)
     for p in select_passes(passes, skip):
         step(f"pass {p.name}")
-        if p.exact:
+        exact = p.is_exact(ctx) if hasattr(p, "is_exact") else p.exact  # option-dependent
+        if exact:
             new, report = apply_pass(p, model, ctx, ref, tol)
         else:
             # Approximate: judged on the final outputs against the original graph, by --max-error.

@@ -249,23 +249,26 @@ def choose(s: MoESite, options: dict) -> Choice:
         return Choice(names[0], "only applicable candidate", skipped=skipped)
     if options.get("moe_measure", True) is False:
         rule = RULE if RULE in names else names[0]
-        return Choice(
-            rule, "rule (measurement off): the sorted form", skipped=skipped
-        )
+        return Choice(rule, "rule (measurement off): the sorted form", skipped=skipped)
+    return _measured(s, names, skipped, options)
+
+
+def _measured(s: MoESite, names: list[str], skipped: dict, options: dict) -> Choice:
     points = sorted(int(t) for t in np.atleast_1d(options.get("tokens", POINTS)))
-    timings, ok = measure(config_of(s), names, points, options.get("threads"))
+    cfg, threads = config_of(s), options.get("threads")
+    timings, ok = measure(cfg, names, points, threads)
+    rule = RULE if RULE in names else names[0]
     if not ok:
-        rule = RULE if RULE in names else names[0]
-        return Choice(
-            rule,
-            "rule: the machine was too busy for reproducible timings (not "
-            "cached; measured again next time)",
-            timings,
-            skipped,
-        )
+        why = "rule: the machine was too busy for reproducible timings (measured again next time)"
+        return Choice(rule, why, timings, skipped)
     lowering, why = decide(timings, options.get("moe_branch", True))
-    branches = lowering.count("|") // 2
-    if branches:  # each branch reads the experts in its own layout: one more copy per branch
-        extra = branches * s.E * s.weight_bytes() / 2**20
+    if "|" in lowering:  # the If costs a subgraph launch: keep it only where it pays
+        single, _ = decide(timings, branch=False)
+        pair, ok = measure(cfg, [lowering, single], points, threads)
+        gain = [pair[T][single] / pair[T][lowering] for T in points]
+        if not ok or min(gain) < 1 - MARGIN or max(gain) < 1 + MARGIN:
+            why = f"{single}: the If ({lowering}) timed {min(gain):.2f}-{max(gain):.2f}x as fast"
+            return Choice(single, f"{why}; {decide(timings, branch=False)[1]}", timings, skipped)
+        extra = lowering.count("|") // 2 * s.E * s.weight_bytes() / 2**20
         why = f"{why}; the If keeps one expert-weight copy per branch (+{extra:.0f} MB)"
     return Choice(lowering, why, timings, skipped)

@@ -167,8 +167,10 @@ def shared(b: Builder, s: MoESite, x):
     w1 = s.tensor(b, "shared_fc1_weight")
     if w1 is None:
         return None
-    w2 = s.tensor(b, "shared_fc2_weight")
-    y = dense_ffn(b, x, w1, w2, s.activation, H=w2.shape[1] if w2.shape else -1)
+    shape = s.inputs["shared_fc2_weight"].shape
+    if not shape or not isinstance(shape[-1], int):
+        raise LoweringError(f"{s.node.name}: shared_fc2_weight needs a static shape")
+    y = dense_ffn(b, x, w1, s.tensor(b, "shared_fc2_weight"), s.activation, H=shape[-1])
     gate = s.tensor(b, "shared_gate_weight")
     if gate is not None:
         y = b.mul(y, b.op("Sigmoid", b.op("Gemm", x, gate, transB=1)))

@@ -97,13 +97,20 @@ def test_dynamic_shaped_weights_are_skipped_with_a_reason(model):
     assert "static 3-D shapes" in res.skipped[0][1]
 
 
-def _fake_timer(table, calls, noisy=False):
-    """time_lowerings stand-in: samples from `table[T][candidate]` (noisy: the two halves of the
-    rounds rank the candidates in opposite orders); records each call."""
+def _fake_timer(table, calls, noisy=False, if_cost=0.99):
+    """time_lowerings stand-in: samples from `table[T][candidate]`; an If "a|t|b" costs
+    `if_cost` times its branch at T (noisy: the two halves of the rounds rank the candidates in
+    opposite orders); records each call."""
+
+    def seconds(T, c):
+        if "|" not in c:
+            return table[T][c]
+        a, t, b = c.split("|")
+        return if_cost * table[T][a if T <= int(t) else b]
 
     def fake(cfg, names, tokens, threads=None, skip=None):
         calls.append((tuple(names), tuple(tokens)))
-        out = {T: {c: [table[T][c]] * 4 for c in names if not skip(T, c)} for T in tokens}
+        out = {T: {c: [seconds(T, c)] * 4 for c in names if not skip(T, c)} for T in tokens}
         if noisy:
             for d in out.values():
                 n = len(d)
@@ -140,19 +147,30 @@ def test_noisy_timings_use_the_rule_and_are_not_cached(model, cache_dir, monkeyp
     assert not (cache_dir / "lower_moe.json").exists()
 
 
+BRANCHY = {
+    1: {"sorted": 1.0, "gather": 3.0, "dense": 2.0, "ort_moe": 0.5},
+    16: {"sorted": 1.0, "gather": 9.0, "dense": 0.5, "ort_moe": 1.0},
+}
+
+
 def test_winners_differing_by_t_give_an_if(model, monkeypatch):
     from ffnx.export.lowering import timing
 
-    table = {
-        1: {"sorted": 1.0, "gather": 3.0, "dense": 2.0, "ort_moe": 0.5},
-        16: {"sorted": 1.0, "gather": 9.0, "dense": 0.5, "ort_moe": 1.0},
-    }
-    monkeypatch.setattr(timing, "time_lowerings", _fake_timer(table, []))
+    monkeypatch.setattr(timing, "time_lowerings", _fake_timer(BRANCHY, []))
     out, res = _apply(model, options={"tokens": [1, 16]})
     assert res.notes["layers"]["moe"]["lowering"] == "ort_moe|1|dense"
     assert [n.op_type for n in out.graph.node if n.op_type == "If"] == ["If"]
     _, res = _apply(model, options={"tokens": [1, 16], "moe_branch": False})
-    assert res.notes["layers"]["moe"]["lowering"] in ("ort_moe", "dense")
+    assert res.notes["layers"]["moe"]["lowering"] == "ort_moe"  # geometric mean 1.41 vs 2
+
+
+def test_an_if_that_does_not_pay_for_itself_is_dropped(model, monkeypatch):
+    from ffnx.export.lowering import timing
+
+    monkeypatch.setattr(timing, "time_lowerings", _fake_timer(BRANCHY, [], if_cost=1.8))
+    _, res = _apply(model, options={"tokens": [1, 16]})
+    note = res.notes["layers"]["moe"]
+    assert note["lowering"] == "ort_moe" and "the If (ort_moe|1|dense) timed" in note["why"]
 
 
 def test_segments_ignore_differences_within_the_margin():
