@@ -9,7 +9,18 @@ from click.testing import CliRunner
 
 from ffnx.cli import main
 
-COMMANDS = ["models", "export", "optimize", "run", "bench", "inspect"]
+COMMANDS = [
+    "models",
+    "export",
+    "optimize",
+    "build",
+    "run",
+    "bench",
+    "inspect",
+    "plugins",
+    "calibrate",
+    "moefy",
+]
 
 
 def run(*args):
