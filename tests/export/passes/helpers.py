@@ -48,6 +48,11 @@ def run(m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return run_session(ort_session(optimize.runnable(m)), feeds)
 
 
+def feeds_of(*arrays) -> list[dict]:
+    """One feed dict per array, for graphs whose single input is `x`."""
+    return [{"x": a} for a in arrays]
+
+
 def op_counts(m: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in m.graph.node)
 

@@ -19,6 +19,7 @@ from .helpers import (
     check_applied,
     check_unchanged,
     export,
+    feeds_of,
     model,
     op_counts,
     rand,
@@ -26,10 +27,6 @@ from .helpers import (
 )
 
 NAME = "fuse_gate_up"
-
-
-def feeds_of(*arrays) -> list[dict]:
-    return [{"x": a} for a in arrays]
 
 
 D, H = 8, 12

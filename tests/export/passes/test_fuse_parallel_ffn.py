@@ -15,6 +15,7 @@ from .helpers import (
     check_applied,
     check_unchanged,
     export,
+    feeds_of,
     model,
     op_counts,
     rand,
@@ -22,10 +23,6 @@ from .helpers import (
 )
 
 NAME = "fuse_parallel_ffn"
-
-
-def feeds_of(*arrays) -> list[dict]:
-    return [{"x": a} for a in arrays]
 
 
 D = 8

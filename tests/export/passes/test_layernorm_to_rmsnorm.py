@@ -13,13 +13,9 @@ from ffnx.export.optimize import select_passes
 from ffnx.export.torch_export import export_onnx
 from ffnx.models import zoo
 
-from .helpers import check_applied, check_unchanged, model, op_counts, rand, skip_reasons
+from .helpers import check_applied, check_unchanged, feeds_of, model, op_counts, rand, skip_reasons
 
 NAME = "layernorm_to_rmsnorm"
-
-
-def feeds_of(*arrays) -> list[dict]:
-    return [{"x": a} for a in arrays]
 
 
 D, V = 8, 11
