@@ -67,6 +67,9 @@ def session(path: Path, threads: int):
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # Workers spin during a run (ORT's default) but stop when it ends: otherwise the previous
+    # session's spinning workers steal the cores from the one being timed.
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     model = runnable(onnx.load(str(path)))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

@@ -109,6 +109,9 @@ def session(model: onnx.ModelProto, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # Workers spin during a run (ORT's default) but stop when it ends: otherwise the previous
+    # session's spinning workers steal the cores from the one being timed.
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

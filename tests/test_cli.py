@@ -84,6 +84,19 @@ def test_inspect_json(mlp_artifact):
     assert info["inputs"][0]["shape"] == ["batch", 16]
 
 
+def test_inspect_says_which_lowering_each_moe_layer_got(tmp_path):
+    out = tmp_path / "moe"
+    r = run("export", "gpt-moe", "-o", out)  # conftest: FFNX_MOE_LOWERING=rule
+    assert r.exit_code == 0, r.output
+    r = run("inspect", out)
+    assert r.exit_code == 0, r.output
+    lines = [ln.strip() for ln in r.output.splitlines() if ln.strip().startswith("ffnx.lower_moe")]
+    assert len(lines) == 2  # the zoo's tiny gpt-moe has two MoE layers
+    assert all(": sorted (" in ln for ln in lines), lines
+    info = json.loads(run("inspect", out, "--json").output)
+    assert len(info["lowerings"]) == 2
+
+
 def test_inspect_corrupted_file(tmp_path):
     p = tmp_path / "m.onnx"
     p.write_bytes(b"\x01\x02not onnx")

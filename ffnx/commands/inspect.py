@@ -123,8 +123,10 @@ def inspect_cmd(path, as_json) -> None:
                 ],
             )
         )
+    if info["lowerings"]:
+        o.print("lowerings (which lowering each layer got, and why):")
     for note in info["lowerings"]:
-        o.print(note)
+        o.print(f"  {note}", markup=False)
     nm = info["sparsity_2_4"]
     ok = [w["weight"] for w in nm if w["satisfies"]]
     o.print(

@@ -92,5 +92,7 @@ def ffn_variants(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def lowering_notes(model: onnx.ModelProto) -> list[str]:
-    """doc_strings the lowering passes leave on nodes ("which lowering and why")."""
-    return sorted({n.doc_string for n in model.graph.node if n.doc_string.startswith("ffnx:")})
+    """The lines lowering passes append to the graph doc_string, one per lowered layer:
+    `ffnx.lower_moe <node>: <lowering> (<why>)`, `ffnx.sparsify_ffn <node>: <form> (<why>)`."""
+    lines = model.graph.doc_string.splitlines()
+    return [ln for ln in lines if ln.startswith(("ffnx.lower_moe ", "ffnx.sparsify_ffn "))]

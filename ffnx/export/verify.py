@@ -92,6 +92,9 @@ def ort_session(model, threads: int | None = None):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # Idle workers stop spinning when a run ends: sessions timed side by side (lowering
+    # choices) would otherwise steal each other's cores (ffnx.export.lowering.timing).
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         so.intra_op_num_threads = threads
     src = model.SerializeToString() if hasattr(model, "SerializeToString") else model

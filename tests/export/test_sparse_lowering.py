@@ -71,7 +71,8 @@ def test_gather_reads_only_kept_rows():
     w = weights("swiglu")
     lowered = lower_sparse_ffn_nodes(sparse_ffn_model(w, activation="swiglu"), "gather")
     gathers = [n for n in lowered.graph.node if n.op_type == "Gather"]
-    assert len(gathers) == 3  # kept activations, rows of W_up [H, D], rows of W_down^T [H, D]
+    # kept margins and activations, rows of W_up [H, D], rows of W_down^T [H, D]
+    assert len(gathers) == 4
     model = onnx.ModelProto()
     model.CopyFrom(lowered)
     model.graph.output.extend(onnx.ValueInfoProto(name=g.output[0]) for g in gathers)
@@ -81,7 +82,7 @@ def test_gather_reads_only_kept_rows():
     g = x.astype(np.float64) @ w["w_gate"].T
     kept = int((np.abs(g / (1 + np.exp(-g))) > w["thresholds"]).sum())
     shapes = sorted(outs[n.output[0]].shape for n in gathers)
-    assert shapes == sorted([(1, kept), (kept, D), (kept, D)])
+    assert shapes == sorted([(1, kept), (1, kept), (kept, D), (kept, D)])
 
 
 @pytest.mark.parametrize("form", FORMS)
