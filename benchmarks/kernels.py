@@ -148,8 +148,9 @@ def bench_moe(lib, D, H, E, k, Ts, copy_gbs, only_ffnx=False):
     gw = None
     if grouped_dtype is torch.bfloat16:
         gw = (w1.bfloat16(), w2.bfloat16())
-    return [r for T in Ts for r in moe_at(lib, T, w1, w2, k, gw, grouped_dtype, copy_gbs, g,
-                                          only_ffnx)]
+    return [
+        r for T in Ts for r in moe_at(lib, T, w1, w2, k, gw, grouped_dtype, copy_gbs, g, only_ffnx)
+    ]
 
 
 def dense_gemm_ms(M, D, H) -> float:

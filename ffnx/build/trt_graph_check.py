@@ -8,7 +8,8 @@
   (`index_add_` -> ScatterND(reduction="add"), `torch.where(mask)` -> NonZero(bool));
 - ffnx plugin nodes (`ffnx.plugins.schema.OPS`) without `plugin_namespace="ffnx"` /
   `plugin_version="1"`, with a missing required input, or with an empty-named optional input in
-  the middle of the input list.
+  the middle of the input list; FfnxMoE group-limited routing that the schema or the CUDA
+  kernels (at most MAX_GROUPS groups) do not take.
 
 Empty-named optional inputs: the parser turns an input named "" into a null tensor and passes
 it on to `addPluginV3` (onnx-tensorrt `ModelImporter.cpp` parseNode: "Empty input names
@@ -37,6 +38,7 @@ BOOL_PRODUCERS = {
     "IsNaN", "IsInf",
 }  # fmt: skip
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+MAX_GROUPS = 32  # FfnxMoE n_group the CUDA routing kernel takes (moe.cu MAX_GROUPS)
 
 
 @lru_cache(maxsize=1)
@@ -127,7 +129,21 @@ def _check_ffnx(node: onnx.NodeProto, where: str) -> list[str]:
                 f"{label}: optional input {i} ({port.name}) is an empty name, which the parser "
                 "passes as a null tensor; fill it with materialize_optional_inputs()"
             )
+    if node.op_type == schema.MOE.op_type:
+        out += _group_problems(node, label)
     return out
+
+
+def _group_problems(node: onnx.NodeProto, label: str) -> list[str]:
+    """FfnxMoE group-limited routing the plugin would refuse (checked when num_experts is set)."""
+    attrs = {a.name: _text(helper.get_attribute_value(a)) for a in node.attribute}
+    n = int(attrs.get("n_group", 1))
+    if n <= 1 or int(attrs.get("num_experts", 0)) <= 0:
+        return []
+    err = schema.group_error(attrs)
+    if err is None and n > MAX_GROUPS:
+        err = f"n_group={n}: the CUDA kernels take at most {MAX_GROUPS} groups (use --target ort)"
+    return [f"{label}: group-limited routing: {err}"] if err else []
 
 
 def _check_node(

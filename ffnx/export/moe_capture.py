@@ -10,10 +10,13 @@ Every rewrite keeps the block's numerics (tests compare swapped and original mod
 - JetMoE's output bias b is folded into every expert's fc2 bias: its top-k softmax weights sum
   to 1, so sum_j w_j (y_j + b) = sum_j w_j y_j + b.
 
-A supported architecture whose configuration the schema cannot express (group-limited routing
-that restricts the choice, an unknown activation, ...) and the refused architectures raise
-`ExportError` naming the module, its class and the reason. Unknown modules are left alone (the
-stock exporter handles them, or reports why not).
+Group-limited routing (DeepSeek-V2/V3, GLM-4.5 with n_group > 1) becomes the n_group /
+topk_group / group_scoring attributes when it restricts the choice (topk_group < n_group).
+
+A supported architecture whose configuration the schema cannot express (an unknown activation,
+groups the schema does not allow, ...) and the refused architectures raise `ExportError` naming
+the module, its class and the reason. Unknown modules are left alone (the stock exporter handles
+them, or reports why not).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 from ffnx.errors import ExportError
 from ffnx.export.capture import register
 from ffnx.export.moe_op import MoEOpModule, register_onnx_schemas
+from ffnx.plugins.schema import group_error
 
 GATED = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 BASE = {g: a for a, g in GATED.items()}  # swiglu -> silu; non-gated names map to themselves
@@ -98,14 +102,17 @@ def _hf_experts(experts: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
     return {k: v for k, v in weights.items() if v is not None}, GATED[act] if gated else act
 
 
-def _group_check(r: nn.Module) -> None:
+def _groups(r: nn.Module, scoring: str) -> dict:
+    """A router's group-limited routing as FfnxMoE attributes ({} when it keeps every group)."""
     n_group, topk_group = int(r.num_group or 1), int(r.topk_group or 1)
-    if n_group > 1 and topk_group < n_group:
-        raise Refused(
-            f"group-limited routing (n_group={n_group}, topk_group={topk_group}) restricts the "
-            "choice to the best groups, which FfnxMoE does not express; set topk_group = n_group "
-            "(or n_group = 1) if the checkpoint allows"
-        )
+    if n_group <= 1 or topk_group >= n_group:
+        return {}
+    E, k = int(r.weight.shape[0]), int(r.top_k)
+    attrs = dict(n_group=n_group, topk_group=topk_group, group_scoring=scoring)
+    err = group_error(dict(num_experts=E, top_k=k, **attrs))
+    if err:
+        raise Refused(f"group-limited routing: {err}")
+    return attrs
 
 
 def _softmax(normalize):
@@ -113,22 +120,23 @@ def _softmax(normalize):
 
 
 def _deepseek_v3(r: nn.Module) -> dict:
-    _group_check(r)
     return {
         "scoring": "sigmoid",
         "normalize": int(r.norm_topk_prob),
         "routed_scaling_factor": float(r.routed_scaling_factor),
         "score_bias": r.e_score_correction_bias.detach().float(),
+        **_groups(r, "top2_sum"),  # group score: sum of its top-2 biased sigmoid scores
     }
 
 
 def _deepseek_v2(r: nn.Module) -> dict:
     if r.topk_method not in ("greedy", "group_limited_greedy"):
         raise Refused(f"topk_method {r.topk_method!r} is not plain or group-limited greedy")
-    if r.topk_method == "group_limited_greedy":
-        _group_check(r)
+    groups = _groups(r, "max") if r.topk_method == "group_limited_greedy" else {}
     scale = float(r.routed_scaling_factor)
-    return {"scoring": "softmax", "normalize": 0, "routed_scaling_factor": scale}
+    # transformers masks to 0, not -inf: the same choice, softmax scores being > 0 (one that
+    # underflows to 0 weighs 0 whichever expert it picks)
+    return {"scoring": "softmax", "normalize": 0, "routed_scaling_factor": scale, **groups}
 
 
 _ALWAYS, _NEVER = (lambda r: True), (lambda r: False)

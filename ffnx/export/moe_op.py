@@ -25,7 +25,7 @@ from ffnx.plugins.schema import MOE
 
 INPUTS = tuple(p.name for p in MOE.inputs)
 ROUTING_ATTRS = ("num_experts", "top_k", "routing_mode", "scoring", "normalize",
-                 "routed_scaling_factor", "activation")  # fmt: skip
+                 "routed_scaling_factor", "activation", *schema.GROUP_ATTRS)  # fmt: skip
 
 
 @torch.library.custom_op("ffnx::moe", mutates_args=())
@@ -49,6 +49,9 @@ def moe_op(
     normalize: int,
     routed_scaling_factor: float,
     activation: str,
+    n_group: int = 1,
+    topk_group: int = 0,
+    group_scoring: str = "top2_sum",
 ) -> torch.Tensor:
     """Eager `ffnx::moe`: the schema's math via the single torch reference."""
     from ffnx.plugins.reference import moe_reference
@@ -58,6 +61,7 @@ def moe_op(
         token_ids, hash_table, shared_fc1_weight, shared_fc2_weight, shared_gate_weight,
         num_experts=num_experts, top_k=top_k, routing_mode=routing_mode, scoring=scoring,
         normalize=normalize, routed_scaling_factor=routed_scaling_factor, activation=activation,
+        n_group=n_group, topk_group=topk_group, group_scoring=group_scoring,
     ).contiguous()  # fmt: skip
 
 
@@ -78,10 +82,11 @@ def moe(inputs: dict[str, torch.Tensor | None], attrs: dict) -> torch.Tensor:
     full = {**MOE.defaults(), **attrs}
     hidden = args[0]
     if torch.onnx.is_in_onnx_export():
+        skip = () if int(full["n_group"]) > 1 else schema.GROUP_ATTRS  # defaults: not written
         return torch.onnx.ops.symbolic(
             f"{schema.DOMAIN}::{MOE.op_type}",
             args,
-            {a.name: full[a.name] for a in MOE.attributes},
+            {a.name: full[a.name] for a in MOE.attributes if a.name not in skip},
             dtype=hidden.dtype,
             shape=hidden.shape,
             version=schema.DOMAIN_VERSION,
@@ -95,7 +100,8 @@ class MoEOpModule(torch.nn.Module):
     router_weight [E, D]: logits = hidden @ router_weight.T (a plain MatMul); None for hash
     routing. Tensors in `weights` (schema input names) are registered as parameters (float)
     or buffers (int64, score_bias); passing an existing Parameter shares it (no copy). `attrs`:
-    the routing attributes (schema defaults for missing ones), cast to the schema's kinds.
+    the routing attributes (schema defaults for missing ones), cast to the schema's kinds;
+    group attributes are checked against E (`schema.group_error`).
     """
 
     ffnx_op_type = MOE.op_type
@@ -122,6 +128,10 @@ class MoEOpModule(torch.nn.Module):
                 self.register_buffer(name, t.detach())
         kinds = {"int": int, "float": float, "string": str}
         self.attrs = {k: kinds[MOE.attr(k).kind](attrs[k]) for k in ROUTING_ATTRS if k in attrs}
+        fc1 = weights.get("fc1_weight")
+        E = int(fc1.shape[0]) if fc1 is not None else self.attrs.get("num_experts", 0)
+        if err := schema.group_error({**self.attrs, "num_experts": E}):
+            raise ValueError(f"group-limited routing: {err}")
         # blocks that call `ffn(h, token_ids)` for hash-routed layers read this flag
         self.needs_token_ids = self.attrs.get("routing_mode") == "hash"
         self.source = source

@@ -76,9 +76,11 @@ def _all_nodes(graph: onnx.GraphProto):
 def merged_opsets(model: onnx.ModelProto, original) -> list:
     """The original opset imports, plus one for each domain a pass introduced (e.g.
     com.microsoft), minus custom domains no node uses any more (e.g. ffnx after lowering)."""
-    used = {n.domain for n in _all_nodes(model.graph)} | {
-        n.domain for f in model.functions for n in f.node
-    } | {f.domain for f in model.functions}
+    used = (
+        {n.domain for n in _all_nodes(model.graph)}
+        | {n.domain for f in model.functions for n in f.node}
+        | {f.domain for f in model.functions}
+    )
     out = [copy.copy(o) for o in original if o.domain in ("", "ai.onnx") or o.domain in used]
     have = {o.domain for o in out}
     for o in model.opset_import:

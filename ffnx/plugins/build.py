@@ -139,7 +139,8 @@ class MoEParams(ctypes.Structure):
                 ("scoring", _i32), ("normalize", _i32), ("activation", _i32),
                 ("routed_scaling_factor", _f32), ("dtype", _i32), ("has_fc1_bias", _i32),
                 ("has_fc2_bias", _i32), ("has_score_bias", _i32),
-                ("has_shared_gate", _i32)]  # fmt: skip
+                ("has_shared_gate", _i32), ("n_group", _i32), ("topk_group", _i32),
+                ("group_scoring", _i32)]  # fmt: skip
 
 
 class MoETensors(ctypes.Structure):
@@ -164,6 +165,7 @@ class SparseFFNTensors(ctypes.Structure):
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ROUTING = {"router": 0, "hash": 1}
 SCORING = {"softmax": 0, "topk_softmax": 1, "sigmoid": 2}
+GROUP_SCORING = {"top2_sum": 0, "max": 1}
 ACTIVATION = {"swiglu": 0, "geglu": 1, "reglu": 2, "gelu": 3, "relu": 4, "silu": 5}
 SPARSE_MODE = {"threshold": 0, "topk": 1}
 EXPORTS = ("ffnx_moe_workspace_size", "ffnx_moe_launch", "ffnx_sparse_ffn_workspace_size",
@@ -184,8 +186,10 @@ def load_kernels(path=None) -> ctypes.CDLL:
         "ffnx_moe_workspace_size": (ctypes.c_size_t, [P(MoEParams)]),
         "ffnx_moe_launch": (ctypes.c_int, [P(MoEParams), P(MoETensors), _p, ctypes.c_size_t, _p]),
         "ffnx_sparse_ffn_workspace_size": (ctypes.c_size_t, [P(SparseFFNParams)]),
-        "ffnx_sparse_ffn_launch": (ctypes.c_int, [P(SparseFFNParams), P(SparseFFNTensors), _p,
-                                                  ctypes.c_size_t, _p]),  # fmt: skip
+        "ffnx_sparse_ffn_launch": (
+            ctypes.c_int,
+            [P(SparseFFNParams), P(SparseFFNTensors), _p, ctypes.c_size_t, _p],
+        ),  # fmt: skip
         "ffnx_sparse_ffn_pack_down": (ctypes.c_int, [P(SparseFFNParams), _p, _p, _p]),
         "ffnx_status_string": (ctypes.c_char_p, [ctypes.c_int]),
         "ffnx_kernels_abi_version": (ctypes.c_int, []),
@@ -234,7 +238,8 @@ def moe_forward(lib, hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc
                 score_bias, token_ids, hash_table, shared_fc1_weight, shared_fc2_weight,
                 shared_gate_weight, *, num_experts, top_k, routing_mode="router",
                 scoring="softmax", normalize=0, routed_scaling_factor=1.0, activation="swiglu",
-                out=None, workspace=None):  # fmt: skip
+                n_group=1, topk_group=0, group_scoring="top2_sum", out=None,
+                workspace=None):  # fmt: skip
     """`ffnx_moe_launch` on CUDA tensors, on the current stream; arguments as `moe_reference`."""
     import torch
 
@@ -244,7 +249,8 @@ def moe_forward(lib, hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc
         0 if shared_fc1_weight is None else shared_fc2_weight.shape[1], ROUTING[routing_mode],
         SCORING[scoring], int(normalize), ACTIVATION[activation], routed_scaling_factor,
         DTYPES[str(hidden.dtype).removeprefix("torch.")], fc1_bias is not None,
-        fc2_bias is not None, score_bias is not None, shared_gate_weight is not None,
+        fc2_bias is not None, score_bias is not None, shared_gate_weight is not None, n_group,
+        topk_group, GROUP_SCORING[group_scoring],
     )  # fmt: skip
     out = torch.empty_like(hidden) if out is None else out
     t = MoETensors(*map(_ptr, (hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias,

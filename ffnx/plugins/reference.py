@@ -12,6 +12,9 @@ MoE (x = hidden flattened to [T, D]):
     topk_softmax  v, idx = topk(s, k);  w = softmax(v)
     sigmoid       p = sigmoid(s);  idx = topk(p + score_bias, k);  w = p[idx]
     normalize=1   w = w / sum_j w_j;   then always  w = w * routed_scaling_factor
+    n_group > 1   idx = topk over sel (p, s, p + score_bias) with the experts outside the
+                  topk_group best of n_group contiguous groups masked to -inf; group score =
+                  sum of its top-2 sel (top2_sum) or its max sel (max); w from unmasked p
   hash    idx = hash_table[token_ids] [T, k];  w = routed_scaling_factor / k
   FFN_e(x) = act(x @ fc1_weight[e].T + fc1_bias[e]) @ fc2_weight[e].T + fc2_bias[e]
   y = sum_j w_j * FFN_{idx_j}(x) + shared(x),  shared(x) = act(x @ Ws1.T) @ Ws2.T
@@ -33,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ffnx.plugins.schema import ACTIVATIONS, GATED_ACTIVATIONS
+from ffnx.plugins.schema import ACTIVATIONS, GATED_ACTIVATIONS, group_error, group_limited
 
 BASE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 _FUNCS = {
@@ -75,8 +78,16 @@ def route(
     scoring: str,
     normalize: int,
     routed_scaling_factor: float,
+    n_group: int = 1,
+    topk_group: int = 0,
+    group_scoring: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ids idx [T, k] (int64) and routing weights w [T, k] (float32), per the schema."""
+    groups = dict(n_group=n_group, topk_group=topk_group, group_scoring=group_scoring)
+    err = group_error(dict(num_experts=num_experts, top_k=top_k, routing_mode=routing_mode,
+                           **groups))  # fmt: skip
+    if err:
+        raise ValueError(err)
     if routing_mode == "hash":
         if token_ids is None or hash_table is None:
             raise ValueError("routing_mode='hash' needs token_ids and hash_table")
@@ -88,7 +99,9 @@ def route(
     if router_logits is None:
         raise ValueError("routing_mode='router' needs router_logits")
     s = router_logits.reshape(-1, num_experts).float()
-    if scoring == "softmax":
+    if group_limited(groups):
+        idx, w = _group_route(s, score_bias, top_k, scoring, **groups)
+    elif scoring == "softmax":
         w, idx = torch.softmax(s, dim=-1).topk(top_k, dim=-1)
     elif scoring == "topk_softmax":
         v, idx = s.topk(top_k, dim=-1)
@@ -103,6 +116,32 @@ def route(
     if normalize:
         w = w / w.sum(dim=-1, keepdim=True)
     return idx, w * routed_scaling_factor
+
+
+def group_mask(sel: torch.Tensor, n_group: int, topk_group: int, group_scoring: str):
+    """sel [T, E] with the experts outside each token's topk_group best groups set to -inf."""
+    T, E = sel.shape
+    g = sel.reshape(T, n_group, E // n_group)
+    score = g.topk(2, dim=-1).values.sum(-1) if group_scoring == "top2_sum" else g.amax(-1)
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    keep.scatter_(1, score.topk(topk_group, dim=-1).indices, True)
+    return g.masked_fill(~keep.unsqueeze(-1), float("-inf")).reshape(T, E)
+
+
+def _group_route(s, score_bias, top_k, scoring, n_group, topk_group, group_scoring):
+    """Group-limited (idx, w before normalize/scale) from logits s [T, E] (module docstring)."""
+    if scoring == "softmax":
+        p = sel = torch.softmax(s, dim=-1)
+    elif scoring == "topk_softmax":
+        p = sel = s
+    elif scoring == "sigmoid":
+        p = torch.sigmoid(s)
+        sel = p if score_bias is None else p + score_bias.float()
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}")
+    idx = group_mask(sel, n_group, topk_group, group_scoring).topk(top_k, dim=-1).indices
+    w = p.gather(-1, idx)
+    return idx, torch.softmax(w, dim=-1) if scoring == "topk_softmax" else w
 
 
 def moe_reference(
@@ -126,6 +165,9 @@ def moe_reference(
     normalize: int = 0,
     routed_scaling_factor: float = 1.0,
     activation: str = "swiglu",
+    n_group: int = 1,
+    topk_group: int = 0,
+    group_scoring: str = "top2_sum",
 ) -> torch.Tensor:
     """`ffnx::FfnxMoE` (module docstring): hidden [*, D] -> [*, D], same dtype as hidden.
 
@@ -136,7 +178,8 @@ def moe_reference(
     x = hidden.reshape(-1, D).float()
     idx, w = route(router_logits, score_bias, token_ids, hash_table, num_experts=num_experts,
                    top_k=top_k, routing_mode=routing_mode, scoring=scoring, normalize=normalize,
-                   routed_scaling_factor=routed_scaling_factor)  # fmt: skip
+                   routed_scaling_factor=routed_scaling_factor, n_group=n_group,
+                   topk_group=topk_group, group_scoring=group_scoring)  # fmt: skip
     out = torch.zeros_like(x)
     for e in range(num_experts):
         tok, slot = (idx == e).nonzero(as_tuple=True)

@@ -64,6 +64,7 @@ PLUGIN_ATTRS = (
 #   swiglu: silu(g) * u   geglu: gelu(g) * u (erf)   reglu: relu(g) * u
 GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
 ACTIVATIONS = GATED_ACTIVATIONS + ("gelu", "relu", "silu")
+GROUP_SCORINGS = ("top2_sum", "max")
 
 MOE = OpSchema(
     op_type="FfnxMoE",
@@ -75,6 +76,16 @@ MOE = OpSchema(
         "  scoring='sigmoid':       p = sigmoid(s); idx = topk(p + score_bias, k); w = p[idx]\n"
         "  normalize=1: w = w / sum(w) (before scaling); then w *= routed_scaling_factor.\n"
         "Routing (routing_mode='hash'): idx = hash_table[token_ids] [T, k]; w = 1/k each.\n"
+        "Group-limited routing (router mode, n_group > 1; DeepSeek-V2/V3, R1): idx is chosen\n"
+        "from the selection scores sel (softmax: p; topk_softmax: s; sigmoid: p + score_bias)\n"
+        "restricted to the best groups. The E experts form n_group contiguous groups of\n"
+        "G = E/n_group; a group's score is the sum of its two largest sel (group_scoring=\n"
+        "'top2_sum', DeepSeek-V3) or its largest sel ('max', DeepSeek-V2 group_limited_greedy);\n"
+        "the topk_group best groups (0: all) are kept, every other expert's sel becomes -inf,\n"
+        "then idx = topk(sel, k) as above. w still comes from the unmasked p (topk_softmax:\n"
+        "softmax(s[idx])). Needs E % n_group == 0, 1 <= topk_group <= n_group,\n"
+        "k <= topk_group * G, and G >= 2 for top2_sum. Exporters write the three group\n"
+        "attributes only when n_group > 1.\n"
         "Experts: h_e = act(x @ fc1_weight[e].T + fc1_bias[e]); y_e = h_e @ fc2_weight[e].T + "
         "fc2_bias[e]. Output y = sum_j w_j * y_{idx_j} + shared(x), where shared is one dense FFN "
         "with the same activation (several shared experts are concatenated into one wide FFN) "
@@ -106,9 +117,46 @@ MOE = OpSchema(
         Attr("normalize", "int", 0, "renormalise the top-k weights to sum 1", (0, 1)),
         Attr("routed_scaling_factor", "float", 1.0, "multiplies the routing weights"),
         Attr("activation", "string", "swiglu", "", ACTIVATIONS),
+        Attr("n_group", "int", 1, "expert groups (group-limited routing when > 1)"),
+        Attr("topk_group", "int", 0, "groups kept per token (0: all)"),
+        Attr("group_scoring", "string", "top2_sum", "a group's score", GROUP_SCORINGS),
         *PLUGIN_ATTRS,
     ),
 )
+GROUP_ATTRS = ("n_group", "topk_group", "group_scoring")
+
+
+def group_limited(attrs: dict) -> bool:
+    """Whether FfnxMoE attributes restrict the choice to some groups (n_group > 1 and
+    0 < topk_group < n_group); n_group = 1, topk_group = 0 or topk_group = n_group keep all."""
+    n, tg = int(attrs.get("n_group", 1)), int(attrs.get("topk_group", 0))
+    return n > 1 and 0 < tg < n
+
+
+def group_error(attrs: dict) -> str | None:
+    """Why FfnxMoE attributes (schema defaults for missing ones; num_experts must be the real E)
+    are not a valid group routing, or None. n_group = 1 (no groups) is always valid."""
+    a = {**MOE.defaults(), **attrs}
+    n, tg, E, k = (int(a[x]) for x in ("n_group", "topk_group", "num_experts", "top_k"))
+    if n < 1:
+        return f"n_group={n} must be >= 1"
+    if n == 1:
+        return None
+    tg = tg or n
+    if a["routing_mode"] != "router":
+        return f"n_group={n} needs routing_mode='router'"
+    if a["group_scoring"] not in GROUP_SCORINGS:
+        return f"group_scoring {a['group_scoring']!r} is not one of {GROUP_SCORINGS}"
+    if E % n:
+        return f"num_experts={E} is not a multiple of n_group={n}"
+    if not 1 <= tg <= n:
+        return f"topk_group={tg} must be in [1, n_group={n}]"
+    if k > tg * (E // n):
+        return f"top_k={k} exceeds the {tg * (E // n)} experts of topk_group={tg} groups"
+    if a["group_scoring"] == "top2_sum" and E // n < 2:
+        return f"group_scoring='top2_sum' needs >= 2 experts per group, got {E // n}"
+    return None
+
 
 SPARSE_FFN = OpSchema(
     op_type="FfnxSparseFFN",

@@ -546,7 +546,10 @@ def test_int8_without_calibration_or_qdq_is_refused(trt, tmp_path):
 
 
 @pytest.mark.gpu
-def test_moe_plugin_engine_matches_the_reference(trt, tmp_path):
+@pytest.mark.parametrize(
+    "groups", [{}, dict(n_group=2, topk_group=1, group_scoring="top2_sum")], ids=["plain", "groups"]
+)
+def test_moe_plugin_engine_matches_the_reference(trt, tmp_path, groups):
     import os
 
     if not os.environ.get("FFNX_PLUGIN_LIBRARY"):
@@ -568,6 +571,7 @@ def test_moe_plugin_engine_matches_the_reference(trt, tmp_path):
         num_experts=E,
         top_k=2,
         activation="swiglu",
+        **groups,  # group-limited routing: plugin fields n_group, topk_group, group_scoring
         plugin_namespace="ffnx",
         plugin_version="1",
     )
@@ -604,6 +608,6 @@ def test_moe_plugin_engine_matches_the_reference(trt, tmp_path):
     x, logits = torch.randn(T, D, generator=g), torch.randn(T, E, generator=g)
     got = be.run({"x": x.numpy(), "logits": logits.numpy()})["y"]
     want = reference.moe_reference(
-        x, logits, w["fc1"], None, w["fc2"], *[None] * 6, num_experts=E, top_k=2
+        x, logits, w["fc1"], None, w["fc2"], *[None] * 6, num_experts=E, top_k=2, **groups
     )
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-3)

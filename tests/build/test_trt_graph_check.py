@@ -157,6 +157,19 @@ def test_ffnx_nodes_need_plugin_attributes_and_required_inputs():
     assert any("required input 4 (fc2_weight)" in p for p in problems)
 
 
+def test_ffnx_moe_group_routing_is_checked():
+    inputs = ["x", "logits", "fc1", "ffnx_absent", "fc2"]
+    good = moe_node(inputs, num_experts=8, top_k=2, n_group=4, topk_group=2)
+    assert check_graph(moe_model(good)) == []
+    for attrs, why in [
+        (dict(num_experts=8, n_group=3, topk_group=1), "not a multiple of n_group=3"),
+        (dict(num_experts=128, n_group=64, topk_group=8), "at most 32 groups"),
+    ]:
+        problems = check_graph(moe_model(moe_node(inputs, **attrs)))
+        assert len(problems) == 1 and "group-limited routing" in problems[0], problems
+        assert why in problems[0] and "moe0" in problems[0]
+
+
 def test_inner_empty_optional_inputs_are_flagged_then_materialized():
     # fc1_bias, fc2_bias empty (inner); score_bias given; token_ids, hash_table empty (inner);
     # shared_fc1_weight empty (inner); shared_fc2_weight given; trailing shared_gate empty.

@@ -45,17 +45,17 @@ def moe_numpy(cfg: MoEConfig, w: dict, feeds: dict) -> np.ndarray:
         if cfg.scoring == "softmax":
             p = np.exp(s - s.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)
-            idx = np.argsort(-p, 1, kind="stable")[:, :k]
+            idx = np.argsort(-group_limit(cfg, p), 1, kind="stable")[:, :k]
             gate = np.take_along_axis(p, idx, 1)
         elif cfg.scoring == "topk_softmax":
-            idx = np.argsort(-s, 1, kind="stable")[:, :k]
+            idx = np.argsort(-group_limit(cfg, s), 1, kind="stable")[:, :k]
             v = np.take_along_axis(s, idx, 1)
             gate = np.exp(v - v.max(1, keepdims=True))
             gate /= gate.sum(1, keepdims=True)
         else:
             p = 1 / (1 + np.exp(-s))
             sel = p + w.get("score_bias", 0.0)
-            idx = np.argsort(-sel, 1, kind="stable")[:, :k]
+            idx = np.argsort(-group_limit(cfg, sel), 1, kind="stable")[:, :k]
             gate = np.take_along_axis(p, idx, 1)
         if cfg.normalize:
             gate = gate / gate.sum(1, keepdims=True)
@@ -73,6 +73,19 @@ def moe_numpy(cfg: MoEConfig, w: dict, feeds: dict) -> np.ndarray:
             ys = ys / (1 + np.exp(-(x @ w["shared_gate_weight"].T)))
         y += ys
     return y
+
+
+def group_limit(cfg: MoEConfig, sel: np.ndarray) -> np.ndarray:
+    """Selection scores with the experts outside each token's topk_group best groups at -inf."""
+    n, tg = cfg.n_group, cfg.topk_group or cfg.n_group
+    if n == 1:
+        return sel
+    g = sel.reshape(len(sel), n, -1)
+    top = -np.sort(-g, axis=2)[:, :, : 2 if cfg.group_scoring == "top2_sum" else 1]
+    best = np.argsort(-top.sum(2), 1, kind="stable")[:, :tg]
+    keep = np.zeros(g.shape[:2], bool)
+    np.put_along_axis(keep, best, True, 1)
+    return np.where(keep[:, :, None], g, -np.inf).reshape(sel.shape)
 
 
 def lowered(model: onnx.ModelProto, choice: str) -> onnx.ModelProto:
@@ -111,6 +124,22 @@ CONFIGS = {
     "swiglu-shared-nogate-E1": C(E=1, k=1, shared=8),
     "hash-k2": C(hash=True, E=6, routed_scaling_factor=2.0),
     "hash-k1-shared": C(hash=True, k=1, shared=8, activation="geglu"),
+    # group-limited routing: DeepSeek-V3 (sigmoid + bias, top2_sum), V2 (softmax, max)
+    "group-v3-sigmoid-top2": C(
+        E=16,
+        k=4,
+        scoring="sigmoid",
+        score_bias=True,
+        normalize=1,
+        routed_scaling_factor=2.5,
+        n_group=4,
+        topk_group=2,
+        shared=8,
+    ),
+    "group-v2-softmax-max": C(E=8, k=2, n_group=4, topk_group=1, group_scoring="max", bias=True),
+    "group-topk_softmax-max": C(
+        E=12, k=3, scoring="topk_softmax", n_group=3, topk_group=2, group_scoring="max"
+    ),
 }
 PLAIN_FORMS = ("sorted", "gather", "dense", "sorted|8|dense", "gather|1|sorted")
 
@@ -354,3 +383,90 @@ def test_fp16_models_are_computed_in_fp32(form):
     assert got.dtype == np.float16
     ref = moe_numpy(cfg, {k: v.astype(np.float32) for k, v in w.items()}, feeds)
     np.testing.assert_allclose(got, ref, atol=2e-2 if "int8" in form else 5e-3, rtol=1e-2)
+
+
+# Group-limited routing (schema n_group / topk_group / group_scoring)
+GROUP_CONFIGS = [n for n in CONFIGS if n.startswith("group-")]
+
+
+@pytest.mark.parametrize("name", GROUP_CONFIGS)
+def test_group_limiting_changes_the_choice(name):
+    """The group configs above are tested where the groups matter: without them (n_group=1)
+    the top-k picks other experts for some tokens, so the outputs differ."""
+    from dataclasses import replace
+
+    cfg = CONFIGS[name]
+    w = moe_weights(cfg)
+    for T in TOKENS[1:]:
+        feeds = moe_feeds(cfg, T, seed=T)
+        free = moe_numpy(replace(cfg, n_group=1, topk_group=0), w, feeds)
+        assert not np.allclose(moe_numpy(cfg, w, feeds), free, atol=1e-3), T
+
+
+@pytest.mark.parametrize("name", GROUP_CONFIGS)
+def test_group_routing_matches_the_torch_reference(name):
+    torch = pytest.importorskip("torch")
+    from ffnx.plugins.reference import moe_reference
+    from ffnx.plugins.schema import MOE
+
+    cfg = CONFIGS[name]
+    w = moe_weights(cfg)
+    feeds = moe_feeds(cfg, 256, seed=3)
+    t = {k: torch.from_numpy(v) for k, v in {**w, **feeds}.items()}
+    args = [t.get(p.name) for p in MOE.inputs]
+    ref = moe_reference(
+        *args, num_experts=cfg.E, top_k=cfg.k, scoring=cfg.scoring, normalize=cfg.normalize,
+        routed_scaling_factor=cfg.routed_scaling_factor, activation=cfg.activation,
+        n_group=cfg.n_group, topk_group=cfg.topk_group, group_scoring=cfg.group_scoring,
+    ).numpy()  # fmt: skip
+    np.testing.assert_allclose(ref, moe_numpy(cfg, w, feeds), atol=ATOL, rtol=RTOL)
+    got = run(decompose_ffnx_ops(moe_model(cfg, w)), feeds)
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=RTOL)
+
+
+GROUP_ORT = C(D=32, H=32, E=8, k=2, n_group=4, topk_group=2, group_scoring="max")
+
+
+@pytest.mark.parametrize("form", ["ort_moe", "qmoe_int8", "qmoe_int4"])
+def test_fused_ort_ops_refuse_group_routing(form):
+    with pytest.raises(LoweringError, match=r"group-limited routing \(n_group=4, topk_group=2\)"):
+        lowered(moe_model(GROUP_ORT, moe_weights(GROUP_ORT)), form)
+
+
+def test_chooser_skips_fused_candidates_for_group_routing():
+    from ffnx.export.lowering.choose import applicable, config_of
+    from ffnx.export.lowering.moe_common import MoESite
+
+    graph = gs.import_onnx(moe_model(GROUP_ORT, moe_weights(GROUP_ORT)))
+    site = MoESite.of(next(n for n in graph.nodes if n.op == "FfnxMoE"))
+    names, skipped = applicable(site)
+    assert names == ["sorted", "gather", "dense"] and "group-limited" in skipped["ort_moe"]
+    names, skipped = applicable(site, "int8")
+    assert names == ["sorted_int8"] and "group-limited" in skipped["qmoe_int8"]
+    assert config_of(site) == GROUP_ORT  # timed with the same routing
+    assert "n_group" in GROUP_ORT.signature() and "n_group" not in C().signature()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_sorted_nbits_with_group_routing(bits):
+    w = moe_weights(GROUP_ORT)
+    lm = lowered(moe_model(GROUP_ORT, w), f"sorted_int{bits}")
+    wq = _dequantized(w, "sorted", bits)
+    for T in TOKENS:
+        feeds = moe_feeds(GROUP_ORT, T, seed=T)
+        got, ref = run(lm, feeds), moe_numpy(GROUP_ORT, wq, feeds)
+        np.testing.assert_allclose(got, ref, atol=2e-2 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "cfg,why",
+    [
+        (C(E=6, n_group=4, topk_group=2), "num_experts=6 is not a multiple of n_group=4"),
+        (C(E=8, n_group=4, topk_group=5), r"topk_group=5 must be in \[1, n_group=4\]"),
+        (C(E=8, k=4, n_group=4, topk_group=1), "top_k=4 exceeds the 2 experts"),
+        (C(E=4, k=1, n_group=4, topk_group=2), "top2_sum' needs >= 2 experts per group"),
+    ],
+)
+def test_invalid_group_attributes_are_refused(cfg, why):
+    with pytest.raises(LoweringError, match=why):
+        lowered(moe_model(cfg, moe_weights(cfg)), "sorted")

@@ -15,6 +15,7 @@ from ffnx.export.capture import captured
 from ffnx.export.moe_capture import capture_moe
 from ffnx.export.moe_op import MoEOpModule
 from ffnx.models import zoo
+from ffnx.plugins.schema import GROUP_ATTRS
 
 TOKENS = (1, 16, 256)
 
@@ -68,8 +69,23 @@ HF_REFUSED = {
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, **TWO), "GptOssMLP", "clamped SwiGLU"),
     "llama4": ("Llama4TextConfig", dict(num_local_experts=4, num_experts_per_tok=1,
                intermediate_size_mlp=96), "Llama4TextMoe", "scales each expert's input"),
-    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=8, **ROUTED, n_group=4,
-                    topk_group=2), "DeepseekV3MoE", "group-limited routing"),
+}  # fmt: skip
+# group-limited routing: case -> (family, config class, config kwargs, block class, group attrs)
+MOE32 = dict(n_routed_experts=32, moe_intermediate_size=32)
+HF_GROUPED = {
+    # DeepseekV3Config's defaults (256 experts, n_group=8, topk_group=4, k=8) scaled to 32 experts
+    "deepseek_v3-defaults": ("deepseek_v3", "DeepseekV3Config", dict(**MOE32, n_shared_experts=1),
+                             "DeepseekV3MoE", (8, 4, "top2_sum")),
+    "deepseek_v3-4x2": ("deepseek_v3", "DeepseekV3Config", dict(n_routed_experts=16, **ROUTED,
+                        n_group=4, topk_group=2, routed_scaling_factor=2.5), "DeepseekV3MoE",
+                        (4, 2, "top2_sum")),
+    "glm4_moe-4x2": ("glm4_moe", "Glm4MoeConfig", dict(**MOE32, num_experts_per_tok=4, n_group=4,
+                     topk_group=2, n_shared_experts=1), "Glm4MoeMoE", (4, 2, "top2_sum")),
+    # DeepSeek-V2's own routing (n_group=8, topk_group=3, k=6) with 32 experts
+    "deepseek_v2-greedy": ("deepseek_v2", "DeepseekV2Config", dict(**MOE32, num_experts_per_tok=6,
+                           n_group=8, topk_group=3, topk_method="group_limited_greedy",
+                           n_shared_experts=1, routed_scaling_factor=1.5), "DeepseekV2Moe",
+                           (8, 3, "max")),
 }  # fmt: skip
 
 
@@ -116,6 +132,41 @@ def test_deepseek_v3_attributes():
     assert new.attrs == dict(num_experts=8, top_k=2, scoring="sigmoid", normalize=1,
                              routed_scaling_factor=2.5, activation="swiglu")  # fmt: skip
     assert new.score_bias.shape == (8,) and new.shared_fc1_weight.shape == (2 * 64, 64)
+
+
+@pytest.mark.parametrize("case", HF_GROUPED)
+def test_hf_group_limited_routing_is_captured(case):
+    """Captured with n_group / topk_group / group_scoring, same output as the block at every T;
+    the groups matter here: the same node without them (n_group=1) routes differently."""
+    import copy
+
+    family, *entry, groups = HF_GROUPED[case]
+    block = hf_block(family, {family: entry})
+    new = capture_moe("model.layers.0.mlp", block, "ort")
+    assert (new.attrs["n_group"], new.attrs["topk_group"], new.attrs["group_scoring"]) == groups
+    free = copy.deepcopy(new)
+    free.attrs = {k: v for k, v in new.attrs.items() if k not in GROUP_ATTRS}
+    differs = []
+    for t in TOKENS:
+        x = torch.randn(1, t, 64, generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            ref, got, ungrouped = block(x), new(x), free(x)
+        _close_to(ref, got)
+        differs.append(not torch.allclose(ungrouped, ref, atol=1e-4))
+    assert differs[-1], "n_group=1 routing gave the same output at T=256: groups untested"
+
+
+def test_hf_group_limited_routing_keeping_all_groups_adds_no_attributes():
+    block = hf_block("deepseek_v3", HF_SUPPORTED)  # n_group=2, topk_group=2
+    assert not set(GROUP_ATTRS) & set(capture_moe("mlp", block, "ort").attrs)
+
+
+def test_hf_invalid_group_limited_routing_is_refused():
+    entry = HF_GROUPED["deepseek_v3-4x2"]
+    block = hf_block("deepseek_v3", {"deepseek_v3": entry[1:4]})
+    block.gate.top_k = 12  # more than the 8 experts of 2 groups of 4
+    with pytest.raises(ExportError, match="group-limited routing: top_k=12 exceeds the 8"):
+        capture_moe("mlp", block, "ort")
 
 
 @pytest.mark.parametrize("family", HF_REFUSED)

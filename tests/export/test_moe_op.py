@@ -15,7 +15,8 @@ from ffnx.plugins.schema import MOE
 E, D, H = 4, 8, 16
 
 
-def _module(scoring="softmax", shared=False, biases=False, hash_routing=False, seed=0):
+def _module(scoring="softmax", shared=False, biases=False, hash_routing=False, groups=False,
+            seed=0):  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
     w = {"fc1_weight": r(E, 2 * H, D), "fc2_weight": r(E, D, H)}
@@ -25,6 +26,8 @@ def _module(scoring="softmax", shared=False, biases=False, hash_routing=False, s
     if scoring == "sigmoid":
         w["score_bias"] = r(E)
         attrs.update(normalize=1, routed_scaling_factor=2.5)
+    if groups:  # 2 groups of 2 experts, keep 1: both experts of the best group
+        attrs.update(n_group=2, topk_group=1, group_scoring="top2_sum")
     if shared:
         w.update(
             shared_fc1_weight=r(2 * H, D), shared_fc2_weight=r(D, H), shared_gate_weight=r(1, D)
@@ -50,6 +53,7 @@ CASES = {
     "topk_softmax+bias": dict(scoring="topk_softmax", biases=True),
     "sigmoid+shared": dict(scoring="sigmoid", shared=True),
     "hash": dict(hash_routing=True),
+    "sigmoid+groups": dict(scoring="sigmoid", groups=True),
 }
 
 
@@ -100,6 +104,20 @@ def test_node_format(exported):
     }  # fmt: skip
     dims = model.graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", "seq", D]
+
+
+def test_group_attributes_are_written_when_grouped(exported):
+    moe = next(n for n in exported("sigmoid+groups")[1].graph.node if n.domain == "ffnx")
+    attrs = _attrs(moe)
+    assert (attrs["n_group"], attrs["topk_group"], attrs["group_scoring"]) == (2, 1, "top2_sum")
+    assert "n_group" not in _attrs(next(n for n in exported("softmax")[1].graph.node
+                                        if n.domain == "ffnx"))  # fmt: skip
+
+
+def test_invalid_group_attributes_fail_at_construction():
+    w = {"fc1_weight": torch.zeros(E, 2 * H, D), "fc2_weight": torch.zeros(E, D, H)}
+    with pytest.raises(ValueError, match="num_experts=4 is not a multiple of n_group=3"):
+        MoEOpModule(w, dict(num_experts=E, top_k=1, n_group=3, topk_group=1))
 
 
 def test_trailing_absent_inputs_are_dropped(exported):

@@ -23,6 +23,7 @@ from ffnx.errors import BackendError  # noqa: E402
 from ffnx.plugins import build  # noqa: E402
 from ffnx.plugins.reference import (  # noqa: E402
     base_activation,
+    group_mask,
     moe_reference,
     sparse_ffn_reference,
 )
@@ -70,9 +71,23 @@ def moe_inputs(T, dtype, *, act="swiglu", d=D, h=H, biases=True, shared=False, g
 
 
 def run_moe(lib, t, **attrs):
-    args = [t.get(p) for p in ("hidden", "router_logits", "fc1_weight", "fc1_bias", "fc2_weight",
-                               "fc2_bias", "score_bias", "token_ids", "hash_table",
-                               "shared_fc1_weight", "shared_fc2_weight", "shared_gate_weight")]
+    args = [
+        t.get(p)
+        for p in (
+            "hidden",
+            "router_logits",
+            "fc1_weight",
+            "fc1_bias",
+            "fc2_weight",
+            "fc2_bias",
+            "score_bias",
+            "token_ids",
+            "hash_table",
+            "shared_fc1_weight",
+            "shared_fc2_weight",
+            "shared_gate_weight",
+        )
+    ]
     want = moe_reference(*args, num_experts=E, **attrs)
     out = torch.full_like(t["hidden"], float("nan"))
     got = build.moe_forward(lib, *args, num_experts=E, out=out, **attrs)
@@ -95,6 +110,54 @@ def test_moe_scoring(lib, scoring, normalize, T):
     t = moe_inputs(T, torch.float32, seed=1)
     attrs = dict(top_k=2, scoring=scoring, normalize=normalize, routed_scaling_factor=2.5)
     close(*run_moe(lib, t, **attrs), torch.float32)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "topk_softmax", "sigmoid"])
+@pytest.mark.parametrize("groups", [(4, 2, "top2_sum"), (4, 1, "max"), (2, 1, "top2_sum")])
+@pytest.mark.parametrize("T", [7, 300])
+def test_moe_group_limited_routing(lib, scoring, groups, T):
+    t = moe_inputs(T, torch.float32, seed=8)
+    n_group, topk_group, group_scoring = groups
+    attrs = dict(top_k=2, scoring=scoring, normalize=1, routed_scaling_factor=2.5,
+                 n_group=n_group, topk_group=topk_group, group_scoring=group_scoring)  # fmt: skip
+    close(*run_moe(lib, t, **attrs), torch.float32)
+
+
+def deepseek_logits(T, bias, dtype, g, margin=1e-5):
+    """Router logits [T, 256] whose 4 of 8 groups and top-8 experts (sigmoid + bias, top2_sum)
+    are each decided by more than `margin` in float64: no choice hangs on rounding."""
+    rows = []
+    while len(rows) < T:
+        s = (torch.randperm(256, device="cuda", generator=g).float() * 0.03 - 3.8).to(dtype)
+        sel = torch.sigmoid(s.double()) + bias.double()
+        groups = sel.view(8, 32).topk(2).values.sum(-1).sort(descending=True).values
+        top = group_mask(sel[None], 8, 4, "top2_sum")[0].sort(descending=True).values
+        if groups[3] - groups[4] > margin and top[7] - top[8] > margin:
+            rows.append(s)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 16, 256])
+def test_moe_deepseek_v3_routing(lib, dtype, T):
+    """DeepSeek-V3's shape of routing: 256 experts, n_group=8, topk_group=4, top-8, sigmoid +
+    score bias; the groups change the choice (checked against the reference without them)."""
+    n_exp, d, h = 256, 128, 64
+    g = torch.Generator(device="cuda").manual_seed(T)
+    dev = dict(device="cuda", generator=g)
+    r = lambda *s: (torch.randn(*s, **dev) / s[-1] ** 0.5).to(dtype)  # noqa: E731
+    bias = torch.randn(n_exp, **dev) / 16
+    args = [torch.randn(T, d, **dev).to(dtype), deepseek_logits(T, bias, dtype, g),
+            r(n_exp, 2 * h, d), None, r(n_exp, d, h), None, bias] + [None] * 5  # fmt: skip
+    attrs = dict(num_experts=n_exp, top_k=8, scoring="sigmoid", normalize=1,
+                 routed_scaling_factor=2.5)  # fmt: skip
+    groups = dict(n_group=8, topk_group=4, group_scoring="top2_sum")
+    want = moe_reference(*args, **attrs, **groups)
+    got = build.moe_forward(lib, *args, **attrs, **groups)
+    torch.cuda.synchronize()
+    close(got, want, dtype)
+    if T > 1:
+        assert not torch.allclose(want, moe_reference(*args, **attrs), atol=1e-3)
 
 
 @pytest.mark.parametrize("act", ["swiglu", "geglu", "reglu", "gelu", "relu", "silu"])
@@ -144,6 +207,10 @@ def test_moe_errors(lib):
                                "fc2_bias", "score_bias")] + [None] * 5  # fmt: skip
     with pytest.raises(BackendError, match="invalid argument"):
         build.moe_forward(lib, *args, num_experts=E, top_k=E + 1)
+    for bad in (dict(n_group=3, topk_group=1), dict(n_group=4, topk_group=5),
+                dict(n_group=4, topk_group=1, top_k=3), dict(n_group=8, topk_group=2)):  # fmt: skip
+        with pytest.raises(BackendError, match="invalid argument"):  # schema group_error
+            build.moe_forward(lib, *args, num_experts=E, **{"top_k": 2, **bad})
     p = build.MoEParams(4, D, H, E, 2, 0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 0)
     size = lib.ffnx_moe_workspace_size(p)
     assert size > 0

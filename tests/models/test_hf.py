@@ -59,11 +59,22 @@ def write_config(directory, model_type: str, **overrides):
     "model_type", [t if t in FAST else pytest.param(t, marks=pytest.mark.slow) for t in CONFIGS]
 )
 def test_hf_moe_exports_one_node_per_layer_and_verifies(tmp_path, model_type):
+    export_and_verify(tmp_path, model_type)
+
+
+@pytest.mark.slow
+def test_hf_deepseek_v3_group_limited_routing_exports_and_verifies(tmp_path):
+    """DeepSeek-V3 / R1 route within groups (n_group=8, topk_group=4); here 4 groups keep 2."""
+    export_and_verify(tmp_path, "deepseek_v3", n_routed_experts=16, n_group=4, topk_group=2)
+
+
+def export_and_verify(tmp_path, model_type: str, **overrides):
+    """Export `hf:` through the pipeline: one FfnxMoE per MoE layer, ORT == the original."""
     from ffnx.export import verify
     from ffnx.export.optimize import runnable
     from ffnx.export.pipeline import export_artifact
 
-    src = write_config(tmp_path / model_type, model_type)
+    src = write_config(tmp_path / model_type, model_type, **overrides)
     spec = resolve(f"hf:{src}")
     assert spec.variant == "moe-top2" and list(spec.inputs) == ["input_ids"]
     manifest = export_artifact(spec, tmp_path / "art", optimize=False)

@@ -54,7 +54,7 @@ def test_both_architectures_are_embedded(library):
 
 def test_load_checks_abi_and_host_entry_points(library):
     lib = build.load_kernels(library)
-    assert lib.ffnx_kernels_abi_version() == build.abi_version() == 2
+    assert lib.ffnx_kernels_abi_version() == build.abi_version() == 3
     assert lib.ffnx_status_string(3) == b"workspace too small"
     p = build.MoEParams(16, 64, 32, 4, 2, 0, 0, 0, 0, 0, 1.0, 1, 0, 0, 0, 0)
     assert lib.ffnx_moe_workspace_size(p) >= 16 * 2 * (32 * 2 + 64 * 4)

@@ -40,22 +40,33 @@ def top(values: list[float], k: int) -> list[int]:
     return sorted(range(len(values)), key=lambda i: -values[i])[:k]
 
 
-def naive_route(s, bias, k, scoring, normalize, scale):
+def limit(sel: list[float], groups) -> list[float]:
+    """sel with the experts outside the topk_group best of n_group groups at -inf."""
+    if groups is None:
+        return sel
+    n_group, topk_group, scoring = groups
+    G = len(sel) // n_group
+    best = [sorted(sel[g * G : (g + 1) * G], reverse=True) for g in range(n_group)]
+    kept = top([sum(v[:2]) if scoring == "top2_sum" else v[0] for v in best], topk_group)
+    return [v if e // G in kept else -math.inf for e, v in enumerate(sel)]
+
+
+def naive_route(s, bias, k, scoring, normalize, scale, groups=None):
     if scoring == "softmax":
         m = max(s)
         z = sum(math.exp(v - m) for v in s)
         p = [math.exp(v - m) / z for v in s]
-        idx = top(p, k)
+        idx = top(limit(p, groups), k)
         w = [p[i] for i in idx]
     elif scoring == "topk_softmax":
-        idx = top(s, k)
+        idx = top(limit(s, groups), k)
         m = s[idx[0]]
         z = sum(math.exp(s[i] - m) for i in idx)
         w = [math.exp(s[i] - m) / z for i in idx]
     else:
         p = [1 / (1 + math.exp(-v)) for v in s]
         sel = [p[e] + (float(bias[e]) if bias is not None else 0.0) for e in range(len(s))]
-        idx = top(sel, k)
+        idx = top(limit(sel, groups), k)
         w = [p[i] for i in idx]
     if normalize:
         w = [v / sum(w) for v in w]
@@ -63,7 +74,7 @@ def naive_route(s, bias, k, scoring, normalize, scale):
 
 
 def naive_moe(x, logits, t, *, k, scoring="softmax", normalize=0, scale=1.0, act="swiglu",
-              ids=None, table=None):  # fmt: skip
+              ids=None, table=None, groups=None):  # fmt: skip
     out = []
     for n in range(x.shape[0]):
         xs = x[n].tolist()
@@ -72,7 +83,7 @@ def naive_moe(x, logits, t, *, k, scoring="softmax", normalize=0, scale=1.0, act
             w = [scale / len(idx)] * len(idx)
         else:
             idx, w = naive_route(logits[n].tolist(), t.get("score_bias"), k, scoring, normalize,
-                                 scale)  # fmt: skip
+                                 scale, groups)  # fmt: skip
         y = [0.0] * x.shape[1]
         for e, we in zip(idx, w):
             b1 = t["fc1_bias"][e] if t.get("fc1_bias") is not None else None
@@ -157,6 +168,30 @@ def test_moe_hash_routing():
     got = run_moe(x, None, t, top_k=2, routing_mode="hash", routed_scaling_factor=2.0)
     want = naive_moe(x, None, t, k=2, scale=2.0, ids=t["token_ids"], table=t["hash_table"])
     check(got, want)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "topk_softmax", "sigmoid"])
+@pytest.mark.parametrize("groups", [(3, 1, "top2_sum"), (3, 2, "max"), (2, 1, "max")])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_group_limited_routing(scoring, groups, top_k):
+    x, logits, t = make_moe(20 + top_k, biases=True)
+    attrs = dict(zip(("n_group", "topk_group", "group_scoring"), groups))
+    got = run_moe(x, logits, t, top_k=top_k, scoring=scoring, normalize=1, **attrs)
+    check(got, naive_moe(x, logits, t, k=top_k, scoring=scoring, normalize=1, groups=groups))
+
+
+@pytest.mark.parametrize(
+    "groups,why",
+    [((4, 2), "not a multiple"), ((3, 4), "must be in"), ((3, 0), None), ((1, 5), None)],
+)
+def test_moe_group_attributes_are_checked(groups, why):
+    x, logits, t = make_moe(1)
+    attrs = dict(top_k=2, n_group=groups[0], topk_group=groups[1])
+    if why is None:  # topk_group=0 (all groups) and n_group=1: plain routing
+        check(run_moe(x, logits, t, **attrs), naive_moe(x, logits, t, k=2))
+    else:
+        with pytest.raises(ValueError, match=why):
+            run_moe(x, logits, t, **attrs)
 
 
 def test_moe_fp16_leading_dims_and_idle_experts():

@@ -41,6 +41,7 @@ POINTS = (1, 4, 16, 64, 256)
 MARGIN = 0.05
 RULE = "sorted"  # without measurement: exact routed FLOPs and bytes, fine at every T measured
 GATHER_MAX_BYTES = 256 << 20  # `gather` copies T*k experts' weights per call: skip it beyond this
+TIMING_METHOD = 2  # bump when the timing changes: cached choices made the old way are stale
 _MEASURED: dict[str, tuple[dict, bool]] = {}  # this process's measurements, stable or not
 
 
@@ -72,6 +73,9 @@ def config_of(s: MoESite) -> MoEConfig:
         vocab=int(vocab),
         shared=int(shared),
         shared_gate=ins["shared_gate_weight"] is not None,
+        n_group=int(a["n_group"]),
+        topk_group=int(a["topk_group"]),
+        group_scoring=str(a["group_scoring"]),
     )
 
 
@@ -177,6 +181,7 @@ def cache_key(cfg: MoEConfig, names: list[str], points: list[int], threads: int 
     import onnxruntime
 
     sig = {
+        "method": TIMING_METHOD,
         "cfg": cfg.signature(),
         "candidates": names,
         "points": points,

@@ -6,6 +6,8 @@ Math (schema `ffnx.plugins.schema.MOE`), on tokens flattened to x [T, D]:
     topk_softmax  v, idx = topk(s, k);  w = softmax(v)
     sigmoid       p = sigmoid(s);  idx = topk(p + score_bias, k);  w = p[idx]
     normalize=1   w = w / sum_j w_j;   then  w = w * routed_scaling_factor
+    n_group > 1   the top-k above runs over sel (p, s, p + score_bias) with the experts outside
+                  the topk_group best groups masked to -inf (`group_mask`); w from unmasked p
   hash:    idx = hash_table[token_ids];  w = routed_scaling_factor / k
   output   y = sum_j w_j * FFN_{idx_j}(x) + shared(x)
 Lowerings compute in float32 (fp16/bf16 models are cast in and out: ORT's CPU kernels for the
@@ -21,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from ffnx.export.lowering._build import Builder, f32, i64
 from ffnx.export.passes.base import const
-from ffnx.plugins.schema import GATED_ACTIVATIONS, MOE
+from ffnx.plugins.schema import GATED_ACTIVATIONS, MOE, group_error, group_limited
 
 _BASE_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
@@ -57,6 +59,8 @@ class MoESite:
         k = int(attrs["top_k"])
         if attrs["routing_mode"] == "hash" and ins["hash_table"] is not None:
             k = int(ins["hash_table"].shape[1]) if ins["hash_table"].shape else k
+        if err := group_error({**attrs, "num_experts": E, "top_k": k}):
+            raise LoweringError(f"{node.name}: {err}")
         return cls(node, attrs, ins, E, k, D, H1, H)
 
     @property
@@ -134,7 +138,10 @@ def route(b: Builder, s: MoESite):
     if s.dtype != np.float32:
         logits = b.op("Cast", logits, to=1)
     scoring, normalize = a["scoring"], int(a["normalize"])
-    if scoring == "softmax":
+    if group_limited(a):
+        idx, w = _group_route(b, s, logits)
+        normalize = normalize and scoring != "topk_softmax"
+    elif scoring == "softmax":
         w, idx = b.op("TopK", b.op("Softmax", logits, axis=1), i64(k), axis=1, n_out=2)
     elif scoring == "topk_softmax":
         v, idx = b.op("TopK", logits, i64(k), axis=1, n_out=2)
@@ -154,6 +161,38 @@ def route(b: Builder, s: MoESite):
     if scale != 1.0:
         w = b.mul(w, f32(scale))
     return idx, w
+
+
+def _group_route(b: Builder, s: MoESite, logits):
+    """Group-limited routing: -> idx [T, k], w [T, k] (before normalize and scaling)."""
+    scoring = s.attrs["scoring"]
+    if scoring == "softmax":
+        p = sel = b.op("Softmax", logits, axis=1)
+    elif scoring == "topk_softmax":
+        p = sel = logits
+    elif scoring == "sigmoid":
+        p = b.op("Sigmoid", logits)
+        sel = b.add(p, s.tensor(b, "score_bias"))
+    else:
+        raise LoweringError(f"{s.node.name}: unknown scoring {scoring!r}")
+    _, idx = b.op("TopK", group_mask(b, s, sel), i64(s.k), axis=1, n_out=2)
+    w = b.op("GatherElements", p, idx, axis=1)
+    return idx, b.op("Softmax", w, axis=1) if scoring == "topk_softmax" else w
+
+
+def group_mask(b: Builder, s: MoESite, sel):
+    """sel [T, E] with the experts outside each token's topk_group best groups set to -inf:
+    group scores from TopK(1 or 2) + ReduceSum over [T, n_group, G], the best groups by TopK,
+    a one-hot compare with the group ids as the keep mask, then Where."""
+    a = s.attrs
+    n, tg = int(a["n_group"]), int(a["topk_group"])
+    g = b.reshape(sel, -1, n, s.E // n)
+    top, _ = b.op("TopK", g, i64(2 if a["group_scoring"] == "top2_sum" else 1), axis=2, n_out=2)
+    _, best = b.op("TopK", b.reduce_sum(top, 2), i64(tg), axis=1, n_out=2)  # [T, tg]
+    hits = b.op("Equal", b.unsqueeze(best, 2), np.arange(n, dtype=np.int64).reshape(1, 1, n))
+    keep = b.unsqueeze(b.reduce_sum(b.op("Cast", hits, to=1), 1), 2)  # [T, n, 1]: 1 or 0
+    masked = b.op("Where", b.op("Greater", keep, f32(0.0)), g, f32(-np.inf))
+    return b.reshape(masked, -1, s.E)
 
 
 def dense_ffn(b: Builder, x, w1, w2, act: str, H: int):

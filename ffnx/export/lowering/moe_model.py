@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ffnx.plugins.schema import DOMAIN, DOMAIN_VERSION, GATED_ACTIVATIONS, MOE
+from ffnx.plugins.schema import DOMAIN, DOMAIN_VERSION, GATED_ACTIVATIONS, GROUP_ATTRS, MOE
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,21 @@ class MoEConfig:
     vocab: int = 64
     shared: int = 0  # shared-expert width Hs (0: none)
     shared_gate: bool = False
+    n_group: int = 1  # group-limited routing when > 1 (schema MOE)
+    topk_group: int = 0
+    group_scoring: str = "top2_sum"
 
     @property
     def H1(self) -> int:
         return 2 * self.H if self.activation in GATED_ACTIVATIONS else self.H
 
     def signature(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; without the group ones when n_group = 1 (older cache keys)."""
+        out = asdict(self)
+        if self.n_group == 1:
+            for name in GROUP_ATTRS:
+                del out[name]
+        return out
 
 
 def moe_weights(cfg: MoEConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -91,6 +99,7 @@ def moe_model(
     order = [p.name for p in MOE.inputs]
     present = feed_names | set(weights) - {"router_weight"}
     last = max(i for i, n in enumerate(order) if n in present)
+    groups = {a: getattr(cfg, a) for a in GROUP_ATTRS} if cfg.n_group > 1 else {}
     node = helper.make_node(
         "FfnxMoE",
         [n if n in present else "" for n in order[: last + 1]],
@@ -104,6 +113,7 @@ def moe_model(
         normalize=cfg.normalize,
         routed_scaling_factor=float(cfg.routed_scaling_factor),
         activation=cfg.activation,
+        **groups,
         plugin_namespace="ffnx",
         plugin_version="1",
     )

@@ -10,7 +10,8 @@ ort_moe      com.microsoft::MoE. ORT 1.32 CPU: softmax over all E logits, top-k,
                sigmoid, no score_bias    -> router_probs = log sigmoid(s) = -softplus(-s):
                                             softmax(log p) = p / sum(p) keeps the top-k order;
                                             (normalize 0: see `_router`)
-             routed_scaling_factor multiplies the output. Hash routing and score_bias do not fit.
+             routed_scaling_factor multiplies the output. Hash routing, score_bias and
+             group-limited routing (n_group > 1) do not fit.
 qmoe_int4/8  com.microsoft::QMoE: the same, with block-wise symmetric int4/int8 expert weights.
 sorted_int4/8  the `sorted` decomposition with com.microsoft::MatMulNBits expert projections.
 """
@@ -23,6 +24,7 @@ from ffnx.export.lowering._build import Builder, f32, i64
 from ffnx.export.lowering.moe_common import LoweringError, MoESite, route
 from ffnx.export.lowering.moe_forms import sorted_experts
 from ffnx.export.quantize import BITS, pick_block, quantize
+from ffnx.plugins.schema import group_limited
 
 MS = "com.microsoft"
 ORT_ACTIVATIONS = ("relu", "silu", "swiglu")
@@ -37,6 +39,8 @@ def ort_moe_misfit(s: MoESite) -> str | None:
     a = s.attrs
     if a["routing_mode"] != "router":
         return "hash routing"
+    if group_limited(a):
+        return f"group-limited routing (n_group={a['n_group']}, topk_group={a['topk_group']})"
     if s.inputs["score_bias"] is not None:
         return "score_bias (selection differs from weighting)"
     if s.activation not in ORT_ACTIVATIONS:

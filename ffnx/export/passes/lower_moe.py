@@ -23,12 +23,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.export.lowering import LoweringError, lower_moe_node
-from ffnx.export.lowering.choose import choose
+from ffnx.export.lowering.choose import RULE, choose
 from ffnx.export.lowering.moe_common import MoESite
 from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult
 from ffnx.plugins.schema import DOMAIN
 
 MS_DOMAIN = "com.microsoft"
+BRANCH_TOL = 1e-4  # relative max abs error of an If lowering against `sorted` (fp32 reorderings)
 
 
 class LowerMoE(GraphPass):
@@ -86,7 +87,16 @@ class LowerMoE(GraphPass):
             note["not_applicable"] = choice.skipped
         if ctx.options.get("quantize_experts"):
             note["quantization_error"] = quantization_error(m.nodes[0], choice.lowering)
-        lower_moe_node(graph, m.nodes[0], choice.lowering, why=choice.why.split(";")[0])
+        elif "|" in choice.lowering:
+            # The driver verifies at the sample shapes, which reach one branch of the If: check
+            # every branch here, on this layer alone, at the token counts around each switch.
+            errors = branch_errors(m.nodes[0], choice.lowering)
+            note["branches_max_abs"] = errors
+            bad = {T: e for T, e in errors.items() if not e <= BRANCH_TOL}
+            if bad:
+                note["why"] = f"{RULE}: the If {choice.lowering} disagreed with {RULE} at T={bad}"
+                choice.lowering = note["lowering"] = RULE
+        lower_moe_node(graph, m.nodes[0], choice.lowering, why=note["why"].split(";")[0])
         return note
 
 
@@ -103,15 +113,8 @@ def _with_domain(domains, name: str):
     return domains
 
 
-def quantization_error(node: gs.Node, lowering: str, tokens: int = 64, seed: int = 0) -> dict:
-    """max abs and cosine of the quantized lowering against the fp32 `sorted` lowering of the
-    same layer (its real weights) on random N(0, 1) hidden states and router logits."""
-    from ffnx.export.lowering.moe_model import site_model
-    from ffnx.export.lowering.timing import lowered_model, ort_session
-    from ffnx.export.quantize import error_metrics
-
-    model = site_model(node)
-    rng = np.random.default_rng(seed)
+def _layer_feeds(model, tokens: int, rng) -> dict[str, np.ndarray]:
+    """Random feeds of a one-layer model: N(0, 1) hidden states and logits, valid token ids."""
     feeds = {}
     for vi in model.graph.input:
         dims = [tokens] + [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
@@ -120,10 +123,41 @@ def quantization_error(node: gs.Node, lowering: str, tokens: int = 64, seed: int
             feeds[vi.name] = rng.integers(0, vocab, dims).astype(np.int64)
         else:
             feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def quantization_error(node: gs.Node, lowering: str, tokens: int = 64, seed: int = 0) -> dict:
+    """max abs and cosine of the quantized lowering against the fp32 `sorted` lowering of the
+    same layer (its real weights) on random N(0, 1) hidden states and router logits."""
+    from ffnx.export.lowering.moe_model import site_model
+    from ffnx.export.lowering.timing import lowered_model, ort_session
+    from ffnx.export.quantize import error_metrics
+
+    model = site_model(node)
+    feeds = _layer_feeds(model, tokens, np.random.default_rng(seed))
     ref, got = (
         ort_session(lowered_model(model, c)).run(None, feeds)[0] for c in ("sorted", lowering)
     )
     return error_metrics(ref, got)
+
+
+def branch_errors(node: gs.Node, lowering: str, seed: int = 0) -> dict[int, float]:
+    """{T: max |If lowering - sorted| / max |sorted|} of this layer (its real weights) at T = 1
+    and on both sides of every switch of `lowering` ("a|16|b": T = 16 and 17), so that every
+    branch of the If is run."""
+    from ffnx.export.lowering.moe_model import site_model
+    from ffnx.export.lowering.timing import lowered_model, ort_session
+
+    model = site_model(node)
+    cuts = [int(p) for p in lowering.split("|")[1::2]]
+    points = sorted({1, *cuts, *(c + 1 for c in cuts)})
+    ref, got = (ort_session(lowered_model(model, c)) for c in (RULE, lowering))
+    rng, out = np.random.default_rng(seed), {}
+    for T in points:
+        feeds = _layer_feeds(model, T, rng)
+        a, b = ref.run(None, feeds)[0], got.run(None, feeds)[0]
+        out[T] = float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-30))
+    return out
 
 
 PASS = LowerMoE()

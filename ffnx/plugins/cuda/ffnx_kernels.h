@@ -15,8 +15,9 @@
 #include <stdint.h>
 
 /* What ffnx_kernels_abi_version() returns for a library built from this header.
- * 1: initial ABI. 2: ffnx_sparse_ffn_tensors.w_down_t and ffnx_sparse_ffn_pack_down(). */
-#define FFNX_KERNELS_ABI_VERSION 2
+ * 1: initial ABI. 2: ffnx_sparse_ffn_tensors.w_down_t and ffnx_sparse_ffn_pack_down().
+ * 3: ffnx_moe_params.n_group, topk_group, group_scoring (group-limited routing). */
+#define FFNX_KERNELS_ABI_VERSION 3
 
 #if defined(_WIN32)
 #define FFNX_API __declspec(dllexport)
@@ -45,6 +46,7 @@ typedef enum {
   FFNX_ACT_SWIGLU = 0, FFNX_ACT_GEGLU = 1, FFNX_ACT_REGLU = 2,
   FFNX_ACT_GELU = 3, FFNX_ACT_RELU = 4, FFNX_ACT_SILU = 5
 } ffnx_activation;
+typedef enum { FFNX_GROUP_TOP2_SUM = 0, FFNX_GROUP_MAX = 1 } ffnx_group_scoring;
 typedef enum { FFNX_SPARSE_THRESHOLD = 0, FFNX_SPARSE_TOPK = 1 } ffnx_sparse_mode;
 
 /* ---- FfnxMoE --------------------------------------------------------------------------- */
@@ -62,6 +64,12 @@ typedef struct {
   float routed_scaling_factor;
   int32_t dtype;        /* ffnx_dtype of hidden, router_logits, weights and output */
   int32_t has_fc1_bias, has_fc2_bias, has_score_bias, has_shared_gate;
+  /* ABI 3: group-limited routing (router mode; schema n_group, topk_group, group_scoring).
+   * n_group 0 or 1 = no groups (a zero-initialised struct routes as before); topk_group 0 = all
+   * groups; n_group <= 32. */
+  int32_t n_group;
+  int32_t topk_group;
+  int32_t group_scoring; /* ffnx_group_scoring */
 } ffnx_moe_params;
 
 typedef struct {

@@ -2,7 +2,8 @@
 //
 //   1. route_kernel     one warp per token: scores, top-k (warp argmax, ties to the lower expert
 //                       id), weights; claims a slot per (token, j) in its expert with an atomic
-//                       counter. Latency-bound, tiny.
+//                       counter. Latency-bound, tiny. Group-limited routing (n_group > 1) first
+//                       masks the experts outside the best groups (limit_groups).
 //   2. permute_kernel   every block scans the E counts (E <= 512, in shared memory) into row and
 //                       row-tile offsets, then scatters its (token, j) pairs to their permuted rows.
 //                       All on the device: nothing is copied back to the host.
@@ -20,6 +21,7 @@ namespace ffnx {
 namespace {
 
 constexpr int MAX_EXPERTS = 512, EPL = MAX_EXPERTS / 32, MAX_TOP_K = 32, SMALL_T = 32;
+constexpr int MAX_GROUPS = 32;  // one lane per group
 
 struct Route {
   const void* logits;
@@ -32,10 +34,54 @@ struct Route {
   float* w;     // [T*k]
   int* rank;    // [T*k] slot within the expert
   int* counts;  // [E], zeroed before the launch
+  int n_group, topk_group, group_scoring;  // n_group 1: no group limit
 };
 
 __device__ __forceinline__ void argmax_merge(float& v, int& e, float& w, float ov, int oe, float ow) {
   if (ov > v || (ov == v && oe < e)) { v = ov; e = oe; w = ow; }
+}
+
+// Group-limited routing (schema: n_group > 1 and topk_group < n_group). Lane g < n_group scores
+// group g, the G = E / n_group contiguous experts [g*G, (g+1)*G): the sum of their two largest
+// sel (top2_sum) or the largest (max). The topk_group best groups are kept (ties to the lower
+// group id) and every other expert's sel becomes -inf.
+__device__ __forceinline__ void limit_groups(float (&sel)[EPL], const Route& r, int lane) {
+  const int G = r.E / r.n_group;
+  float my_score = -INFINITY;
+  for (int g = 0; g < r.n_group; ++g) {
+    float a = -INFINITY, b = -INFINITY;  // the two largest sel of group g
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = i * 32 + lane;
+      if (e >= g * G && e < (g + 1) * G) {
+        if (sel[i] > a) { b = a; a = sel[i]; } else b = fmaxf(b, sel[i]);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float oa = __shfl_xor_sync(0xffffffffu, a, o), ob = __shfl_xor_sync(0xffffffffu, b, o);
+      if (oa > a) { b = fmaxf(a, ob); a = oa; } else b = fmaxf(b, oa);
+    }
+    if (lane == g) my_score = r.group_scoring == FFNX_GROUP_MAX ? a : a + b;
+  }
+  unsigned keep = 0;
+  for (int j = 0; j < r.topk_group; ++j) {
+    float bv = -INFINITY, unused = 0.f;
+    int bg = 0x7fffffff;
+    if (lane < r.n_group && !((keep >> lane) & 1u)) argmax_merge(bv, bg, unused, my_score, lane, 0.f);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int og = __shfl_xor_sync(0xffffffffu, bg, o);
+      argmax_merge(bv, bg, unused, ov, og, 0.f);
+    }
+    if (bg < r.n_group) keep |= 1u << bg;
+  }
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    const int e = i * 32 + lane;
+    if (e < r.E && !((keep >> (e / G)) & 1u)) sel[i] = -INFINITY;
+  }
 }
 
 template <typename T> __global__ void route_kernel(const Route r) {
@@ -77,6 +123,7 @@ template <typename T> __global__ void route_kernel(const Route r) {
       if (r.scoring == FFNX_SCORING_SIGMOID && r.score_bias && e < r.E) sel[i] += r.score_bias[e];
       if (e >= r.E) sel[i] = -INFINITY;
     }
+    if (r.n_group > 1) limit_groups(sel, r, lane);
     float first = 0.f, total = 0.f;
     for (int j = 0; j < r.k; ++j) {
       float bv = -INFINITY, bw = 0.f;
@@ -244,6 +291,15 @@ int validate(const ffnx_moe_params* p, const ffnx_moe_tensors* t) {
   const int64_t rows = p->num_tokens * p->top_k;
   if (rows > INT32_MAX / 2 || p->inter > INT32_MAX / 2 || p->hidden > INT32_MAX / 2)
     return FFNX_ERR_UNSUPPORTED;  // row/column indices are int32
+  if (p->n_group < 0) return FFNX_ERR_INVALID_ARGUMENT;
+  if (p->n_group > 1) {  // group-limited routing (schema group_error)
+    const int64_t G = p->num_experts / p->n_group, tg = p->topk_group ? p->topk_group : p->n_group;
+    if (p->routing_mode != FFNX_ROUTING_ROUTER || p->num_experts % p->n_group != 0 ||
+        p->topk_group < 0 || tg > p->n_group || p->top_k > tg * G || p->group_scoring < 0 ||
+        p->group_scoring > 1 || (p->group_scoring == FFNX_GROUP_TOP2_SUM && G < 2))
+      return FFNX_ERR_INVALID_ARGUMENT;
+    if (p->n_group > MAX_GROUPS) return FFNX_ERR_UNSUPPORTED;
+  }
   if (!t) return FFNX_OK;
   const bool hash = p->routing_mode == FFNX_ROUTING_HASH;
   if (!t->hidden || !t->fc1_weight || !t->fc2_weight || !t->output ||
@@ -304,9 +360,13 @@ template <typename T> int launch_typed(const ffnx_moe_params& p, const ffnx_moe_
   const int bm = tc && TK / E >= 128 ? 128 : 64;
 
   if (cudaMemsetAsync(pl.counts, 0, sizeof(int) * E, s) != cudaSuccess) return FFNX_ERR_CUDA;
+  // groups only where they restrict the choice (0 < topk_group < n_group)
+  const bool grouped = p.n_group > 1 && p.topk_group > 0 && p.topk_group < p.n_group;
   const Route r{t.router_logits, p.has_score_bias ? t.score_bias : nullptr, t.token_ids,
                 t.hash_table, T_, E, k, p.routing_mode, p.scoring, p.normalize,
-                p.routed_scaling_factor, pl.idx, pl.w, pl.rank, pl.counts};
+                p.routed_scaling_factor, pl.idx, pl.w, pl.rank, pl.counts,
+                grouped ? static_cast<int>(p.n_group) : 1, static_cast<int>(p.topk_group),
+                static_cast<int>(p.group_scoring)};
   route_kernel<T><<<ceil_div(T_, 8), 256, 0, s>>>(r);
   FFNX_TRY(launch_status());
   const Permute pm{pl.idx, pl.rank, pl.counts, TK, E, k, bm, pl.offsets, pl.tile_offsets,

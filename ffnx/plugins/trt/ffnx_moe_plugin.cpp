@@ -10,6 +10,7 @@ namespace {
 char const* const kNAME = "FfnxMoE";
 char const* const kROUTING[] = {"router", "hash"};
 char const* const kSCORING[] = {"softmax", "topk_softmax", "sigmoid"};
+char const* const kGROUP_SCORING[] = {"top2_sum", "max"};  /* ffnx_group_scoring order */
 
 enum Input : int32_t {
   kHIDDEN, kROUTER_LOGITS, kFC1_W, kFC1_B, kFC2_W, kFC2_B, kSCORE_BIAS, kTOKEN_IDS,
@@ -39,6 +40,7 @@ bool MoEAttrs::resolve(std::string* err) {
   routingCode = lookup(kROUTING, 2, routingMode);
   scoringCode = lookup(kSCORING, 3, scoring);
   activationCode = lookup(kACTIVATIONS, 6, activation);
+  groupScoringCode = lookup(kGROUP_SCORING, 2, groupScoring);
   if (routingCode < 0) *err = "routing_mode '" + routingMode + "' is not one of " + joined(kROUTING, 2);
   else if (scoringCode < 0) *err = "scoring '" + scoring + "' is not one of " + joined(kSCORING, 3);
   else if (activationCode < 0)
@@ -46,6 +48,15 @@ bool MoEAttrs::resolve(std::string* err) {
   else if (topK < 1) *err = "top_k must be >= 1, got " + std::to_string(topK);
   else if (numExperts < 0) *err = "num_experts must be >= 0, got " + std::to_string(numExperts);
   else if (normalize != 0 && normalize != 1) *err = "normalize must be 0 or 1";
+  else if (groupScoringCode < 0)
+    *err = "group_scoring '" + groupScoring + "' is not one of " + joined(kGROUP_SCORING, 2);
+  else if (nGroup < 1 || topkGroup < 0 || topkGroup > nGroup)
+    *err = "n_group=" + std::to_string(nGroup) + ", topk_group=" + std::to_string(topkGroup) +
+           ": need n_group >= 1 and 0 <= topk_group <= n_group";
+  else if (nGroup > 32)
+    *err = "n_group=" + std::to_string(nGroup) + ": the CUDA kernels take at most 32 groups";
+  else if (nGroup > 1 && routingCode != FFNX_ROUTING_ROUTER)
+    *err = "group-limited routing (n_group > 1) needs routing_mode='router'";
   else return true;
   return false;
 }
@@ -55,6 +66,10 @@ MoEPlugin::MoEPlugin(MoEAttrs attrs, int32_t nbInputs) : mAttrs(std::move(attrs)
   mTimingCacheId = std::string(kNAME) + ":" + std::to_string(mAttrs.numExperts) + ":" +
                    std::to_string(mAttrs.topK) + ":" + mAttrs.routingMode + ":" + mAttrs.scoring +
                    ":" + std::to_string(mAttrs.normalize) + ":" + mAttrs.activation;
+  if (mAttrs.nGroup > 1) {
+    mTimingCacheId += ":" + std::to_string(mAttrs.nGroup) + ":" +
+                      std::to_string(mAttrs.topkGroup) + ":" + mAttrs.groupScoring;
+  }
 }
 
 /* Serialized-field buffers are not copied: they point into `other`. */
@@ -82,6 +97,10 @@ PluginFieldCollection const* MoEPlugin::getFieldsToSerialize() noexcept {
                   1),
       PluginField("activation", mAttrs.activation.c_str(), PluginFieldType::kCHAR,
                   text(mAttrs.activation)),
+      PluginField("n_group", &mAttrs.nGroup, PluginFieldType::kINT32, 1),
+      PluginField("topk_group", &mAttrs.topkGroup, PluginFieldType::kINT32, 1),
+      PluginField("group_scoring", mAttrs.groupScoring.c_str(), PluginFieldType::kCHAR,
+                  text(mAttrs.groupScoring)),
       PluginField("ffnx_nb_inputs", &mNbInputs, PluginFieldType::kINT32, 1),
   };
   mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
@@ -101,6 +120,9 @@ bool MoEPlugin::parse(PluginFieldCollection const* fc, MoEAttrs* a, int32_t* nbI
     if (name == "num_experts") ok = fieldInt(f, &v) && ((a->numExperts = int32_t(v)), true);
     else if (name == "top_k") ok = fieldInt(f, &v) && ((a->topK = int32_t(v)), true);
     else if (name == "normalize") ok = fieldInt(f, &v) && ((a->normalize = int32_t(v)), true);
+    else if (name == "n_group") ok = fieldInt(f, &v) && ((a->nGroup = int32_t(v)), true);
+    else if (name == "topk_group") ok = fieldInt(f, &v) && ((a->topkGroup = int32_t(v)), true);
+    else if (name == "group_scoring") ok = fieldString(f, &a->groupScoring);
     else if (name == "ffnx_nb_inputs") ok = fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
     else if (name == "routed_scaling_factor") ok = fieldFloat(f, &a->routedScalingFactor);
     else if (name == "routing_mode") ok = fieldString(f, &a->routingMode);
@@ -145,6 +167,17 @@ bool MoEPlugin::params(IoView const& io, ffnx_moe_params* p, std::string* err) c
   if (mAttrs.topK > E) {
     *err = "top_k=" + std::to_string(mAttrs.topK) + " exceeds " + std::to_string(E) + " experts";
     return false;
+  }
+  if (mAttrs.nGroup > 1) {  /* schema group_error */
+    int64_t const G = E / mAttrs.nGroup, tg = mAttrs.topkGroup ? mAttrs.topkGroup : mAttrs.nGroup;
+    if (E % mAttrs.nGroup != 0 || mAttrs.topK > tg * G ||
+        (mAttrs.groupScoringCode == FFNX_GROUP_TOP2_SUM && G < 2)) {
+      *err = "group-limited routing needs E % n_group == 0, top_k <= topk_group * E/n_group and "
+             "(top2_sum) >= 2 experts per group; got E=" + std::to_string(E) + ", n_group=" +
+             std::to_string(mAttrs.nGroup) + ", topk_group=" + std::to_string(mAttrs.topkGroup) +
+             ", top_k=" + std::to_string(mAttrs.topK);
+      return false;
+    }
   }
   if ((has(io, kFC1_B) && !shapeIs(d[kFC1_B], {E, H1})) ||
       (has(io, kFC2_B) && !shapeIs(d[kFC2_B], {E, D})) ||
@@ -201,6 +234,9 @@ bool MoEPlugin::params(IoView const& io, ffnx_moe_params* p, std::string* err) c
   p->has_fc2_bias = has(io, kFC2_B);
   p->has_score_bias = has(io, kSCORE_BIAS);
   p->has_shared_gate = has(io, kSHARED_GATE_W);
+  p->n_group = mAttrs.nGroup;
+  p->topk_group = mAttrs.topkGroup;
+  p->group_scoring = mAttrs.groupScoringCode;
   return true;
 }
 
@@ -253,6 +289,9 @@ MoECreator::MoECreator() {
       PluginField("normalize", nullptr, PluginFieldType::kINT32, 1),
       PluginField("routed_scaling_factor", nullptr, PluginFieldType::kFLOAT32, 1),
       PluginField("activation", nullptr, PluginFieldType::kCHAR, 0),
+      PluginField("n_group", nullptr, PluginFieldType::kINT32, 1),
+      PluginField("topk_group", nullptr, PluginFieldType::kINT32, 1),
+      PluginField("group_scoring", nullptr, PluginFieldType::kCHAR, 0),
   };
   mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
   mFieldCollection.fields = mFields.data();

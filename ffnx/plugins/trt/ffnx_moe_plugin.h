@@ -15,10 +15,14 @@ struct MoEAttrs {
   int32_t normalize{0};
   float routedScalingFactor{1.0F};
   std::string activation{"swiglu"};
+  int32_t nGroup{1};     /* group-limited routing when > 1 */
+  int32_t topkGroup{0};  /* 0: all groups */
+  std::string groupScoring{"top2_sum"};
   /* codes of the strings above (ffnx_kernels.h enums), set by resolve() */
   int32_t routingCode{FFNX_ROUTING_ROUTER};
   int32_t scoringCode{FFNX_SCORING_SOFTMAX};
   int32_t activationCode{FFNX_ACT_SWIGLU};
+  int32_t groupScoringCode{FFNX_GROUP_TOP2_SUM};
 
   bool resolve(std::string* err);
 };

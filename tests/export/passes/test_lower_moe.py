@@ -67,6 +67,23 @@ def test_ort_lowers_to_the_forced_choice(model, choice):
     np.testing.assert_allclose(_run(out, feeds), ref, atol=ATOL, rtol=RTOL)
 
 
+def test_every_branch_of_an_if_lowering_is_checked(model):
+    _, res = _apply(model, options={"moe_lowering": "sorted|4|dense"})
+    errors = res.notes["layers"]["moe"]["branches_max_abs"]
+    assert sorted(errors) == [1, 4, 5]  # T=1 and both sides of the switch at 4
+    assert all(e <= 1e-5 for e in errors.values()), errors
+
+
+def test_an_if_branch_that_disagrees_falls_back_to_sorted(model, monkeypatch):
+    from ffnx.export.passes import lower_moe
+
+    monkeypatch.setattr(lower_moe, "branch_errors", lambda node, lowering: {1: 0.0, 5: 0.5})
+    out, res = _apply(model, options={"moe_lowering": "sorted|4|dense"})
+    note = res.notes["layers"]["moe"]
+    assert note["lowering"] == "sorted" and "disagreed" in note["why"] and "{5: 0.5}" in note["why"]
+    assert lowering_report(out)["moe"].startswith("sorted (sorted: the If sorted|4|dense")
+
+
 def test_driver_applies_and_verifies(model):
     feeds = [moe_feeds(CFG, T) for T in (1, 16)]
     new, (report,) = optimize_model(
