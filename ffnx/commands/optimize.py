@@ -143,10 +143,15 @@ def optimize_cmd(
 
     if list_passes:
         rows = [
-            [p.name, "exact" if p.exact else "approximate", "yes" if p.default else "no", p.summary]
+            [
+                p.name,
+                "exact" if p.exact else "approximate",
+                ", ".join(p.targets) if p.default else "no (--passes)",
+                p.summary,
+            ]
             for p in registry()
         ]
-        ui.out.print(ui.table("passes (registry order)", ["pass", "kind", "default", "what"], rows))
+        ui.out.print(ui.table("passes (registry order)", ["pass", "kind", "default for", "what"], rows))
         return
     if not src:
         raise click.UsageError("SRC is required (or --list-passes)")

@@ -24,12 +24,15 @@ from ffnx.export.graph_stats import graph_stats
 from ffnx.export.passes import PassContext, by_name, registry
 
 
-def select_passes(passes: list[str] | None, skip: list[str] = ()) -> list:
+def select_passes(passes: list[str] | None, skip: list[str] = (), target: str = "ort") -> list:
+    """Named passes (registry order), else the default ones for `target`; minus `skip`."""
     known = by_name()
     unknown = [p for p in list(passes or []) + list(skip) if p not in known]
     if unknown:
         raise PassError(f"unknown pass(es) {', '.join(unknown)}; known: {', '.join(known)}")
-    chosen = [p for p in registry() if (p.name in passes if passes else p.default)]
+    chosen = [
+        p for p in registry() if (p.name in passes if passes else p.default and target in p.targets)
+    ]
     return [p for p in chosen if p.name not in skip]
 
 
@@ -167,7 +170,7 @@ def optimize_model(
     ctx = PassContext(feeds=feeds, max_error=max_error, target=target, options=options or {})
     reports = []
     original = ref = run_model(model, feeds)
-    for p in select_passes(passes, skip):
+    for p in select_passes(passes, skip, target):
         step(f"pass {p.name}")
         exact = p.is_exact(ctx) if hasattr(p, "is_exact") else p.exact  # option-dependent
         if exact:

@@ -53,7 +53,8 @@ class GraphPass:
 
     name: str = ""
     exact: bool = True  # False: approximate, opt-in, needs calibration feeds and --max-error
-    default: bool = True  # runs in the default pipeline
+    default: bool = True  # runs in the default pipeline ...
+    targets: tuple[str, ...] = ("ort", "trt")  # ... for these targets (where it measured faster)
 
     def match(self, graph: gs.Graph) -> list[Match]:
         raise NotImplementedError
