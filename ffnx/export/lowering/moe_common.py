@@ -81,7 +81,7 @@ class MoESite:
         v = None if t is None else const(t)
         if v is None or v.dtype.kind in "iu":
             return v
-        return v.astype(np.float32)
+        return v.astype(np.float32, copy=False)
 
     def is_const(self, *names: str) -> bool:
         return all(self.inputs[n] is None or self.value(n) is not None for n in names)

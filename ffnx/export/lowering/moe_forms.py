@@ -62,7 +62,8 @@ def _expert_param(b: Builder, s: MoESite, name: str, e: int):
         return None
     v = s.value(name)
     if v is not None:
-        return b.const(v[e], f"{name}{e}")
+        # a copy: a view would keep the whole stacked [E, ...] array alive per expert
+        return b.const(v[e].copy(), f"{name}{e}")
     return b.op("Gather", s.tensor(b, name), i64(e).reshape(()), axis=0)
 
 

@@ -180,7 +180,7 @@ def sorted_nbits(bits: int, accuracy_level: int = ACCURACY_LEVEL):
                 b.const(q.scales[e].reshape(-1), f"{fc}{e}_scales"),
                 None,
                 None,
-                None if bias is None else b.const(bias[e], f"{fc}{e}_bias"),
+                None if bias is None else b.const(bias[e].copy(), f"{fc}{e}_bias"),
                 domain=MS,
                 K=K,
                 N=N,
