@@ -104,7 +104,7 @@ def interleaved(sessions: dict, feeds: dict, seconds: float, per_turn: int = 3) 
                 times[v].append(time.perf_counter() - t0)
         rnd += 1
     out: dict[str, dict] = {}
-    for (v, copy), ts in times.items():
+    for (v, _copy), ts in times.items():
         ms = np.asarray(ts) * 1e3
         o = out.setdefault(v, {"p50_ms": 0.0, "p90_ms": 0.0, "calls": 0, "copies_p50_ms": []})
         o["copies_p50_ms"].append(float(np.median(ms)))

@@ -151,7 +151,9 @@ def optimize_cmd(
             ]
             for p in registry()
         ]
-        ui.out.print(ui.table("passes (registry order)", ["pass", "kind", "default for", "what"], rows))
+        ui.out.print(
+            ui.table("passes (registry order)", ["pass", "kind", "default for", "what"], rows)
+        )
         return
     if not src:
         raise click.UsageError("SRC is required (or --list-passes)")
