@@ -28,7 +28,6 @@ roofline, and the quantized entries' speed-up over the fastest fp32 lowering.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -46,7 +45,14 @@ from ffnx.export.lowering import lowering_report  # noqa: E402
 from ffnx.export.lowering.choose import choose, cpu_name  # noqa: E402
 from ffnx.export.lowering.moe_common import MoESite  # noqa: E402
 from ffnx.export.lowering.moe_model import MoEConfig, moe_model  # noqa: E402
-from ffnx.export.lowering.timing import best, lowered_model, ort_session, round_robin, stable  # noqa: E402
+from ffnx.export.lowering.timing import (  # noqa: E402
+    _turns,
+    best,
+    lowered_model,
+    ort_session,
+    round_robin,
+    stable,
+)
 from ffnx.export.quantize import error_metrics  # noqa: E402
 from ffnx.models.moe import TopKMoE  # noqa: E402
 
@@ -223,12 +229,6 @@ def bench_model(args) -> dict:
         }
         print(f"model T={T} done", flush=True)
     return out
-
-
-def _turns(items: list, fn):
-    """A callable that calls fn(items[0]), fn(items[1]), ... in turn, round and round."""
-    it = itertools.cycle(items)
-    return lambda: fn(next(it))
 
 
 def _torch_call(mod, *args, **kwargs):

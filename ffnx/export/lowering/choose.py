@@ -41,7 +41,7 @@ POINTS = (1, 4, 16, 64, 256)
 MARGIN = 0.05
 RULE = "sorted"  # without measurement: exact routed FLOPs and bytes, fine at every T measured
 GATHER_MAX_BYTES = 256 << 20  # `gather` copies T*k experts' weights per call: skip it beyond this
-TIMING_METHOD = 2  # bump when the timing changes: cached choices made the old way are stale
+TIMING_METHOD = 3  # bump when the timing changes: cached choices made the old way are stale
 _MEASURED: dict[str, tuple[dict, bool]] = {}  # this process's measurements, stable or not
 
 

@@ -6,6 +6,7 @@ changes during the measurement slows every candidate alike; the fastest round co
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -48,6 +49,15 @@ def lowered_model(model: onnx.ModelProto, choice: str, why: str = "") -> onnx.Mo
     if any(n.domain == "com.microsoft" for n in out.graph.node):
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return out
+
+
+TURNS = 4  # random token batches each timed lowering cycles through
+
+
+def _turns(items: list, fn: Callable) -> Callable[[], object]:
+    """A callable that calls fn(items[0]), fn(items[1]), ... in turn, round and round."""
+    it = itertools.cycle(items)
+    return lambda: fn(next(it))
 
 
 def round_robin(
@@ -117,9 +127,13 @@ def time_lowerings(
     sessions = {c: ort_session(lowered_model(model, c), threads) for c in choices}
     out = {}
     for T in tokens:
-        feeds = moe_feeds(cfg, T, seed=T)
+        # Successive calls take turns over TURNS random batches: at small T they route to
+        # different experts, so a call does not find its experts' weights still in the cache
+        # (one fixed batch let the same 2 experts of a 277 MB layer sit partly in L3 and chose
+        # `ort_moe` at T=1, which ran 1.28x slower than `sorted` with varying tokens).
+        batches = [moe_feeds(cfg, T, seed=T * 1000 + i) for i in range(TURNS)]
         runs = {
-            c: (lambda s=s, f=feeds: s.run(None, f))
+            c: _turns(batches, lambda f, s=s: s.run(None, f))
             for c, s in sessions.items()
             if not (skip and skip(T, c))
         }

@@ -227,3 +227,17 @@ def test_ort_moe_is_not_a_candidate_where_it_does_not_fit():
     node = next(n for n in gs.import_onnx(moe_model(cfg, moe_weights(cfg))).nodes)
     names, skipped = chooser.applicable(MoESite.of(node))
     assert "ort_moe" not in names and "geglu" in skipped["ort_moe"]
+
+
+def test_timed_lowerings_take_turns_over_token_batches():
+    """The chooser times every candidate on TURNS different batches in turn (different experts
+    per call at small T, as in decoding), the same sequence for every candidate."""
+    from ffnx.export.lowering import timing
+
+    seen = []
+    call = timing._turns([1, 2, 3], seen.append)
+    for _ in range(7):
+        call()
+    assert seen == [1, 2, 3, 1, 2, 3, 1]
+    out = timing.time_lowerings(CFG, ["sorted", "dense"], [1], rounds=2, max_rounds=2)
+    assert set(out[1]) == {"sorted", "dense"} and all(len(v) == 2 for v in out[1].values())
