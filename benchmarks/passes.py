@@ -63,20 +63,12 @@ def artifacts(name: str, size: str, out: Path, force: bool = False) -> dict:
 
 
 def session(path: Path, threads: int):
-    """An ORT CPU session; ffnx-domain nodes (if any remain) run as their decomposition."""
-    import onnxruntime as ort
-
+    """An ORT CPU session that stops spinning after each run (`ffnx.export.verify.ort_session`);
+    ffnx-domain nodes (if any remain) run as their decomposition."""
     from ffnx.export.optimize import runnable
+    from ffnx.export.verify import ort_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # Workers spin during a run (ORT's default) but stop when it ends: otherwise the previous
-    # session's spinning workers steal the cores from the one being timed.
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    model = runnable(onnx.load(str(path)))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort_session(runnable(onnx.load(str(path))), threads)
 
 
 def feeds_for(spec, batch: int) -> dict[str, np.ndarray]:

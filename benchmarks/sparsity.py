@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from ffnx.export.lowering._build import Builder
 from ffnx.export.sparse_lowering import FORMS, act_numpy, activation, sparse_ffn_node
 from ffnx.export.sparse_lowering import lower_sparse_ffn_nodes as lower
+from ffnx.export.verify import ort_session as session
 
 LEVELS = (0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95)
 KINDS = {"relu": "non-gated ReLU", "swiglu": "gated SwiGLU (dense gate)"}
@@ -101,19 +102,6 @@ def thresholds(w: dict, act: str, levels, rng, tokens: int = 512) -> dict[float,
     pre = x @ (w["w_gate"] if act == "swiglu" else w["w_up"]).T + w.get("b_up", 0.0)
     mag = np.abs(act_numpy(pre, act))
     return {s: np.quantile(mag, s, axis=0).astype(np.float32) for s in levels}
-
-
-def session(model: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # Workers spin during a run (ORT's default) but stop when it ends: otherwise the previous
-    # session's spinning workers steal the cores from the one being timed.
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def bench_kind(act: str, args, rng) -> dict:

@@ -86,7 +86,7 @@ def lower_sparse_ffn(graph: gs.Graph, node: gs.Node, variant: str = PLAIN) -> st
         if "b_up" in ins:
             pre = b.add(pre, b.const(_value(ins["b_up"], node), "b_up"))
         a = activation(b, pre, act)
-    margin, keeps = _margin(b, a, attrs, ins, node)
+    margin, keeps = _margin(b, a, attrs, ins, node, H)
     w_down_t = np.ascontiguousarray(w_down.T)  # [H, D]: row c is channel c's output vector
     if variant == "dense":
         am = b.op("Where", keeps(margin), a, f32(0.0))
@@ -121,7 +121,7 @@ def activation(b: Builder, h, act: str):
     raise SparseLoweringError(f"unknown activation {act!r}")
 
 
-def _margin(b: Builder, a, attrs: dict, ins: dict, node: gs.Node):
+def _margin(b: Builder, a, attrs: dict, ins: dict, node: gs.Node, H: int):
     """(margin, keeps): margin [T, H] = |a| - per-channel threshold (threshold mode) or - the
     token's k-th largest |a| (topk mode); keeps(t) is the bool test of a margin (> 0, resp. >= 0)
     (see the module docstring)."""
@@ -134,7 +134,6 @@ def _margin(b: Builder, a, attrs: dict, ins: dict, node: gs.Node):
         margin = b.op("Sub", mag, thr if v is None else b.const(v.astype(np.float32), "thr"))
         return margin, lambda t: b.op("Greater", t, f32(0.0))
     if attrs["mode"] == "topk":
-        H = int(_value(ins["w_up"], node).shape[0])
         k = min(int(attrs["k"]), H)
         if k <= 0:
             raise SparseLoweringError(f"{node.name}: mode 'topk' needs k >= 1, got {k}")

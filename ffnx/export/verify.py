@@ -87,13 +87,16 @@ def worst(reports: list[dict[str, dict]]) -> dict:
 
 
 def ort_session(model, threads: int | None = None):
-    """An ORT CPU session from an onnx.ModelProto, bytes or a path (errors -> VerificationError)."""
+    """An ORT CPU session from an onnx.ModelProto, bytes or a path (errors -> VerificationError).
+
+    Workers spin between the kernels of a run (ORT's default: what a deployed model gets), but
+    stop when it ends: otherwise they go on spinning for tens of ms and steal the cores from the
+    next session timed (3 sessions of one FFN round-robin ran 2.4x slower than one alone). Every
+    timing in ffnx (lowering choices, benchmarks) uses these sessions."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    # Idle workers stop spinning when a run ends: sessions timed side by side (lowering
-    # choices) would otherwise steal each other's cores (ffnx.export.lowering.timing).
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         so.intra_op_num_threads = threads

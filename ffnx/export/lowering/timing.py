@@ -15,24 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ffnx.export.lowering.moe_model import MoEConfig, moe_feeds, moe_model, moe_weights
-
-
-def ort_session(model: onnx.ModelProto | bytes, threads: int | None = None, spin: bool = True):
-    """A CPU session. spin=True is ORT's default (workers spin between the kernels of a run: what
-    a deployed model gets). After a run they would go on spinning for tens of ms, stealing the
-    cores from the next session timed (measured here: 3 sessions of one FFN round-robin ran
-    2.4x slower than one alone); `session.force_spinning_stop` stops that when a run ends."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if not spin:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    if threads:
-        so.intra_op_num_threads = threads
-    src = model.SerializeToString() if hasattr(model, "SerializeToString") else model
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+from ffnx.export.verify import ort_session  # sessions that stop spinning after a run
 
 
 def lowered_model(model: onnx.ModelProto, choice: str, why: str = "") -> onnx.ModelProto:
