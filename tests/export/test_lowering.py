@@ -141,7 +141,14 @@ CONFIGS = {
         E=12, k=3, scoring="topk_softmax", n_group=3, topk_group=2, group_scoring="max"
     ),
 }
-PLAIN_FORMS = ("sorted", "gather", "dense", "sorted|8|dense", "gather|1|sorted")
+PLAIN_FORMS = (
+    "sorted",
+    "per_expert",
+    "gather",
+    "dense",
+    "sorted|8|dense",
+    "gather|1|per_expert",
+)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -182,7 +189,7 @@ def test_dynamic_weights_are_gathered_at_run_time():
             onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.FLOAT, list(init.dims))
         )
     feeds = {**moe_feeds(cfg, 16), "fc1_weight": w["fc1_weight"], "fc2_bias": w["fc2_bias"]}
-    for form in ("sorted", "gather", "dense"):
+    for form in ("sorted", "per_expert", "gather", "dense"):
         got = run(lowered(model, form), feeds)
         np.testing.assert_allclose(got, moe_numpy(cfg, w, feeds), atol=ATOL, rtol=RTOL)
 
@@ -194,7 +201,7 @@ def test_lowered_layer_is_named_and_documented():
 
 
 def test_candidates_are_listed():
-    assert {"sorted", "gather", "dense"} <= set(candidates())
+    assert {"sorted", "per_expert", "gather", "dense"} <= set(candidates())
 
 
 def test_matches_the_torch_reference():
@@ -440,7 +447,8 @@ def test_chooser_skips_fused_candidates_for_group_routing():
     graph = gs.import_onnx(moe_model(GROUP_ORT, moe_weights(GROUP_ORT)))
     site = MoESite.of(next(n for n in graph.nodes if n.op == "FfnxMoE"))
     names, skipped = applicable(site)
-    assert names == ["sorted", "gather", "dense"] and "group-limited" in skipped["ort_moe"]
+    assert names == ["sorted", "per_expert", "gather", "dense"]
+    assert "group-limited" in skipped["ort_moe"]
     names, skipped = applicable(site, "int8")
     assert names == ["sorted_int8"] and "group-limited" in skipped["qmoe_int8"]
     assert config_of(site) == GROUP_ORT  # timed with the same routing

@@ -4,7 +4,7 @@
 (what verification runs); `lower_moe_node(graph, node, choice)` lowers one FfnxMoE node to a
 chosen candidate (the `lower_moe` pass). Candidates, by name:
 
-  sorted, gather, dense   standard ONNX (see `moe_forms`)
+  sorted, per_expert, gather, dense   standard ONNX (see `moe_forms`)
   ort_moe                 com.microsoft::MoE (see `moe_ort`)
   sorted_int8/_int4, qmoe_int8/_int4   weight-only quantized experts (see `moe_ort`)
   "<small>|<T>|<large>"   an `If` on the token count: <small> when T <= <T>, else <large>

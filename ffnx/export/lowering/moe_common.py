@@ -25,7 +25,7 @@ from ffnx.export.lowering._build import Builder, f32, i64
 from ffnx.export.passes.base import const
 from ffnx.plugins.schema import GATED_ACTIVATIONS, MOE, group_error, group_limited
 
-_BASE_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+BASE_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
 class LoweringError(ValueError):
@@ -104,12 +104,13 @@ class MoESite:
 def activate(b: Builder, h, act: str, axis: int, H: int):
     """act(h); gated activations split h along `axis` into [gate; up] halves of width H."""
     if act not in GATED_ACTIVATIONS:
-        return _act(b, h, act)
+        return plain_act(b, h, act)
     g, u = b.op("Split", h, i64(H, H), axis=axis, n_out=2)
-    return b.mul(_act(b, g, _BASE_ACT[act]), u)
+    return b.mul(plain_act(b, g, BASE_ACT[act]), u)
 
 
-def _act(b: Builder, x, act: str):
+def plain_act(b: Builder, x, act: str):
+    """A non-gated activation of x (relu, silu, gelu)."""
     if act == "relu":
         return b.op("Relu", x)
     if act == "silu":

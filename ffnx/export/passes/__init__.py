@@ -19,6 +19,7 @@ ORDER = [
     "fold_norm_affine",
     "fuse_gate_up",
     "fuse_parallel_ffn",
+    "fuse_sibling_linears",
     "canonical_gelu",
     "lower_moe",
     "ffn_fusion",

@@ -116,12 +116,12 @@ def test_dynamic_shaped_weights_are_skipped_with_a_reason(model):
 
 def _fake_timer(table, calls, noisy=False, if_cost=0.99):
     """time_lowerings stand-in: samples from `table[T][candidate]`; an If "a|t|b" costs
-    `if_cost` times its branch at T (noisy: the two halves of the rounds rank the candidates in
-    opposite orders); records each call."""
+    `if_cost` times its branch at T, a candidate missing from the table 10x the slowest (noisy:
+    the two halves of the rounds rank the candidates in opposite orders); records each call."""
 
     def seconds(T, c):
         if "|" not in c:
-            return table[T][c]
+            return table[T].get(c, 10 * max(table[T].values()))
         a, t, b = c.split("|")
         return if_cost * table[T][a if T <= int(t) else b]
 
@@ -190,6 +190,19 @@ def test_an_if_that_does_not_pay_for_itself_is_dropped(model, monkeypatch):
     assert note["lowering"] == "ort_moe" and "the If (ort_moe|1|dense) timed" in note["why"]
 
 
+def test_an_if_costing_a_few_microseconds_is_kept(model, monkeypatch):
+    """Small layers: the If's fixed cost is a large fraction of the layer at small T, little in
+    absolute terms; it is kept where it gains elsewhere (here 1.11x at T=16)."""
+    from ffnx.export.lowering import timing
+
+    small = {T: {c: v * 1e-5 for c, v in d.items()} for T, d in BRANCHY.items()}
+    monkeypatch.setattr(timing, "time_lowerings", _fake_timer(small, [], if_cost=1.8))
+    _, res = _apply(model, options={"tokens": [1, 16]})
+    note = res.notes["layers"]["moe"]
+    assert note["lowering"] == "ort_moe|1|dense", note["why"]
+    assert "0.56-1.11x as fast as ort_moe" in note["why"]
+
+
 def test_segments_ignore_differences_within_the_margin():
     t = {1: {"a": 1.0, "b": 1.04}, 16: {"a": 1.03, "b": 1.0}, 256: {"a": 1.0, "b": 2.0}}
     assert chooser.segments(t) == [("a", 256)]
@@ -200,6 +213,11 @@ def test_segments_ignore_differences_within_the_margin():
         64: {"a": 3.0, "b": 1.0},
     }
     assert chooser.segments(t) == [("a", 4), ("b", 64)]
+
+
+def test_segment_ties_go_to_the_closest_to_the_fastest_overall():
+    t = {1: {"a": 1.0, "b": 1.01}, 16: {"a": 1.0, "b": 1.0}, 256: {"a": 1.04, "b": 1.0}}
+    assert chooser.segments(t) == [("b", 256)]  # a wins T=1 by 1 %, b wins T=256 by 4 %
 
 
 def test_measurement_off_uses_the_rule(model, monkeypatch):
