@@ -203,6 +203,15 @@ def test_an_if_costing_a_few_microseconds_is_kept(model, monkeypatch):
     assert "0.56-1.11x as fast as ort_moe" in note["why"]
 
 
+def test_an_if_pays_only_its_own_launch_where_it_runs_the_single_form():
+    assert chooser.branch_at("a|4|b|64|c", 1) == "a" and chooser.branch_at("a|4|b|64|c", 16) == "b"
+    assert chooser.branch_at("a|4|b|64|c", 256) == "c" and chooser.branch_at("a", 256) == "a"
+    launch = {1: {"a|1|b": 9e-6, "a": 5e-6}, 16: {"a|1|b": 10.4e-6, "a": 10e-6}}
+    assert chooser.if_pays(launch, "a|1|b", "a")  # T=1: +4 us of If launch on `a` itself
+    other = {1: {"a|1|b": 9e-6, "a": 5e-6}, 16: {"a|1|b": 12e-6, "a": 10e-6}}
+    assert not chooser.if_pays(other, "a|1|b", "a")  # T=16 runs `b`, 20 % slower than `a`
+
+
 def test_segments_ignore_differences_within_the_margin():
     t = {1: {"a": 1.0, "b": 1.04}, 16: {"a": 1.03, "b": 1.0}, 256: {"a": 1.0, "b": 2.0}}
     assert chooser.segments(t) == [("a", 256)]
