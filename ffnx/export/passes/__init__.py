@@ -22,6 +22,7 @@ ORDER = [
     "fuse_sibling_linears",
     "canonical_gelu",
     "lower_moe",
+    "flatten_tokens",
     "ffn_fusion",
     "sparsify_ffn",
     "remove_layernorm",
