@@ -319,3 +319,13 @@ TORCH_MODELS = ("tbn_linear", "tbn_fanout", "tbn_shared_transpose", "repa_residu
 def torch_models() -> list[str]:
     """Catalogue names (without importing torch: collection stays fast)."""
     return list(TORCH_MODELS)
+
+
+def ort_kernels(m: onnx.ModelProto, tmp_path) -> Counter:
+    """Op types of the graph ONNX Runtime runs after its own optimizations."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node)

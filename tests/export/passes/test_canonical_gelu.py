@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,7 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from .helpers import apply, check_applied, check_unchanged, export, feeds_of, model, rand
+from .helpers import (
+    apply,
+    check_applied,
+    check_unchanged,
+    export,
+    feeds_of,
+    model,
+    ort_kernels,
+    rand,
+)
 
 NAME = "canonical_gelu"
 D, H = 8, 32
@@ -37,14 +44,6 @@ class GeluFFNs(nn.Module):
 def gelus():
     torch.manual_seed(0)
     return export(GeluFFNs(), torch.randn(2, 3, D), dynamic={"x": {0: "b", 1: "t"}})
-
-
-def ort_kernels(m: onnx.ModelProto, tmp_path) -> Counter:
-    """Op types of the graph ONNX Runtime runs after its own optimizations."""
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node)
 
 
 def unfused(m: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

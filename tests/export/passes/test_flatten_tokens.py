@@ -3,8 +3,6 @@ Gemm); exact; left alone where nothing would fuse or two token dims are dynamic.
 
 from __future__ import annotations
 
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -17,6 +15,7 @@ from .helpers import (
     export,
     feeds_of,
     model,
+    ort_kernels,
     rand,
     skip_reasons,
 )
@@ -42,23 +41,13 @@ class Blocks(nn.Module):
         return self.head(x.mean(1)), x
 
 
-def ort_ops(m: onnx.ModelProto, tmp_path) -> dict:
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ops: dict = {}
-    for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return ops
-
-
 def test_mlp_block_runs_flat_and_ort_fuses_the_biases(tmp_path):
     torch.manual_seed(0)
     m = export(Blocks(), torch.randn(2, N, D), dynamic={"x": {0: "b"}})
     feeds = feeds_of(rand(2, N, D, seed=1), rand(3, N, D, seed=2))
     new, rep = check_applied(NAME, m, feeds, n_applied=1, rtol=1e-6, atol=1e-6)
     assert [o.name for o in new.graph.output] == [o.name for o in m.graph.output]
-    before, after = ort_ops(m, tmp_path), ort_ops(new, tmp_path)
+    before, after = ort_kernels(m, tmp_path), ort_kernels(new, tmp_path)
     assert after.get("Gemm", 0) == before.get("Gemm", 0) + 4, after  # fc1, fc2 with biases
     assert after.get("Add", 0) < before.get("Add", 0)
 
