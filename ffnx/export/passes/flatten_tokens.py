@@ -177,7 +177,9 @@ def _flatten(graph: gs.Graph, nodes: list[gs.Node], plan: dict, dims: tuple) -> 
     inside = {id(n) for n in nodes}
     for t in plan["retarget"]:
         r = t.inputs[0]
-        r.inputs[1] = gs.Constant(f"{r.name}/flatten_tokens/shape", np.array([-1, t.shape[2]]))
+        r.inputs[1] = gs.Constant(
+            f"{r.name}/flatten_tokens/shape", np.array([-1, t.shape[2]], np.int64)
+        )
     for t in plan["entries"]:
         flat = gs.Variable(f"{t.name}/flat", dtype=t.dtype)
         shape = gs.Constant(f"{t.name}/flat/shape", np.array([-1, t.shape[2]], np.int64))
