@@ -612,6 +612,29 @@ class Builder:
         return y
 
 
+def merge_linears(graph: gs.Graph, prefix: str, linears: list[Linear]) -> None:
+    """Replace linears on one input by x·[W_1 | ... | W_n] + [b_1; ...] (a missing bias is
+    zeros) and a last-axis Split whose parts are the old outputs y_i (same tensors, new
+    producer). The old MatMul/Add nodes lose their outputs; cleanup removes them."""
+    outs = [lin.y for lin in linears]
+    for lin in linears:
+        for n in lin.nodes:
+            n.outputs.clear()
+    dt = linears[0].weight.dtype
+    b = Builder(graph, prefix)
+    w = np.concatenate([lin.weight for lin in linears], axis=1)
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        parts = [np.zeros(lin.width, dt) if lin.bias is None else lin.bias for lin in linears]
+        bias = np.concatenate(parts).astype(dt)
+    h = b.linear(linears[0].x, w, bias)
+    sizes = np.array([lin.width for lin in linears], np.int64)
+    if graph.opset >= 13:
+        b.op("Split", [h, b.const(sizes, "split")], {"axis": -1}, outs)
+    else:
+        b.op("Split", [h], {"axis": -1, "split": sizes.tolist()}, outs)
+
+
 def onnx_dtype(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 

@@ -20,11 +20,10 @@ does not merge the two on its own). `--passes fuse_gate_up` applies it for ORT t
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.export.passes.base import GraphPass, Match, PassContext
-from ffnx.export.passes.ffn_match import Builder, match_gated, used_outside
+from ffnx.export.passes.ffn_match import match_gated, merge_linears, used_outside
 
 
 class FuseGateUp(GraphPass):
@@ -58,25 +57,7 @@ class FuseGateUp(GraphPass):
         return None
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
-        fc1, up = m.info["fc1"], m.info["up"]
-        g, u = fc1.y, up.y
-        for n in fc1.nodes + up.nodes:
-            n.outputs.clear()  # g and u get the Split as their producer
-        b = Builder(graph, self.name)
-        dt = fc1.weight.dtype
-        w = np.concatenate([fc1.weight, up.weight], axis=1)
-        bias = None
-        if fc1.bias is not None or up.bias is not None:
-            parts = [
-                lin.bias if lin.bias is not None else np.zeros(lin.width, dt) for lin in (fc1, up)
-            ]
-            bias = np.concatenate(parts).astype(dt)
-        h = b.linear(fc1.x, w, bias)
-        sizes = [fc1.width, up.width]
-        if graph.opset >= 13:
-            b.op("Split", [h, b.const(np.array(sizes, np.int64), "split")], {"axis": -1}, [g, u])
-        else:
-            b.op("Split", [h], {"axis": -1, "split": sizes}, [g, u])
+        merge_linears(graph, self.name, [m.info["fc1"], m.info["up"]])
 
 
 PASS = FuseGateUp()

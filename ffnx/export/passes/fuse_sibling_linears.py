@@ -23,11 +23,16 @@ without biases would stay at 2 kernels plus the Split's copy, which measured slo
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.export.passes.base import GraphPass, Match, PassContext
-from ffnx.export.passes.ffn_match import Builder, Linear, find_ffns, linear_at, used_outside
+from ffnx.export.passes.ffn_match import (
+    Linear,
+    find_ffns,
+    linear_at,
+    merge_linears,
+    used_outside,
+)
 
 
 def kernels_saved(linears: list[Linear]) -> int:
@@ -71,25 +76,7 @@ class FuseSiblingLinears(GraphPass):
         return None
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
-        linears: list[Linear] = m.info["linears"]
-        outs = [lin.y for lin in linears]
-        for lin in linears:
-            for n in lin.nodes:
-                n.outputs.clear()  # the y_i get the Split as their producer
-        dt = linears[0].weight.dtype
-        b = Builder(graph, self.name)
-        w = np.concatenate([lin.weight for lin in linears], axis=1)
-        bias = None
-        if any(lin.bias is not None for lin in linears):
-            zero = [np.zeros(lin.width, dt) for lin in linears]
-            parts = [z if lin.bias is None else lin.bias for lin, z in zip(linears, zero)]
-            bias = np.concatenate(parts).astype(dt)
-        h = b.linear(m.info["x"], w, bias)
-        sizes = np.array([lin.width for lin in linears], np.int64)
-        if graph.opset >= 13:
-            b.op("Split", [h, b.const(sizes, "split")], {"axis": -1}, outs)
-        else:
-            b.op("Split", [h], {"axis": -1, "split": sizes.tolist()}, outs)
+        merge_linears(graph, self.name, m.info["linears"])
 
     def note(self, res, m: Match) -> None:
         res.notes.setdefault("merged", []).append(len(m.info["linears"]))
