@@ -50,6 +50,11 @@ from ffnx.commands.options import csv_list
     is_flag=True,
     help="With --target trt: export and check the graph; build later with `ffnx build`.",
 )
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="hf: causal LMs: export input_ids -> logits without the KV cache (no past inputs).",
+)
 def export_cmd(
     model,
     out,
@@ -65,6 +70,7 @@ def export_cmd(
     target,
     precision,
     no_build,
+    no_cache,
 ) -> None:
     """Export MODEL (zoo name, pkg.module:factory, file.py:factory or hf:PATH) to an artifact
     directory, verified against torch at two shapes.
@@ -80,7 +86,12 @@ def export_cmd(
     from ffnx.export.torch_export import DEFAULT_OPSET
     from ffnx.models.user import parse_dynamic, resolve
 
-    spec = resolve(model, size, parse_dynamic(dynamic))
+    if model.startswith("hf:") and not no_cache:
+        from ffnx.models.hf import load_hf
+
+        spec = load_hf(model[3:], parse_dynamic(dynamic), cache=True)
+    else:
+        spec = resolve(model, size, parse_dynamic(dynamic))
     tol = verify.Tolerance(
         atol=verify.DEFAULT_ATOL if atol is None else atol,
         rtol=verify.DEFAULT_RTOL if rtol is None else rtol,

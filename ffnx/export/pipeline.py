@@ -161,6 +161,7 @@ def export_artifact(
             model = onnx.load(str(onnx_path), load_external_data=False)
             manifest = base_manifest(spec, model, opset, source or spec.name)
             manifest["model"]["size"] = size
+            manifest.update(getattr(spec, "manifest_extra", {}))  # e.g. the KV-cache decoder
         # Verified against the original modules, not their captured (ffnx-op) twins.
         output_names = [o["name"] for o in manifest["outputs"]]
         step("verifying ONNX Runtime against torch at two shapes")

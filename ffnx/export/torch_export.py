@@ -116,7 +116,9 @@ def export_onnx(spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -
                 args,
                 dynamo=True,
                 input_names=list(spec.inputs),
-                dynamic_shapes=dynamic_shapes(spec) if spec.dynamic else None,
+                output_names=getattr(spec, "output_names", None),
+                dynamic_shapes=getattr(spec, "export_dynamic_shapes", None)
+                or (dynamic_shapes(spec) if spec.dynamic else None),
                 opset_version=opset,
                 verbose=False,
             )

@@ -96,10 +96,19 @@ def _moe_variant(config) -> str:
     return f"moe-top{k}" if k else ""
 
 
-def load_hf(path: str, dynamic: dict[str, dict[int, str]] | None = None) -> ModelSpec:
-    """`hf:PATH` -> ModelSpec (forward(input_ids) -> logits; batch/seq dynamic)."""
+def load_hf(
+    path: str, dynamic: dict[str, dict[int, str]] | None = None, cache: bool = False
+) -> ModelSpec:
+    """`hf:PATH` -> ModelSpec (forward(input_ids) -> logits; batch/seq dynamic).
+
+    cache=True: the KV-cache decoder of `ffnx.export.kv_cache` (prefill and decode, one graph)."""
     cfg_path, weights = _config_path(Path(path).expanduser())
     model = _load_model(cfg_path, weights)
+    if cache:
+        from ffnx.export.kv_cache import decoder_spec
+
+        name = cfg_path.parent.name if cfg_path.name == "config.json" else cfg_path.stem
+        return decoder_spec(model, name, path, weights, SEED, _moe_variant(model.config), MAX_SEQ)
     config = model.config
     vocab = int(config.get_text_config().vocab_size)
     max_seq = min(int(getattr(config, "max_position_embeddings", MAX_SEQ) or MAX_SEQ), MAX_SEQ)
