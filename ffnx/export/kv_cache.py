@@ -93,11 +93,9 @@ def decoder_inputs(
         "attention_mask": mask,
         "position_ids": pos,
     }
-    for (kv, kd, vd), name in zip(
-        [g_ for g_ in cache_geometry(config) for _ in (0, 1)], past_names(len(cache_geometry(config)))
-    ):
-        d = kd if name.endswith("key") else vd
-        feeds[name] = torch.randn(batch, kv, past, d, generator=g)
+    for i, (kv, kd, vd) in enumerate(cache_geometry(config)):
+        feeds[f"past_key_values.{i}.key"] = torch.randn(batch, kv, past, kd, generator=g)
+        feeds[f"past_key_values.{i}.value"] = torch.randn(batch, kv, past, vd, generator=g)
     return feeds
 
 
@@ -113,8 +111,8 @@ def dynamic_axes(n_layers: int) -> dict[str, dict[int, str]]:
 
 
 def export_dynamic_shapes(n_layers: int) -> tuple:
-    """torch.export shapes (positional, in input order): `total` is past + seq (a derived dim torch infers), so every axis is
-    `Dim.DYNAMIC` and torch records the relations itself."""
+    """torch.export shapes (positional, in input order): `total` is past + seq (a derived dim
+    torch infers), so every axis is `Dim.DYNAMIC` and torch records the relations itself."""
     d = torch.export.Dim.DYNAMIC
     axes = [{a: d for a in v} for v in dynamic_axes(n_layers).values()]
     return (*axes[:3], tuple(axes[3:]))  # forward's *pasts is one positional group
