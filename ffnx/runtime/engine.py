@@ -93,6 +93,22 @@ class Engine:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.backend.run(self.validate(feeds))
 
+    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> np.ndarray:
+        """New token ids [batch, n] from a KV-cache decoder artifact (`ffnx export hf:DIR`).
+
+        input_ids: int [batch, seq] or a list of id lists (left-padded here). Keywords:
+        temperature=0.0 (greedy), top_k, top_p, seed, eos_token_id (default: the model's),
+        ignore_eos. See `ffnx.runtime.generate`."""
+        from ffnx.runtime.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens: int, **kwargs):
+        """Like `generate`, yielding one int64 [batch] array of tokens per step."""
+        from ffnx.runtime.generate import stream
+
+        return stream(self, input_ids, max_new_tokens, **kwargs)
+
     def random_inputs(
         self, dims: dict[str, int] | None = None, seed: int = 0
     ) -> dict[str, np.ndarray]:
