@@ -17,6 +17,8 @@ state layers are not), and models whose attention cannot take an explicit attent
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ffnx.errors import ModelSpecError
@@ -58,6 +60,8 @@ class CausalLMWithCache(torch.nn.Module):
         super().__init__()
         self.model = model
         self.n_layers = len(cache_geometry(model.config))
+        params = inspect.signature(model.forward).parameters  # transformers >= 5.24: `cache`
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def forward(self, input_ids, attention_mask, position_ids, *pasts):
         from transformers import DynamicCache
@@ -69,10 +73,10 @@ class CausalLMWithCache(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_arg: cache},
         )
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None) or out.past_key_values
         flat = []
         for layer in cache.layers:
             flat += [layer.keys, layer.values]
