@@ -1,0 +1,101 @@
+"""`Engine.generate` / `Engine.stream` on KV-cache decoder artifacts: greedy tokens equal
+transformers' greedy `generate` over 32 steps (random tiny weights), at batch 1 and for a
+left-padded batch of 2; sampling, EOS and input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ffnx.errors import InputError
+
+pytest.importorskip("transformers")
+
+from tests.export.test_kv_cache import ARCHS, FAST, write_config  # noqa: E402
+
+STEPS = 32
+PARAMS = [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """model_type -> (Engine, transformers model), exported once per module (passes on)."""
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models.hf import load_hf
+    from ffnx.runtime import Engine
+
+    made = {}
+
+    def get(model_type: str):
+        if model_type not in made:
+            root = tmp_path_factory.mktemp(model_type)
+            spec = load_hf(str(write_config(root / "src", model_type)), cache=True)
+            export_artifact(spec, root / "art")
+            made[model_type] = (Engine.load(root / "art", backend="ort"), spec.module.model)
+        return made[model_type]
+
+    return get
+
+
+def hf_greedy(model, rows: list[list[int]], steps: int) -> np.ndarray:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    mask = torch.zeros(len(rows), width, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
+                             min_new_tokens=steps, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)  # fmt: skip
+    return out[:, width:].numpy()
+
+
+@pytest.mark.parametrize("model_type", PARAMS)
+def test_greedy_tokens_equal_transformers_generate(artifacts, model_type):
+    engine, model = artifacts(model_type)
+    rng = np.random.default_rng(1)
+    one = [rng.integers(3, 256, 6).tolist()]
+    got = engine.generate(one, STEPS, ignore_eos=True)
+    assert got.shape == (1, STEPS) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, hf_greedy(model, one, STEPS))
+    two = [rng.integers(3, 256, 7).tolist(), rng.integers(3, 256, 4).tolist()]  # left-padded
+    got = engine.generate(two, STEPS, ignore_eos=True)
+    np.testing.assert_array_equal(got, hf_greedy(model, two, STEPS))
+    alone = engine.generate([two[1]], STEPS, ignore_eos=True)  # padding changes nothing
+    np.testing.assert_array_equal(got[1:], alone)
+
+
+def test_stream_sampling_and_eos(artifacts):
+    engine, _ = artifacts("llama")
+    prompt = np.array([[5, 17, 99, 3]], dtype=np.int64)
+    greedy = engine.generate(prompt, 8, ignore_eos=True)
+    streamed = np.stack(list(engine.stream(prompt, 8, ignore_eos=True)), axis=1)
+    np.testing.assert_array_equal(streamed, greedy)
+    top1 = engine.generate(prompt, 8, temperature=1.0, top_k=1, seed=3, ignore_eos=True)
+    np.testing.assert_array_equal(top1, greedy)  # top-k 1 is greedy whatever the draw
+    a = engine.generate(prompt, 8, temperature=1.5, top_p=0.9, seed=11, ignore_eos=True)
+    b = engine.generate(prompt, 8, temperature=1.5, top_p=0.9, seed=11, ignore_eos=True)
+    np.testing.assert_array_equal(a, b)
+    hot = [engine.generate(prompt, 8, temperature=5.0, seed=s, ignore_eos=True) for s in range(4)]
+    assert any(not np.array_equal(h, greedy) for h in hot)  # sampling really samples
+    stop = int(greedy[0, 2])
+    out = engine.generate(prompt, 8, eos_token_id=stop)
+    first = int(np.argmax(greedy[0] == stop))
+    assert out.shape == (1, first + 1) and int(out[0, -1]) == stop
+
+
+def test_bad_inputs_are_input_errors(artifacts, tmp_path):
+    from ffnx.runtime import Engine
+
+    engine, _ = artifacts("llama")
+    with pytest.raises(InputError, match=r"token ids must be in \[0, 256\)"):
+        engine.generate([[1, 300]], 4)
+    with pytest.raises(InputError, match="maximum length 512"):
+        engine.generate([[1, 2]], 600)
+    with pytest.raises(InputError, match="at least one token"):
+        engine.generate([[]], 4)
+    bare = Engine.load(engine.path + "/model.onnx")  # no manifest: not known as a decoder
+    with pytest.raises(InputError, match="not a KV-cache decoder"):
+        bare.generate([[1, 2]], 4)
