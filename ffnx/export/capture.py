@@ -2,7 +2,9 @@
 
 A capture rule is a function `(name, module, target) -> replacement | None`; a replacement is a
 torch module with the same numerics whose forward emits one ffnx op node at export time, and
-which names the op type it needs in `ffnx_op_type`. Rules are tried in order on every submodule
+which names the op type it needs in `ffnx_op_type`. The rules are one explicit list,
+`default_rules()` (rule modules do not register themselves by import side effect, and import
+nothing from here). Rules are tried in order on every submodule
 (outermost first; a replaced module's children are not visited). The original modules are put
 back when the export finishes, whatever happens.
 """
@@ -15,27 +17,26 @@ from collections.abc import Callable, Iterator
 import torch
 
 CaptureRule = Callable[[str, torch.nn.Module, str], torch.nn.Module | None]
-RULES: list[CaptureRule] = []
 
 
-def register(rule: CaptureRule) -> CaptureRule:
-    RULES.append(rule)
-    return rule
+def default_rules() -> tuple[CaptureRule, ...]:
+    """The capture rules, in the order they are tried (imported here, when an export runs, to
+    keep `capture` import-light)."""
+    from ffnx.export.moe_capture import capture_moe
+
+    return (capture_moe,)
 
 
-def _load_rules() -> None:
-    # Rule modules register themselves on import; imported here to keep `capture` import-light.
-    import ffnx.export.moe_capture  # noqa: F401
-
-
-def _plan(root: torch.nn.Module, target: str) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+def _plan(
+    root: torch.nn.Module, target: str, rules: tuple[CaptureRule, ...]
+) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
     swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
 
     def visit(prefix: str, mod: torch.nn.Module) -> None:
         for child_name, child in mod.named_children():
             full = f"{prefix}.{child_name}" if prefix else child_name
             new = next(
-                (r for r in (rule(full, child, target) for rule in RULES) if r is not None), None
+                (r for r in (rule(full, child, target) for rule in rules) if r is not None), None
             )
             if new is not None:
                 swaps.append((mod, child_name, new))
@@ -47,10 +48,12 @@ def _plan(root: torch.nn.Module, target: str) -> list[tuple[torch.nn.Module, str
 
 
 @contextlib.contextmanager
-def captured(root: torch.nn.Module, target: str = "ort") -> Iterator[set[str]]:
-    """Swap every matching block for its ffnx-op twin; yield the set of op types used."""
-    _load_rules()
-    swaps = _plan(root, target)
+def captured(
+    root: torch.nn.Module, target: str = "ort", rules: tuple[CaptureRule, ...] | None = None
+) -> Iterator[set[str]]:
+    """Swap every block a rule matches (`rules`, default `default_rules()`) for its ffnx-op
+    twin; yield the set of op types used."""
+    swaps = _plan(root, target, default_rules() if rules is None else tuple(rules))
     originals = []
     ops: set[str] = set()
     try:

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffnx.errors import ExportError
-from ffnx.export.capture import register
 from ffnx.export.moe_op import MoEOpModule, register_onnx_schemas
 from ffnx.plugins.schema import group_error
 
@@ -333,9 +332,9 @@ def zoo_block(module: nn.Module) -> MoEOpModule | None:
 # rule
 
 
-@register
 def capture_moe(name: str, module: nn.Module, target: str) -> nn.Module | None:
-    """Capture rule: MoE blocks (ffnx zoo, transformers) -> MoEOpModule."""
+    """Capture rule (listed in `capture.default_rules`): MoE blocks (ffnx zoo, transformers) ->
+    MoEOpModule."""
     try:
         new = hf_block(module)
         if new is None:
