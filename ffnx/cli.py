@@ -55,9 +55,19 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from ffnx.commands import build, export, inspect, models, optimize, plugins, run, sparsity
+    from ffnx.commands import (
+        build,
+        export,
+        generate,
+        inspect,
+        models,
+        optimize,
+        plugins,
+        run,
+        sparsity,
+    )
 
-    for mod in (models, export, optimize, build, run, inspect, plugins, sparsity):
+    for mod in (models, export, optimize, build, run, generate, inspect, plugins, sparsity):
         for cmd in mod.COMMANDS:
             main.add_command(cmd)
 

@@ -18,11 +18,13 @@ state layers are not), and models whose attention cannot take an explicit attent
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 
 from ffnx.errors import ModelSpecError
 
+TOKENIZER = "tokenizer.json"
 EXAMPLE = (2, 3, 5)  # example (batch, seq, past); all > 1 so torch.export keeps them dynamic
 
 
@@ -166,6 +168,10 @@ def decoder_spec(model, name: str, source: str, weights: bool, seed: int, varian
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.eos_token_id is not None:
         eos = gen.eos_token_id
+    src = Path(source).expanduser()
+    tokenizer = (src if src.is_dir() else src.parent) / TOKENIZER
+    if tokenizer.is_file():  # copied into the artifact; its sha256 is in the manifest's files
+        spec.extra_files = {TOKENIZER: tokenizer}
     spec.output_names = ["logits", *present_names(n)]
     spec.export_dynamic_shapes = export_dynamic_shapes(n)
     spec.manifest_extra = {
@@ -180,6 +186,7 @@ def decoder_spec(model, name: str, source: str, weights: bool, seed: int, varian
             "pad_token_id": _token_id(config, "pad_token_id"),
             "past_inputs": past_names(n),
             "present_outputs": present_names(n),
+            "tokenizer": TOKENIZER if tokenizer.is_file() else None,
         }
     }
     return spec

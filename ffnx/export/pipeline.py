@@ -162,6 +162,8 @@ def export_artifact(
             manifest = base_manifest(spec, model, opset, source or spec.name)
             manifest["model"]["size"] = size
             manifest.update(getattr(spec, "manifest_extra", {}))  # e.g. the KV-cache decoder
+        for fname, src in getattr(spec, "extra_files", {}).items():  # e.g. tokenizer.json
+            artifact.write_bytes_atomic(stage / fname, Path(src).read_bytes())
         # Verified against the original modules, not their captured (ffnx-op) twins.
         output_names = [o["name"] for o in manifest["outputs"]]
         step("verifying ONNX Runtime against torch at two shapes")

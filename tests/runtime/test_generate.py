@@ -30,12 +30,23 @@ def artifacts(tmp_path_factory):
     def get(model_type: str):
         if model_type not in made:
             root = tmp_path_factory.mktemp(model_type)
-            spec = load_hf(str(write_config(root / "src", model_type)), cache=True)
+            src = write_config(root / "src", model_type)
+            write_tokenizer(src / "tokenizer.json")
+            spec = load_hf(str(src), cache=True)
             export_artifact(spec, root / "art")
             made[model_type] = (Engine.load(root / "art", backend="ort"), spec.module.model)
         return made[model_type]
 
     return get
+
+
+def write_tokenizer(path) -> None:
+    """A WordLevel tokenizer over the 256 ids: token i is the word `w{i}`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
 
 
 def hf_greedy(model, rows: list[list[int]], steps: int) -> np.ndarray:
@@ -99,3 +110,53 @@ def test_bad_inputs_are_input_errors(artifacts, tmp_path):
     bare = Engine.load(engine.path + "/model.onnx")  # no manifest: not known as a decoder
     with pytest.raises(InputError, match="not a KV-cache decoder"):
         bare.generate([[1, 2]], 4)
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from ffnx.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_generate_text_and_ids(artifacts):
+    import json
+
+    from ffnx import artifact
+
+    engine, _ = artifacts("llama")
+    manifest = artifact.read_manifest(engine.path)
+    assert manifest["decoder"]["tokenizer"] == "tokenizer.json"
+    assert manifest["files"]["tokenizer.json"] == artifact.sha256(engine.path + "/tokenizer.json")
+    want = engine.generate([[5, 17, 99]], 6, ignore_eos=True)[0].tolist()
+    r = cli("generate", engine.path, "--prompt", "w5 w17 w99", "--max-new-tokens", 6,
+            "--ignore-eos", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["prompt_ids"] == [5, 17, 99] and out["new_ids"] == want
+    assert out["text"] == " ".join(f"w{i}" for i in want)
+    r = cli("generate", engine.path, "--prompt-ids", "5,17,99", "--max-new-tokens", 6,
+            "--ignore-eos", "--json")  # fmt: skip
+    assert json.loads(r.output.strip().splitlines()[-1])["new_ids"] == want
+
+
+def test_cli_generate_bad_inputs_one_error_line(artifacts):
+    engine, _ = artifacts("llama")
+    for args, msg in (
+        (("--prompt-ids", "1,x"), "error: bad --prompt-ids '1,x'"),
+        ((), "error: give exactly one of --prompt TEXT or --prompt-ids"),
+        (("--prompt-ids", "1,999"), "error: token ids must be in [0, 256)"),
+    ):
+        r = cli("generate", engine.path, *args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(msg), r.output
+
+
+def test_generate_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, ffnx.runtime.generate, ffnx.runtime.engine; "
+            "sys.exit(any(m in sys.modules for m in ('torch', 'onnx')))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
