@@ -73,13 +73,6 @@ def import_graph() -> dict[str, set[str]]:
     return {m: imports_of(m, p, modules) for m, p in modules.items()}
 
 
-def _parents(mod: str) -> set[str]:
-    """Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__``: not an edge we count,
-    a package's own ``__init__`` re-exporting its children is fine."""
-    parts = mod.split(".")
-    return {".".join(parts[:i]) for i in range(1, len(parts))}
-
-
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}
@@ -90,8 +83,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     counter = [0]
 
     def edges(v: str) -> set[str]:
-        # a package __init__ importing its own children is not a cycle with them
-        return {w for w in graph.get(v, ()) if v not in _parents(w)}
+        return graph.get(v, set())
 
     def strong(v: str) -> None:
         index[v] = low[v] = counter[0]

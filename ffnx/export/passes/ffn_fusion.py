@@ -25,17 +25,11 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
+from ffnx.export.graph_ort import output_error, to_model, try_run
 from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult
-from ffnx.export.passes.ffn_match import (
-    FFN,
-    Norm,
-    find_ffns,
-    find_norms,
-    output_error,
-    to_model,
-    try_run,
-)
+from ffnx.export.passes.ffn_match import FFN, find_ffns
 from ffnx.export.passes.fuse_parallel_ffn import PASS as merge_parallel_pass
+from ffnx.export.passes.norm_match import Norm, find_norms
 
 
 @dataclass

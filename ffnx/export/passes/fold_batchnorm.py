@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.export.graph_builder import Builder
 from ffnx.export.passes.base import (
     GraphPass,
     Match,
@@ -44,7 +45,7 @@ from ffnx.export.passes.base import (
     sole_consumer,
 )
 from ffnx.export.passes.cleanup import known_shape, set_input
-from ffnx.export.passes.ffn_match import Builder, linear_at
+from ffnx.export.passes.ffn_match import linear_at
 
 FLOATS = (np.float16, np.float32, np.float64)
 

@@ -11,7 +11,7 @@ Forms: the LayerNormalization op (opset ≥ 17; γ becomes a ones constant and t
 is dropped), RMSNormalization (opset 23; γ ones), and decomposed norms as the exporter writes
 them — ReduceMean/Sub/Pow/Add ε/Sqrt/Div (LayerNorm) or Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul
 (hand-written RMSNorm) followed by Mul(γ) and/or Add(β): the Mul/Add nodes are removed. The
-matcher is `ffn_match.find_norms` (last-axis norms only). Readers: MatMul/Gemm with constant
+matcher is `norm_match.find_norms` (last-axis norms only). Readers: MatMul/Gemm with constant
 2-D weights reading the norm output as their left operand (Gemm transA = 0).
 
 Kept where a runtime fuses it: a decomposed norm that divides by Sqrt (LN or RMS, the form
@@ -33,10 +33,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.export.graph_builder import Builder
 from ffnx.export.passes.base import GraphPass, Match, PassContext, const, producer
 from ffnx.export.passes.cleanup import swap
-from ffnx.export.passes.ffn_match import Builder, Norm, find_norms, linear_at
+from ffnx.export.passes.ffn_match import linear_at
 from ffnx.export.passes.fold_batchnorm import Affine, consumers_reason, fold_before
+from ffnx.export.passes.norm_match import Norm, find_norms
 
 
 def _before(norm: Norm, ops: tuple[str, ...]) -> gs.Tensor | None:

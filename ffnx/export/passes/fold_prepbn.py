@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from ffnx.export.graph_builder import Builder
 from ffnx.export.passes.base import GraphPass, Match, PassContext
-from ffnx.export.passes.ffn_match import Builder, find_norms
 from ffnx.export.passes.fold_batchnorm import (
     Affine,
     bn_affine,
@@ -41,6 +41,7 @@ from ffnx.export.passes.fold_batchnorm import (
     fold_before,
     mul_add_affine,
 )
+from ffnx.export.passes.norm_match import find_norms
 
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 

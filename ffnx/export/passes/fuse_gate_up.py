@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from ffnx.export.passes.algebra import merge_linears
 from ffnx.export.passes.base import GraphPass, Match, PassContext
-from ffnx.export.passes.ffn_match import match_gated, merge_linears, used_outside
+from ffnx.export.passes.ffn_match import match_gated, used_outside
 
 
 class FuseGateUp(GraphPass):

@@ -22,8 +22,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.export.graph_builder import Builder
 from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult, const, producer
-from ffnx.export.passes.ffn_match import FFN, Builder, find_ffns, find_norms, node_set
+from ffnx.export.passes.ffn_match import FFN, find_ffns, node_set
+from ffnx.export.passes.norm_match import find_norms
 
 MAX_ROUNDS = 256
 

@@ -25,14 +25,9 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from ffnx.export.passes.algebra import merge_linears
 from ffnx.export.passes.base import GraphPass, Match, PassContext
-from ffnx.export.passes.ffn_match import (
-    Linear,
-    find_ffns,
-    linear_at,
-    merge_linears,
-    used_outside,
-)
+from ffnx.export.passes.ffn_match import Linear, find_ffns, linear_at, used_outside
 
 
 def kernels_saved(linears: list[Linear]) -> int:

@@ -38,15 +38,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.export.graph_builder import Builder
 from ffnx.export.passes.base import GraphPass, Match, PassContext, const, producer
-from ffnx.export.passes.ffn_match import (
-    Builder,
-    Linear,
-    Norm,
-    find_norms,
-    linear_from_output,
-    used_outside,
-)
+from ffnx.export.passes.ffn_match import Linear, linear_from_output, used_outside
+from ffnx.export.passes.norm_match import Norm, find_norms
 
 
 @dataclass

@@ -21,8 +21,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.export.graph_builder import Builder
+from ffnx.export.graph_ort import output_error, to_model, try_run
 from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult
-from ffnx.export.passes.ffn_match import Builder, Norm, find_norms, output_error, to_model, try_run
+from ffnx.export.passes.norm_match import Norm, find_norms
 
 
 def token_scales(norm: Norm, xs: list[np.ndarray]) -> float:

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.export.graph_builder import Builder
 from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult, const, producer
 from ffnx.export.passes.ffn_match import (
-    Builder,
     Linear,
     last_axis,
     linear_at,

@@ -37,8 +37,9 @@ import onnx_graphsurgeon as gs
 
 from ffnx.errors import PassError
 from ffnx.export.calibrate import Calibration, LayerStats, calibrate_model, ffn_sites
+from ffnx.export.graph_ort import run, to_model
 from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult
-from ffnx.export.passes.ffn_match import FFN, run, to_model
+from ffnx.export.passes.ffn_match import FFN
 from ffnx.export.sparse_lowering import (
     FORMS,
     act_numpy,

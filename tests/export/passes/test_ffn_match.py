@@ -13,12 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ffnx.export.passes.ffn_match import (
-    Builder,
-    find_ffns,
-    find_norms,
-    match_activation,
-)
+from ffnx.export.graph_builder import Builder
+from ffnx.export.passes.ffn_match import find_ffns, match_activation
+from ffnx.export.passes.norm_match import find_norms
 from ffnx.models.ffn import GatedFFN, Mlp
 from ffnx.models.norms import RMSNorm
 

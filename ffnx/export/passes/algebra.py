@@ -1,0 +1,37 @@
+"""Rewrites shared by several passes (one place, not imported from another pass).
+
+merge_linears: linears y_i = x·W_i + b_i on one input x → h = x·[W_1 | … | W_n] + [b_1; …; b_n]
+    and a last-axis Split of h into the widths of the y_i. Exact: each column of h is computed
+    from the same x with the same weights (float rounding of the dot products unchanged).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ffnx.export.graph_builder import Builder
+from ffnx.export.passes.ffn_match import Linear
+
+
+def merge_linears(graph: gs.Graph, prefix: str, linears: list[Linear]) -> None:
+    """Replace linears on one input by x·[W_1 | ... | W_n] + [b_1; ...] (a missing bias is
+    zeros) and a last-axis Split whose parts are the old outputs y_i (same tensors, new
+    producer). The old MatMul/Add nodes lose their outputs; cleanup removes them."""
+    outs = [lin.y for lin in linears]
+    for lin in linears:
+        for n in lin.nodes:
+            n.outputs.clear()
+    dt = linears[0].weight.dtype
+    b = Builder(graph, prefix)
+    w = np.concatenate([lin.weight for lin in linears], axis=1)
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        parts = [np.zeros(lin.width, dt) if lin.bias is None else lin.bias for lin in linears]
+        bias = np.concatenate(parts).astype(dt)
+    h = b.linear(linears[0].x, w, bias)
+    sizes = np.array([lin.width for lin in linears], np.int64)
+    if graph.opset >= 13:
+        b.op("Split", [h, b.const(sizes, "split")], {"axis": -1}, outs)
+    else:
+        b.op("Split", [h], {"axis": -1, "split": sizes.tolist()}, outs)
