@@ -18,7 +18,6 @@ TensorRT is imported inside the functions that need it; importing this module do
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ffnx import artifact
+from ffnx.build import flavour as flavour_mod
 from ffnx.build.profiles import DimRange, dim_ranges, input_shapes
 from ffnx.errors import ArtifactError, BackendError, PassError
 
@@ -74,14 +74,9 @@ def precision_plan(major: int, precision: str, has_qdq: bool, has_calib: bool) -
     )
 
 
-def import_tensorrt():
-    try:
-        return importlib.import_module("tensorrt")
-    except ImportError as e:
-        raise BackendError(
-            "building engines needs the full TensorRT Python package (pip install tensorrt, or "
-            "an nvcr.io/nvidia/tensorrt image; the lean runtime cannot build)"
-        ) from e
+def import_tensorrt(flavour: str = "auto"):
+    """Enterprise `tensorrt` or `tensorrt_rtx` (see ffnx.build.flavour)."""
+    return flavour_mod.import_tensorrt(flavour)
 
 
 def load_calibration(calib) -> list[dict[str, np.ndarray]]:
@@ -259,6 +254,9 @@ def build_engine(
     calib=None,
     progress: Progress | None = None,
     plugin_library: str | Path | None = None,
+    flavour: str = "auto",
+    compute_capability: str | None = None,
+    optimization_level: int | None = None,
 ) -> dict:
     """Build `artifact_dir/model.plan`; return the manifest's new "tensorrt" section.
 
@@ -276,8 +274,11 @@ def build_engine(
     ranges = dim_ranges(manifest, profiles)
     shapes = input_shapes(manifest, ranges)
     batches = load_calibration(calib)
-    trt = import_tensorrt()
-    major = trt_major(trt)
+    trt = import_tensorrt(flavour)
+    major = flavour_mod.strongly_typed_major(trt)
+    caps = flavour_mod.compute_capabilities(trt, compute_capability)
+    if flavour_mod.flavour_of(trt) == "rtx" and batches:
+        raise PassError("--calib: TensorRT-RTX has no int8 calibration; quantize to Q/DQ first")
     qdq = has_qdq(onnx.load(str(onnx_path), load_external_data=False))
     plan = precision_plan(major, precision, qdq, bool(batches))
     flags = list(plan.flags) + ["SPARSE_WEIGHTS"] * sparse_weights
@@ -293,6 +294,9 @@ def build_engine(
         config = builder.create_builder_config()
         used, profile = _add_profile(trt, builder, network, config, shapes)
         _set_flags(trt, config, flags)
+        targets = flavour_mod.set_compute_capabilities(config, caps)
+        if optimization_level is not None:
+            config.builder_optimization_level = int(optimization_level)
         if version_compatible and lib_info:
             config.plugins_to_serialize = [lib_info["plugin_library"]]
         if workspace_gib:
@@ -304,6 +308,8 @@ def build_engine(
         _save(d, serialized, logger, config if has_cache else None, timing_cache)
     section = {
         "version": str(trt.__version__),
+        "flavour": flavour_mod.flavour_of(trt),
+        "compute_capabilities": targets,
         "precision": precision,
         "strongly_typed": major >= 11,
         "fp16_graph": plan.convert_fp16,

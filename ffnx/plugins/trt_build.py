@@ -39,6 +39,7 @@ TRT_INCLUDE_DIRS = (
     "/usr/src/tensorrt/include",
     "/usr/include",
 )
+RTX_HEADER_MAJOR = 11
 _loaded: dict[tuple[str, str], Path] = {}
 
 
@@ -296,6 +297,8 @@ def load_plugin_library(tensorrt_module, path: str | Path | None = None) -> Path
     if key in _loaded:
         return _loaded[key]
     major = int(str(trt.__version__).split(".")[0])
+    if trt.__name__.split(".")[0] == "tensorrt_rtx":
+        major = RTX_HEADER_MAJOR  # TensorRT-RTX 1.x plugins use the 11.x plugin ABI
     _check_library(path, major)
     registry = trt.get_plugin_registry()
 
