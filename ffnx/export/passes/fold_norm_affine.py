@@ -34,10 +34,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.export.graph_builder import Builder
+from ffnx.export.passes.affine import Affine, consumers_reason, fold_before
 from ffnx.export.passes.base import GraphPass, Match, PassContext, const, producer
 from ffnx.export.passes.cleanup import swap
 from ffnx.export.passes.ffn_match import linear_at
-from ffnx.export.passes.fold_batchnorm import Affine, consumers_reason, fold_before
 from ffnx.export.passes.norm_match import Norm, find_norms
 
 

@@ -31,8 +31,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ffnx.export.graph_builder import Builder
-from ffnx.export.passes.base import GraphPass, Match, PassContext
-from ffnx.export.passes.fold_batchnorm import (
+from ffnx.export.passes.affine import (
     Affine,
     bn_affine,
     consumers_reason,
@@ -41,6 +40,7 @@ from ffnx.export.passes.fold_batchnorm import (
     fold_before,
     mul_add_affine,
 )
+from ffnx.export.passes.base import GraphPass, Match, PassContext
 from ffnx.export.passes.norm_match import find_norms
 
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
