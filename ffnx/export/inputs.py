@@ -62,6 +62,31 @@ def to_numpy(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in inputs.items()}
 
 
+def _flat_outputs(out) -> list[tuple[str | None, torch.Tensor]]:
+    """(key or None, tensor) per tensor output, in the order torch.onnx flattens them."""
+    if isinstance(out, torch.Tensor):
+        return [(None, out)]
+    if isinstance(out, dict) or hasattr(out, "to_tuple"):  # dict, transformers ModelOutput
+        items = out.items()
+        return [(str(k), v) for k, v in items if isinstance(v, torch.Tensor)]
+    if isinstance(out, (tuple, list)):
+        return [(None, o) for o in out if isinstance(o, torch.Tensor)]
+    return []
+
+
+def output_names(spec: ModelSpec) -> list[str]:
+    """Graph output names: the spec's declared names, else the forward's dict keys /
+    ModelOutput fields, else "output" (one output) or "output_<i>"."""
+    declared = getattr(spec, "output_names", None)
+    if declared:
+        return list(declared)
+    with torch.no_grad():
+        flat = _flat_outputs(spec.module(*spec.inputs.values()))
+    if len(flat) == 1 and flat[0][0] is None:
+        return ["output"]
+    return [k if k is not None else f"output_{i}" for i, (k, _) in enumerate(flat)]
+
+
 def torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor], names: list[str]):
     with torch.no_grad():
         out = module(*inputs.values())

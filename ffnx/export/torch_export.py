@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ffnx.errors import ExportError
+from ffnx.export.inputs import output_names
 from ffnx.models.spec import ModelSpec
 
 DEFAULT_OPSET = 18  # ORT >= 1.14, TensorRT >= 8.6 and every Jetson TensorRT read it
@@ -116,7 +117,7 @@ def export_onnx(spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -
                 args,
                 dynamo=True,
                 input_names=list(spec.inputs),
-                output_names=getattr(spec, "output_names", None),
+                output_names=output_names(spec),
                 dynamic_shapes=getattr(spec, "export_dynamic_shapes", None)
                 or (dynamic_shapes(spec) if spec.dynamic else None),
                 opset_version=opset,

@@ -97,11 +97,20 @@ def _moe_variant(config) -> str:
 
 
 def load_hf(
-    path: str, dynamic: dict[str, dict[int, str]] | None = None, cache: bool = False
+    path: str,
+    dynamic: dict[str, dict[int, str]] | None = None,
+    cache: bool = False,
+    task: str | None = None,
 ) -> ModelSpec:
     """`hf:PATH` -> ModelSpec (forward(input_ids) -> logits; batch/seq dynamic).
 
     cache=True: the KV-cache decoder of `ffnx.export.kv_cache` (prefill and decode, one graph)."""
+    if not cache:  # other tasks (the config's, or `task`): ffnx.models.hf_tasks
+        from ffnx.models.hf_tasks import load_task
+
+        task_spec = load_task(path, dynamic, task)
+        if task_spec is not None:
+            return task_spec
     cfg_path, weights = _config_path(Path(path).expanduser())
     model = _load_model(cfg_path, weights)
     if cache:
@@ -132,6 +141,7 @@ def load_hf(
         description=f"transformers {arch} ({config.model_type}) from {path}"
         + ("" if weights else f", random weights (seed {SEED})"),
         max_dims={"seq": max_seq},
+        output_names=["logits"],
     )
     if dynamic:
         spec.dynamic = {**spec.dynamic, **dynamic}

@@ -26,6 +26,9 @@ class ModelSpec:
     variant: str = ""  # FFN variant, e.g. "swiglu", "moe-top2", "repa"
     description: str = ""
     max_dims: dict[str, int] = field(default_factory=dict)  # upper bound per label (pos. tables)
+    # Graph output names, in forward-output order (e.g. ["logits"]); None: derived at export
+    # from the forward's dict keys / ModelOutput fields, else "output" / "output_<i>".
+    output_names: list[str] | None = None
 
     @property
     def params(self) -> int:

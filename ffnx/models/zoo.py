@@ -210,6 +210,7 @@ def build(name: str, size: str = "tiny") -> ModelSpec:
         variant=entry.variant,
         description=entry.description,
         max_dims=max_dims,
+        output_names=["last_hidden_state" if entry.family == "bert" else "logits"],
     )
 
 

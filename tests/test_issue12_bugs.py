@@ -1,0 +1,48 @@
+"""Regression tests for the bugs of issue 12 (each failed before its fix)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _runtime_example() -> str:
+    text = README.read_text()
+    section = text.split("### The runtime API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_runtime_example_runs_verbatim(tmp_path):
+    """README's runtime example, exec'd as written, after exporting gpt-swiglu."""
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models.zoo import build
+
+    export_artifact(build("gpt-swiglu"), tmp_path / "artifacts" / "gpt-swiglu", optimize=False)
+    code = _runtime_example()
+    assert 'Engine.load("artifacts/gpt-swiglu")' in code and '["logits"]' in code
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    assert scope["logits"].shape[:2] == (1, 16)
+
+
+def test_output_names_from_dict_keys(tmp_path):
+    import torch
+
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models.spec import ModelSpec
+
+    class Two(torch.nn.Module):
+        def forward(self, x):
+            return {"scores": x * 2, "hidden": x + 1}
+
+    spec = ModelSpec("two", Two(), {"x": torch.randn(2, 4)})
+    m = export_artifact(spec, tmp_path / "a", optimize=False)
+    assert [o["name"] for o in m["outputs"]] == ["scores", "hidden"]
