@@ -49,12 +49,19 @@ class PassResult:
 
 class GraphPass:
     """Subclass, set `name`, write the docstring (math + exactness condition), implement
-    `match`/`check`/`rewrite`. Override `apply` only when sites interact (e.g. calibration)."""
+    `match`/`check`/`rewrite`. Override `apply` only when sites interact (e.g. calibration).
+
+    `iterate = True` when one rewrite changes the sites the next one sees (merging sums,
+    narrowing FFNs): `apply` then rewrites the first site that passes `check`, cleans the graph
+    up and matches again, until no site passes (at most `max_rounds` rewrites); the sites left
+    are reported as skipped with their reasons."""
 
     name: str = ""
     exact: bool = True  # False: approximate, opt-in, needs calibration feeds and --max-error
     default: bool = True  # runs in the default pipeline ...
     targets: tuple[str, ...] = ("ort", "trt")  # ... for these targets (where it measured faster)
+    iterate: bool = False  # match again after every rewrite (see the class docstring)
+    max_rounds: int = 256
 
     def match(self, graph: gs.Graph) -> list[Match]:
         raise NotImplementedError
@@ -67,6 +74,8 @@ class GraphPass:
         raise NotImplementedError
 
     def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if self.iterate:
+            return self._apply_iterating(graph, ctx)
         res = PassResult()
         for m in self.match(graph):
             res.matched += 1
@@ -77,6 +86,22 @@ class GraphPass:
             self.rewrite(graph, m, ctx)
             res.applied += 1
             self.note(res, m)
+        return res
+
+    def _apply_iterating(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        for _ in range(self.max_rounds):
+            sites = [(m, self.check(graph, m)) for m in self.match(graph)]
+            todo = next((m for m, reason in sites if not reason), None)
+            if todo is None:
+                res.matched += len(sites)
+                res.skipped += [(m.describe(), reason) for m, reason in sites]
+                break
+            self.rewrite(graph, todo, ctx)
+            graph.cleanup()  # drop the replaced nodes before matching again
+            res.matched += 1
+            res.applied += 1
+            self.note(res, todo)
         return res
 
     def note(self, res: PassResult, m: Match) -> None:

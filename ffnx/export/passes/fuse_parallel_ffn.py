@@ -23,11 +23,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.export.graph_builder import Builder
-from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult, const, producer
+from ffnx.export.passes.base import GraphPass, Match, PassContext, const, producer
 from ffnx.export.passes.ffn_match import FFN, find_ffns, node_set
 from ffnx.export.passes.norm_match import find_norms
-
-MAX_ROUNDS = 256
 
 
 def sum_terms(root: gs.Node, graph: gs.Graph) -> tuple[list[gs.Tensor], list[gs.Node]]:
@@ -67,6 +65,7 @@ class FuseParallelFFN(GraphPass):
     """FFNs on the same input whose outputs are summed -> one wide FFN."""
 
     name = "fuse_parallel_ffn"
+    iterate = True  # each merge changes the sums and FFNs the next one sees
 
     def match(self, graph: gs.Graph) -> list[Match]:
         ffns = {id(f.y): f for f in find_ffns(graph)}
@@ -106,22 +105,6 @@ class FuseParallelFFN(GraphPass):
         if len(shared) != len(set(shared)):
             return "FFNs share nodes"
         return None
-
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        # Each merge changes the sums and FFNs the next one sees: merge one site, match again.
-        res = PassResult()
-        for _ in range(MAX_ROUNDS):
-            sites = self.match(graph)
-            todo = next((m for m in sites if self.check(graph, m) is None), None)
-            if todo is None:
-                res.matched += len(sites)
-                res.skipped += [(m.describe(), self.check(graph, m)) for m in sites]
-                break
-            self.rewrite(graph, todo, ctx)
-            graph.cleanup()  # drop the replaced FFNs before matching again
-            res.matched += 1
-            res.applied += 1
-        return res
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
         fs: list[FFN] = m.info["ffns"]

@@ -46,8 +46,6 @@ from ffnx.export.passes.ffn_match import (
     used_outside,
 )
 
-MAX_ROUNDS = 64
-
 
 @dataclass
 class Part:
@@ -284,6 +282,8 @@ class ReparameterizeFFN(GraphPass):
     """Channel-idle FFN (RePaViT) -> narrow FFN + one linear; summed linears on x -> one."""
 
     name = "reparameterize_ffn"
+    iterate = True  # narrowing one FFN or merging one sum changes the sites after it
+    max_rounds = 64
 
     def match(self, graph: gs.Graph) -> list[Match]:
         out = []
@@ -299,31 +299,20 @@ class ReparameterizeFFN(GraphPass):
                     out.append(Match([n], {"form": "branches", "sum": br}))
         return out
 
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        res, b = PassResult(), Builder(graph, self.name)
-        skipped: dict[str, str] = {}
-        for _ in range(MAX_ROUNDS):
-            todo = []
-            for m in self.match(graph):
-                if isinstance(m.info.get("ffn"), str):
-                    skipped[m.describe()] = m.info["ffn"]
-                else:
-                    todo.append(m)
-            if not todo:
-                break
-            m = todo[0]
-            res.matched += 1
-            form = m.info["form"]
-            if form == "repa":
-                rewrite_repa(m.info["ffn"], b)
-            else:
-                rewrite_branches(m.info["sum"], b)
-            graph.cleanup()
-            res.applied += 1
-            res.notes[form] = res.notes.get(form, 0) + 1
-        res.matched += len(skipped)
-        res.skipped = list(skipped.items())
-        return res
+    def check(self, graph: gs.Graph, m: Match) -> str | None:
+        why = m.info.get("ffn")
+        return why if isinstance(why, str) else None  # match_repa's reason it is not exact
+
+    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
+        b = Builder(graph, self.name)
+        if m.info["form"] == "repa":
+            rewrite_repa(m.info["ffn"], b)
+        else:
+            rewrite_branches(m.info["sum"], b)
+
+    def note(self, res: PassResult, m: Match) -> None:
+        form = m.info["form"]
+        res.notes[form] = res.notes.get(form, 0) + 1
 
 
 def _is_root(n: gs.Node, graph: gs.Graph) -> bool:
