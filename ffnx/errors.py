@@ -29,5 +29,13 @@ class PassError(FfnxError):
     """A graph pass cannot run (bad arguments, missing calibration data)."""
 
 
+class LoweringError(FfnxError, ValueError):
+    """An ffnx node cannot be lowered (the message names the node and the reason)."""
+
+
+class RefusedError(FfnxError):
+    """A block cannot be expressed as an ffnx op (the message says why)."""
+
+
 class BackendError(FfnxError):
     """A runtime backend is unavailable or failed to load (missing package, plugin, GPU)."""

@@ -46,3 +46,43 @@ def test_output_names_from_dict_keys(tmp_path):
     spec = ModelSpec("two", Two(), {"x": torch.randn(2, 4)})
     m = export_artifact(spec, tmp_path / "a", optimize=False)
     assert [o["name"] for o in m["outputs"]] == ["scores", "hidden"]
+
+
+def test_lowering_errors_join_the_ffnx_family():
+    from ffnx.errors import FfnxError
+    from ffnx.export.lowering.moe_common import LoweringError
+    from ffnx.export.moe_capture import Refused
+    from ffnx.export.sparse_lowering import SparseLoweringError
+
+    for cls in (LoweringError, SparseLoweringError, Refused):
+        assert issubclass(cls, FfnxError), cls
+
+
+def test_escaping_lowering_error_is_one_error_line(monkeypatch, tmp_path, mlp_artifact):
+    """A LoweringError escaping a command prints `error: ...` and exits 1 (not 3)."""
+    from click.testing import CliRunner
+
+    from ffnx.cli import main
+    from ffnx.export.lowering.moe_common import LoweringError
+
+    def boom(*a, **k):
+        raise LoweringError("node moe0: cannot lower")
+
+    monkeypatch.setattr("ffnx.export.optimize.optimize_model", boom)
+    r = CliRunner().invoke(main, ["optimize", str(mlp_artifact)])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines()[-1] == "error: node moe0: cannot lower"
+
+
+def test_export_approximate_pass_does_not_quote_other_commands_flags(tmp_path, user_model_file):
+    from click.testing import CliRunner
+
+    from ffnx.cli import main
+
+    r = CliRunner().invoke(
+        main,
+        ["export", f"{user_model_file}:build", "--passes", "ffn_fusion", "-o", str(tmp_path / "a")],
+    )
+    assert r.exit_code == 1, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("error:") and "--max-error" not in line, line

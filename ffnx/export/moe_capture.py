@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffnx.errors import ExportError
+from ffnx.errors import ExportError, RefusedError
 from ffnx.export.moe_op import MoEOpModule, register_onnx_schemas
 from ffnx.plugins.schema import group_error
 
@@ -33,7 +33,7 @@ GATED = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 BASE = {g: a for a, g in GATED.items()}  # swiglu -> silu; non-gated names map to themselves
 
 
-class Refused(Exception):
+class Refused(RefusedError):
     """This block cannot be expressed as FfnxMoE; the message says why."""
 
 

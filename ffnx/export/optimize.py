@@ -178,11 +178,14 @@ def optimize_model(
         else:
             # Approximate: judged on the final outputs against the original graph, by --max-error.
             if max_error is None:
-                raise PassError(f"{p.name} is approximate: give --max-error (and --calib inputs)")
+                raise PassError(
+                    f"{p.name} is approximate: it runs only with a maximum error bound "
+                    "(max_error) and calibration inputs"
+                )
             new, report = apply_pass(p, model, ctx, original, approximate_tolerance(max_error))
             if report["status"] == "rolled_back":
                 raise PassError(
-                    f"{p.name} refused: {report['reason']} exceeds --max-error {max_error}"
+                    f"{p.name} refused: {report['reason']} exceeds the maximum error {max_error}"
                 )
         if new is not model:
             model, ref = new, run_model(new, feeds)

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ffnx.errors import LoweringError
 from ffnx.export.lowering._build import Builder, f32, i64
 from ffnx.export.passes.base import const
 from ffnx.plugins.schema import DOMAIN, DOMAIN_VERSION, GATED_ACTIVATIONS, SPARSE_FFN
@@ -38,7 +39,7 @@ PLAIN = "dense"
 BASE_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
-class SparseLoweringError(ValueError):
+class SparseLoweringError(LoweringError):
     """An FfnxSparseFFN node cannot be lowered (names the node and the reason)."""
 
 

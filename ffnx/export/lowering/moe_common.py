@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.errors import LoweringError  # re-exported: part of the ffnx error family
 from ffnx.export.lowering._build import Builder, f32, i64
 from ffnx.export.passes.base import const
 from ffnx.plugins.schema import GATED_ACTIVATIONS, MOE, group_error, group_limited
@@ -28,8 +29,6 @@ from ffnx.plugins.schema import GATED_ACTIVATIONS, MOE, group_error, group_limit
 BASE_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
-class LoweringError(ValueError):
-    """An ffnx node cannot be lowered (the message names the node and the reason)."""
 
 
 @dataclass
