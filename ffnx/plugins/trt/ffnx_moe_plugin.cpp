@@ -77,7 +77,14 @@ MoEPlugin::MoEPlugin(MoEPlugin const& other) : PluginBase(other), mAttrs(other.m
 
 char const* MoEPlugin::getPluginName() const noexcept { return kNAME; }
 
-IPluginV3* MoEPlugin::clone() noexcept { return new (std::nothrow) MoEPlugin(*this); }
+IPluginV3* MoEPlugin::clone() noexcept {
+  try {
+    return new MoEPlugin(*this);
+  } catch (...) {
+    logError(std::string(kNAME) + ": clone failed (out of memory)");
+  }
+  return nullptr;
+}
 
 PortSpec const* MoEPlugin::ports(int32_t* nbPorts) const noexcept {
   *nbPorts = kNB_PORTS;
@@ -85,55 +92,65 @@ PortSpec const* MoEPlugin::ports(int32_t* nbPorts) const noexcept {
 }
 
 PluginFieldCollection const* MoEPlugin::getFieldsToSerialize() noexcept {
-  auto text = [](std::string const& s) { return static_cast<int32_t>(s.size() + 1); };
-  mFields = {
-      PluginField("num_experts", &mAttrs.numExperts, PluginFieldType::kINT32, 1),
-      PluginField("top_k", &mAttrs.topK, PluginFieldType::kINT32, 1),
-      PluginField("routing_mode", mAttrs.routingMode.c_str(), PluginFieldType::kCHAR,
-                  text(mAttrs.routingMode)),
-      PluginField("scoring", mAttrs.scoring.c_str(), PluginFieldType::kCHAR, text(mAttrs.scoring)),
-      PluginField("normalize", &mAttrs.normalize, PluginFieldType::kINT32, 1),
-      PluginField("routed_scaling_factor", &mAttrs.routedScalingFactor, PluginFieldType::kFLOAT32,
-                  1),
-      PluginField("activation", mAttrs.activation.c_str(), PluginFieldType::kCHAR,
-                  text(mAttrs.activation)),
-      PluginField("n_group", &mAttrs.nGroup, PluginFieldType::kINT32, 1),
-      PluginField("topk_group", &mAttrs.topkGroup, PluginFieldType::kINT32, 1),
-      PluginField("group_scoring", mAttrs.groupScoring.c_str(), PluginFieldType::kCHAR,
-                  text(mAttrs.groupScoring)),
-      PluginField("ffnx_nb_inputs", &mNbInputs, PluginFieldType::kINT32, 1),
-  };
-  mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
-  mFieldCollection.fields = mFields.data();
+  try {
+    auto text = [](std::string const& s) { return static_cast<int32_t>(s.size() + 1); };
+    mFields = {
+        PluginField("num_experts", &mAttrs.numExperts, PluginFieldType::kINT32, 1),
+        PluginField("top_k", &mAttrs.topK, PluginFieldType::kINT32, 1),
+        PluginField("routing_mode", mAttrs.routingMode.c_str(), PluginFieldType::kCHAR,
+                    text(mAttrs.routingMode)),
+        PluginField("scoring", mAttrs.scoring.c_str(), PluginFieldType::kCHAR, text(mAttrs.scoring)),
+        PluginField("normalize", &mAttrs.normalize, PluginFieldType::kINT32, 1),
+        PluginField("routed_scaling_factor", &mAttrs.routedScalingFactor, PluginFieldType::kFLOAT32,
+                    1),
+        PluginField("activation", mAttrs.activation.c_str(), PluginFieldType::kCHAR,
+                    text(mAttrs.activation)),
+        PluginField("n_group", &mAttrs.nGroup, PluginFieldType::kINT32, 1),
+        PluginField("topk_group", &mAttrs.topkGroup, PluginFieldType::kINT32, 1),
+        PluginField("group_scoring", mAttrs.groupScoring.c_str(), PluginFieldType::kCHAR,
+                    text(mAttrs.groupScoring)),
+        PluginField("ffnx_nb_inputs", &mNbInputs, PluginFieldType::kINT32, 1),
+    };
+    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
+    mFieldCollection.fields = mFields.data();
+  } catch (...) {
+    logError(std::string(kNAME) + ": getFieldsToSerialize failed (out of memory)");
+    return nullptr;
+  }
   return &mFieldCollection;
 }
 
 bool MoEPlugin::parse(PluginFieldCollection const* fc, MoEAttrs* a, int32_t* nbInputs,
                       std::string* err) noexcept {
   *nbInputs = 0;
-  for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
-    PluginField const& f = fc->fields[i];
-    if (f.name == nullptr) continue;
-    std::string const name = f.name;
-    int64_t v = 0;
-    bool ok = true;
-    if (name == "num_experts") ok = fieldInt(f, &v) && ((a->numExperts = int32_t(v)), true);
-    else if (name == "top_k") ok = fieldInt(f, &v) && ((a->topK = int32_t(v)), true);
-    else if (name == "normalize") ok = fieldInt(f, &v) && ((a->normalize = int32_t(v)), true);
-    else if (name == "n_group") ok = fieldInt(f, &v) && ((a->nGroup = int32_t(v)), true);
-    else if (name == "topk_group") ok = fieldInt(f, &v) && ((a->topkGroup = int32_t(v)), true);
-    else if (name == "group_scoring") ok = fieldString(f, &a->groupScoring);
-    else if (name == "ffnx_nb_inputs") ok = fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
-    else if (name == "routed_scaling_factor") ok = fieldFloat(f, &a->routedScalingFactor);
-    else if (name == "routing_mode") ok = fieldString(f, &a->routingMode);
-    else if (name == "scoring") ok = fieldString(f, &a->scoring);
-    else if (name == "activation") ok = fieldString(f, &a->activation);
-    if (!ok) {
-      *err = "attribute '" + name + "' has an unexpected type or no data";
-      return false;
+  try {
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+      PluginField const& f = fc->fields[i];
+      if (f.name == nullptr) continue;
+      std::string const name = f.name;
+      int64_t v = 0;
+      bool ok = true;
+      if (name == "num_experts") ok = fieldInt(f, &v) && ((a->numExperts = int32_t(v)), true);
+      else if (name == "top_k") ok = fieldInt(f, &v) && ((a->topK = int32_t(v)), true);
+      else if (name == "normalize") ok = fieldInt(f, &v) && ((a->normalize = int32_t(v)), true);
+      else if (name == "n_group") ok = fieldInt(f, &v) && ((a->nGroup = int32_t(v)), true);
+      else if (name == "topk_group") ok = fieldInt(f, &v) && ((a->topkGroup = int32_t(v)), true);
+      else if (name == "group_scoring") ok = fieldString(f, &a->groupScoring);
+      else if (name == "ffnx_nb_inputs") ok = fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
+      else if (name == "routed_scaling_factor") ok = fieldFloat(f, &a->routedScalingFactor);
+      else if (name == "routing_mode") ok = fieldString(f, &a->routingMode);
+      else if (name == "scoring") ok = fieldString(f, &a->scoring);
+      else if (name == "activation") ok = fieldString(f, &a->activation);
+      if (!ok) {
+        *err = "attribute '" + name + "' has an unexpected type or no data";
+        return false;
+      }
     }
+    return a->resolve(err);
+  } catch (...) {
+    *err = "out of memory reading the attributes";
+    return false;
   }
-  return a->resolve(err);
 }
 
 bool MoEPlugin::params(IoView const& io, ffnx_moe_params* p, std::string* err) const noexcept {

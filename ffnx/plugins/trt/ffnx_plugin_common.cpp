@@ -19,11 +19,15 @@ void emit(ILogger::Severity severity, std::string const& msg) noexcept {
       logger = gLoggerFinder->findLogger();
     }
   }
-  std::string const line = "[ffnx plugin] " + msg;
-  if (logger != nullptr) {
-    logger->log(severity, line.c_str());
-  } else if (severity <= ILogger::Severity::kWARNING) {
-    std::fprintf(stderr, "%s\n", line.c_str());
+  try {
+    std::string const line = "[ffnx plugin] " + msg;
+    if (logger != nullptr) {
+      logger->log(severity, line.c_str());
+    } else if (severity <= ILogger::Severity::kWARNING) {
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
+  } catch (...) {
+    std::fprintf(stderr, "[ffnx plugin] out of memory formatting a log message\n");
   }
 }
 }  // namespace
@@ -220,31 +224,41 @@ bool PluginBase::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc 
 int32_t PluginBase::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
                                     DynamicPluginTensorDesc const* /*out*/,
                                     int32_t nbOutputs) noexcept {
-  int32_t n = 0;
-  ports(&n);
-  if (in == nullptr || nbInputs < 1 || nbInputs > n || nbOutputs != 1) {
-    logError(std::string(getPluginName()) + ": expected 1.." + std::to_string(n) +
-             " inputs and 1 output, got " + std::to_string(nbInputs) + " and " +
-             std::to_string(nbOutputs));
-    return 1;
+  try {
+    int32_t n = 0;
+    ports(&n);
+    if (in == nullptr || nbInputs < 1 || nbInputs > n || nbOutputs != 1) {
+      logError(std::string(getPluginName()) + ": expected 1.." + std::to_string(n) +
+               " inputs and 1 output, got " + std::to_string(nbInputs) + " and " +
+               std::to_string(nbOutputs));
+      return 1;
+    }
+    size_t bytes = 0;
+    std::string err;
+    if (!workspaceFor(viewOf(in, nbInputs, true), &bytes, &err)) {
+      logError(std::string(getPluginName()) + ": " + err);
+      return 1;
+    }
+    mNbInputs = nbInputs;
+    return 0;
+  } catch (...) {
+    logError(std::string(getPluginName()) + ": unexpected C++ exception in configurePlugin");
   }
-  size_t bytes = 0;
-  std::string err;
-  if (!workspaceFor(viewOf(in, nbInputs, true), &bytes, &err)) {
-    logError(std::string(getPluginName()) + ": " + err);
-    return 1;
-  }
-  mNbInputs = nbInputs;
-  return 0;
+  return 1;
 }
 
 size_t PluginBase::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                                     DynamicPluginTensorDesc const* /*outputs*/,
                                     int32_t /*nbOutputs*/) const noexcept {
-  size_t bytes = 0;
-  std::string err;
-  if (inputs == nullptr || !workspaceFor(viewOf(inputs, nbInputs, true), &bytes, &err)) return 0;
-  return bytes;
+  try {
+    size_t bytes = 0;
+    std::string err;
+    if (inputs == nullptr || !workspaceFor(viewOf(inputs, nbInputs, true), &bytes, &err)) return 0;
+    return bytes;
+  } catch (...) {
+    logError(std::string(getPluginName()) + ": unexpected C++ exception in getWorkspaceSize");
+  }
+  return 0;
 }
 
 int32_t PluginBase::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs,
@@ -259,16 +273,21 @@ int32_t PluginBase::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs,
 int32_t PluginBase::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
                             void const* const* inputs, void* const* outputs, void* workspace,
                             cudaStream_t stream) noexcept {
-  if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr) {
-    return 1;
+  try {
+    if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr) {
+      return 1;
+    }
+    if (mNbInputs < 1) {
+      logError(std::string(getPluginName()) + ": enqueue before onShapeChange/configurePlugin");
+      return 1;
+    }
+    IoView const io = viewOf(inputDesc, mNbInputs);
+    if (leadingVolume(io.dims[0]) == 0) return 0; /* no tokens */
+    return launch(io, inputs, outputs[0], workspace, static_cast<void*>(stream));
+  } catch (...) {
+    logError(std::string(getPluginName()) + ": unexpected C++ exception in enqueue");
   }
-  if (mNbInputs < 1) {
-    logError(std::string(getPluginName()) + ": enqueue before onShapeChange/configurePlugin");
-    return 1;
-  }
-  IoView const io = viewOf(inputDesc, mNbInputs);
-  if (leadingVolume(io.dims[0]) == 0) return 0; /* no tokens */
-  return launch(io, inputs, outputs[0], workspace, static_cast<void*>(stream));
+  return 1;
 }
 
 IPluginV3* PluginBase::attachToContext(IPluginResourceContext* /*context*/) noexcept {

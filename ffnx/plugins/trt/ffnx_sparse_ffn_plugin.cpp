@@ -48,7 +48,14 @@ SparseFFNPlugin::SparseFFNPlugin(SparseFFNPlugin const& other) : PluginBase(othe
 
 char const* SparseFFNPlugin::getPluginName() const noexcept { return kNAME; }
 
-IPluginV3* SparseFFNPlugin::clone() noexcept { return new (std::nothrow) SparseFFNPlugin(*this); }
+IPluginV3* SparseFFNPlugin::clone() noexcept {
+  try {
+    return new SparseFFNPlugin(*this);
+  } catch (...) {
+    logError(std::string(kNAME) + ": clone failed (out of memory)");
+  }
+  return nullptr;
+}
 
 PortSpec const* SparseFFNPlugin::ports(int32_t* nbPorts) const noexcept {
   *nbPorts = kNB_PORTS;
@@ -56,38 +63,48 @@ PortSpec const* SparseFFNPlugin::ports(int32_t* nbPorts) const noexcept {
 }
 
 PluginFieldCollection const* SparseFFNPlugin::getFieldsToSerialize() noexcept {
-  mFields = {
-      PluginField("mode", mAttrs.mode.c_str(), PluginFieldType::kCHAR,
-                  static_cast<int32_t>(mAttrs.mode.size() + 1)),
-      PluginField("k", &mAttrs.k, PluginFieldType::kINT32, 1),
-      PluginField("activation", mAttrs.activation.c_str(), PluginFieldType::kCHAR,
-                  static_cast<int32_t>(mAttrs.activation.size() + 1)),
-      PluginField("ffnx_nb_inputs", &mNbInputs, PluginFieldType::kINT32, 1),
-  };
-  mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
-  mFieldCollection.fields = mFields.data();
+  try {
+    mFields = {
+        PluginField("mode", mAttrs.mode.c_str(), PluginFieldType::kCHAR,
+                    static_cast<int32_t>(mAttrs.mode.size() + 1)),
+        PluginField("k", &mAttrs.k, PluginFieldType::kINT32, 1),
+        PluginField("activation", mAttrs.activation.c_str(), PluginFieldType::kCHAR,
+                    static_cast<int32_t>(mAttrs.activation.size() + 1)),
+        PluginField("ffnx_nb_inputs", &mNbInputs, PluginFieldType::kINT32, 1),
+    };
+    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
+    mFieldCollection.fields = mFields.data();
+  } catch (...) {
+    logError(std::string(kNAME) + ": getFieldsToSerialize failed (out of memory)");
+    return nullptr;
+  }
   return &mFieldCollection;
 }
 
 bool SparseFFNPlugin::parse(PluginFieldCollection const* fc, SparseFFNAttrs* a, int32_t* nbInputs,
                             std::string* err) noexcept {
   *nbInputs = 0;
-  for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
-    PluginField const& f = fc->fields[i];
-    if (f.name == nullptr) continue;
-    std::string const name = f.name;
-    int64_t v = 0;
-    bool ok = true;
-    if (name == "k") ok = fieldInt(f, &v) && ((a->k = int32_t(v)), true);
-    else if (name == "ffnx_nb_inputs") ok = fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
-    else if (name == "mode") ok = fieldString(f, &a->mode);
-    else if (name == "activation") ok = fieldString(f, &a->activation);
-    if (!ok) {
-      *err = "attribute '" + name + "' has an unexpected type or no data";
-      return false;
+  try {
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+      PluginField const& f = fc->fields[i];
+      if (f.name == nullptr) continue;
+      std::string const name = f.name;
+      int64_t v = 0;
+      bool ok = true;
+      if (name == "k") ok = fieldInt(f, &v) && ((a->k = int32_t(v)), true);
+      else if (name == "ffnx_nb_inputs") ok = fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
+      else if (name == "mode") ok = fieldString(f, &a->mode);
+      else if (name == "activation") ok = fieldString(f, &a->activation);
+      if (!ok) {
+        *err = "attribute '" + name + "' has an unexpected type or no data";
+        return false;
+      }
     }
+    return a->resolve(err);
+  } catch (...) {
+    *err = "out of memory reading the attributes";
+    return false;
   }
-  return a->resolve(err);
 }
 
 bool SparseFFNPlugin::params(IoView const& io, ffnx_sparse_ffn_params* p,
