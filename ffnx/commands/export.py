@@ -24,6 +24,13 @@ from ffnx.commands.options import csv_list
     metavar="NAME:AXIS=LABEL",
     help="Dynamic dims, e.g. input_ids:0=batch,1=seq (repeatable).",
 )
+@click.option(
+    "--task",
+    default=None,
+    metavar="TASK",
+    help="hf:PATH task (default: the config's): causal-lm, feature-extraction, masked-lm, "
+    "sequence-classification, image-classification, vision-encoder.",
+)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only on success).")
 @click.option("--atol", type=float, default=None, help="Verification abs tolerance (1e-4).")
@@ -60,6 +67,7 @@ def export_cmd(
     out,
     size,
     dynamic,
+    task,
     opset,
     force,
     atol,
@@ -80,16 +88,22 @@ def export_cmd(
       ffnx export gpt-swiglu --out artifacts/gpt-swiglu
       ffnx export my_model.py:build --dynamic x:0=batch --out artifacts/mine --force
       ffnx export hf:./mixtral-tiny --out artifacts/mixtral --target trt --precision fp16
+      ffnx export hf:./bert-tiny --task masked-lm --out artifacts/bert-mlm
     """
     from ffnx.export import verify
     from ffnx.export.pipeline import export_artifact
     from ffnx.export.torch_export import DEFAULT_OPSET
     from ffnx.models.user import parse_dynamic, resolve
 
-    if model.startswith("hf:") and not no_cache:
+    if task is not None and not model.startswith("hf:"):
+        from ffnx.errors import ModelSpecError
+
+        raise ModelSpecError(f"--task {task}: only for hf:PATH models, not {model!r}")
+    if model.startswith("hf:"):
         from ffnx.models.hf import load_hf
 
-        spec = load_hf(model[3:], parse_dynamic(dynamic), cache=True)
+        # cache: the KV-cache decoder for causal LMs; other tasks ignore it (ffnx.models.hf_tasks)
+        spec = load_hf(model[3:], parse_dynamic(dynamic), cache=not no_cache, task=task)
     else:
         spec = resolve(model, size, parse_dynamic(dynamic))
     tol = verify.Tolerance(

@@ -105,12 +105,11 @@ def load_hf(
     """`hf:PATH` -> ModelSpec (forward(input_ids) -> logits; batch/seq dynamic).
 
     cache=True: the KV-cache decoder of `ffnx.export.kv_cache` (prefill and decode, one graph)."""
-    if not cache:  # other tasks (the config's, or `task`): ffnx.models.hf_tasks
-        from ffnx.models.hf_tasks import load_task
+    from ffnx.models.hf_tasks import load_task  # other tasks (the config's, or `task`)
 
-        task_spec = load_task(path, dynamic, task)
-        if task_spec is not None:
-            return task_spec
+    task_spec = load_task(path, dynamic, task)
+    if task_spec is not None:
+        return task_spec
     cfg_path, weights = _config_path(Path(path).expanduser())
     model = _load_model(cfg_path, weights)
     if cache:
