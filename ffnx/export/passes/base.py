@@ -77,16 +77,26 @@ class GraphPass:
         if self.iterate:
             return self._apply_iterating(graph, ctx)
         res = PassResult()
-        for m in self.match(graph):
+        matches = self.match(graph)
+        refused = self.refuse(ctx)
+        for m in matches:
             res.matched += 1
-            reason = self.check(graph, m)
+            reason = refused or self.check(graph, m)
             if reason:
                 res.skipped.append((m.describe(), reason))
                 continue
             self.rewrite(graph, m, ctx)
             res.applied += 1
             self.note(res, m)
+        self.finish(graph, ctx, res, matches)
         return res
+
+    def refuse(self, ctx: PassContext) -> str | None:
+        """A reason that skips every site in this context (e.g. the target), else None."""
+        return None
+
+    def finish(self, graph: gs.Graph, ctx: PassContext, res: PassResult, matches) -> None:
+        """After the last site: graph-wide bookkeeping (opset imports, notes); optional."""
 
     def _apply_iterating(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()

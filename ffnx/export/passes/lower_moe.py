@@ -52,29 +52,24 @@ class LowerMoE(GraphPass):
         """False when the options quantize the experts (verify by --max-error then)."""
         return not ctx.options.get("quantize_experts")
 
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        res = PassResult()
-        matches = self.match(graph)
-        res.matched = len(matches)
+    def refuse(self, ctx: PassContext) -> str | None:
         if ctx.target == "trt":
-            why = "kept for the TensorRT plugin (ffnx::FfnxMoE runs as one plugin layer)"
-            res.skipped = [(m.describe(), why) for m in matches]
+            return "kept for the TensorRT plugin (ffnx::FfnxMoE runs as one plugin layer)"
+        return None
+
+    def note(self, res: PassResult, m: Match) -> None:
+        res.notes.setdefault("layers", {})[m.nodes[0].name] = m.info["note"]
+
+    def finish(self, graph: gs.Graph, ctx: PassContext, res: PassResult, matches) -> None:
+        if ctx.target == "trt":
             res.notes = {"target": "trt", "kept": [m.nodes[0].name for m in matches]}
-            return res
-        layers = {}
-        for m in matches:
-            reason = self.check(graph, m)
-            if reason:
-                res.skipped.append((m.describe(), reason))
-                continue
-            layers[m.nodes[0].name] = self.rewrite(graph, m, ctx)
-            res.applied += 1
+            return
+        layers = res.notes.get("layers", {})
         if any(_uses_contrib(note["lowering"]) for note in layers.values()):
             graph.import_domains = _with_domain(graph.import_domains, MS_DOMAIN)
         res.notes = {"target": ctx.target, "layers": layers}
-        return res
 
-    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> dict:
+    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
         site = m.info["site"]
         choice = choose(site, ctx.options)
         note = {"lowering": choice.lowering, "why": choice.why}
@@ -97,7 +92,7 @@ class LowerMoE(GraphPass):
                 note["why"] = f"{RULE}: the If {choice.lowering} disagreed with {RULE} at T={bad}"
                 choice.lowering = note["lowering"] = RULE
         lower_moe_node(graph, m.nodes[0], choice.lowering, why=note["why"].split(";")[0])
-        return note
+        m.info["note"] = note
 
 
 def _uses_contrib(lowering: str) -> bool:
