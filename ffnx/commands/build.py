@@ -39,6 +39,25 @@ from ffnx.commands import ui
 )
 @click.option("--calib", type=click.Path(exists=True), help="int8 calibration inputs (.npz/dir).")
 @click.option(
+    "--trt",
+    "flavour",
+    type=click.Choice(["auto", "enterprise", "rtx"]),
+    default="auto",
+    show_default=True,
+    help="TensorRT builder: auto takes Enterprise `tensorrt` first, then `tensorrt_rtx`.",
+)
+@click.option(
+    "--compute-capability",
+    metavar="CC[,CC...]",
+    help="TensorRT-RTX build targets, e.g. 86,89 (default: TensorRT-RTX's default).",
+)
+@click.option(
+    "--optimization-level",
+    type=click.IntRange(0, 5),
+    default=None,
+    help="Builder optimization level (lower builds faster).",
+)
+@click.option(
     "--plugin-library",
     type=click.Path(exists=True, dir_okay=False),
     help="libffnx_trt_plugins.so (default: `ffnx plugins path`).",
@@ -52,6 +71,9 @@ def build_cmd(
     timing_cache,
     profiles,
     calib,
+    flavour,
+    compute_capability,
+    optimization_level,
     plugin_library,
 ) -> None:
     """Build a TensorRT engine from an artifact (needs TensorRT and a GPU).
@@ -63,6 +85,7 @@ def build_cmd(
     Example:
       ffnx build artifacts/gpt-moe --precision fp16 --profile seq:1,128,2048
       ffnx build artifacts/vit-repa --precision int8 --calib calib.npz
+      ffnx build artifacts/gpt-moe --trt rtx --compute-capability 86,89
     """
     from ffnx.build.engine import build_engine
 
@@ -77,10 +100,14 @@ def build_cmd(
             profiles=list(profiles) or None,
             calib=calib,
             plugin_library=plugin_library,
+            flavour=flavour,
+            compute_capability=compute_capability,
+            optimization_level=optimization_level,
             progress=lambda phase, step, steps: tick(step / steps if steps else 0.0),
         )
     ui.err.print(
-        f"built {path}/model.plan with TensorRT {section['version']} "
+        f"built {path}/model.plan with TensorRT{'-RTX' if section['flavour'] == 'rtx' else ''} "
+        f"{section['version']} "
         f"({precision}) in {section['build_seconds']} s"
     )
 
