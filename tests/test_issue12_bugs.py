@@ -86,3 +86,32 @@ def test_export_approximate_pass_does_not_quote_other_commands_flags(tmp_path, u
     assert r.exit_code == 1, r.output
     line = r.output.strip().splitlines()[-1]
     assert line.startswith("error:") and "--max-error" not in line, line
+
+
+def test_optimize_after_moefy_keeps_the_moefied_graph(tmp_path, mlp_artifact):
+    """`ffnx optimize DIR` after `ffnx moefy DIR` starts from the MoEfied model.opt.onnx."""
+    import shutil
+
+    import onnx
+    from click.testing import CliRunner
+
+    from ffnx import artifact
+    from ffnx.cli import main
+
+    d = tmp_path / "a"
+    shutil.copytree(mlp_artifact, d)
+    runner = CliRunner()
+    for args in (["calibrate", str(d)], ["moefy", str(d), "--experts", "4", "--top-k", "2"]):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 0, (args, r.output)
+
+    def moe_nodes():
+        m = onnx.load(str(d / artifact.MODEL_OPT))
+        return sum(n.op_type == "FfnxMoE" or "moe" in n.name.lower() for n in m.graph.node)
+
+    before = moe_nodes()
+    assert before > 0
+    r = runner.invoke(main, ["optimize", str(d)])
+    assert r.exit_code == 0, r.output
+    assert moe_nodes() > 0
+    assert "moefy" in artifact.read_manifest(d)

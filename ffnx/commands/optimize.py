@@ -163,7 +163,11 @@ def optimize_cmd(
 
     p = Path(src)
     manifest = artifact.read_manifest(p) if p.is_dir() else {}
-    model = load_onnx(p / artifact.MODEL if p.is_dir() else p)
+    # After `ffnx moefy` the current graph is model.opt.onnx (the MoEfied one): the passes start
+    # from it, so the MoE layers the manifest describes are kept (model.onnx would discard them).
+    keep_moefied = p.is_dir() and "moefy" in manifest
+    start = (artifact.MODEL_OPT if keep_moefied else artifact.MODEL) if p.is_dir() else ""
+    model = load_onnx(p / start if p.is_dir() else p)
     if not p.is_dir() and not out:
         raise click.UsageError("-o/--out is required when SRC is an .onnx file")
     feeds = _calib(calib, model, manifest, dims)
@@ -195,7 +199,7 @@ def optimize_cmd(
         _explain(reports)
     if p.is_dir():
         artifact.write_bytes_atomic(p / artifact.MODEL_OPT, new.SerializeToString())
-        manifest["passes"] = reports
+        manifest["passes"] = (manifest.get("passes", []) if keep_moefied else []) + reports
         artifact.write_manifest(p, manifest)
         ui.err.print(f"updated {p / artifact.MODEL_OPT} and the manifest")
     else:
