@@ -115,3 +115,35 @@ def test_optimize_after_moefy_keeps_the_moefied_graph(tmp_path, mlp_artifact):
     assert r.exit_code == 0, r.output
     assert moe_nodes() > 0
     assert "moefy" in artifact.read_manifest(d)
+
+
+def test_run_auto_threads_with_a_plan_uses_trt_without_threads(tmp_path, mlp_artifact, monkeypatch):
+    """`ffnx run DIR --backend auto --threads N` with a plan: no TypeError; threads is ORT-only."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from ffnx import artifact
+    from ffnx.cli import main
+    from ffnx.runtime.backends import trt
+    from ffnx.runtime.backends.ort import OrtBackend
+
+    d = tmp_path / "a"
+    shutil.copytree(mlp_artifact, d)
+    (d / artifact.PLAN).write_bytes(b"fake plan")
+    artifact.write_manifest(d, artifact.read_manifest(d))
+    seen = {}
+
+    def fake_load(cls, path, plugin_library=None, cuda_graph=False):  # TrtBackend.load's signature
+        seen["path"] = path
+        backend = OrtBackend.load(str(d / artifact.MODEL))
+        backend.name = "trt"
+        return backend
+
+    monkeypatch.setattr("ffnx.runtime.engine._trt_usable", lambda: True)
+    monkeypatch.setattr(trt.TrtBackend, "load", classmethod(fake_load))
+    r = CliRunner().invoke(
+        main, ["run", str(d), "--backend", "auto", "--threads", "2", "--save", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 0, r.output
+    assert seen["path"].endswith(artifact.PLAN)

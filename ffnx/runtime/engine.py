@@ -13,6 +13,7 @@ from ffnx.runtime.backends.base import Backend, TensorInfo
 from ffnx.runtime.validate import validate_feeds
 
 BACKENDS = ("auto", "ort", "trt")
+ORT_ONLY = ("threads",)  # CPU thread count: TensorRT runs on the GPU, the option does not apply
 
 
 def _trt_usable() -> bool:
@@ -75,6 +76,7 @@ class Engine:
         if backend == "trt":
             from ffnx.runtime.backends.trt import TrtBackend
 
+            options = {k: v for k, v in options.items() if k not in ORT_ONLY}
             impl = TrtBackend.load(str(file), **options)
         else:
             from ffnx.runtime.backends.ort import OrtBackend
