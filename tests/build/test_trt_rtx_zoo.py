@@ -1,0 +1,67 @@
+"""Every zoo model (tiny) -> `--target trt` graph -> real TensorRT-RTX parse with the ffnx
+plugins -> real engine (CPU ahead-of-time build, SM86); MoE and sparse models keep their
+plugin layers in the plan. Set FFNX_RTX_TABLE=FILE to write build seconds, plan size, plugin
+layers and TensorRT warnings per model (JSON lines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from ffnx.models import zoo
+from tests.build.test_trt_target_zoo import _trt_graph
+
+
+def _build(trt, lib, model, spec):
+    from ffnx.export.inputs import to_numpy
+
+    warnings: list[str] = []
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.WARNING:
+                warnings.append(msg)
+
+    logger = Logger()
+    trt.get_plugin_registry().load_library(str(lib))
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse(model.SerializeToString())
+    assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    config.builder_optimization_level = 0
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 28)
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM86, 0)
+    profile = builder.create_optimization_profile()
+    for name, arr in to_numpy(spec.inputs).items():
+        profile.set_shape(name, arr.shape, arr.shape, arr.shape)
+    config.add_optimization_profile(profile)
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    assert plan is not None, warnings
+    return bytes(memoryview(plan)), seconds, warnings
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_zoo_model_builds_a_real_rtx_engine(tmp_path, rtx, plugin_lib, name):
+    model, _ = _trt_graph(name, tmp_path)
+    spec = zoo.build(name, "tiny")
+    ffnx_ops = sorted({n.op_type for n in model.graph.node if n.domain == "ffnx"})
+    plan, seconds, warnings = _build(rtx, plugin_lib, model, spec)
+    layers = {op: plan.count(op.encode()) for op in ffnx_ops}
+    for op in ffnx_ops:  # each plugin op is serialized into the plan
+        assert layers[op] >= 1, (op, layers)
+    if os.environ.get("FFNX_RTX_TABLE"):
+        row = {"model": name, "build_s": round(seconds, 2), "plan_bytes": len(plan),
+               "plugins": layers, "warnings": sorted(set(warnings))}  # fmt: skip
+        with open(os.environ["FFNX_RTX_TABLE"], "a") as f:
+            f.write(json.dumps(row) + "\n")
