@@ -114,22 +114,37 @@ def run_cmd(path, inputs, save, backend, dims, threads) -> None:
     show_default=True,
     help="ONNX graph to run: model.opt.onnx or the plain export.",
 )
+@click.option("--decode", is_flag=True, help="KV-cache decoders: time token-by-token generation.")
+@click.option("--prompt-len", type=int, default=64, show_default=True, help="With --decode.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="With --decode.")
+@click.option("--batch", type=int, default=1, show_default=True, help="With --decode.")
 @BACKEND
 @DIMS
 @THREADS
-def bench_cmd(path, compare, iters, seconds, warmup, json_out, graph, backend, dims, threads):
+def bench_cmd(path, compare, iters, seconds, warmup, json_out, graph, decode, prompt_len,
+              new_tokens, batch, backend, dims, threads):  # fmt: skip
     """Benchmark an artifact: p50/p90/p99/mean latency, throughput, peak RSS.
 
     \b
     Example:
       ffnx bench artifacts/gpt-swiglu --compare torch --threads 2
       ffnx bench artifacts/gpt-moe --dims batch=1,seq=1 --seconds 5 --json moe.json
+      ffnx bench artifacts/qwen3 --decode --prompt-len 64 --new-tokens 64 --compare torch
     """
     from ffnx.bench import measure, peak_rss_mib, throughput
 
     if iters is not None and seconds is not None:
         raise click.UsageError("give --iters or --seconds, not both")
     engine = _bench_engine(path, backend, threads, graph)
+    if decode:  # ffnx bench DIR --decode [--prompt-len P] [--new-tokens N] [--batch B]
+        from ffnx.commands.bench_decode import bench_decode
+
+        results = bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads)
+        if json_out:
+            from ffnx.artifact import write_json_atomic
+
+            write_json_atomic(json_out, {"path": str(path), "decode": True, "results": results})
+        return
     feeds = engine.random_inputs(dims)
     items = int(np.prod([v.shape[0] for v in feeds.values()][:1]) or 1)
     results = []

@@ -33,7 +33,7 @@ def artifacts(tmp_path_factory):
             src = write_config(root / "src", model_type)
             write_tokenizer(src / "tokenizer.json")
             spec = load_hf(str(src), cache=True)
-            export_artifact(spec, root / "art")
+            export_artifact(spec, root / "art", source=f"hf:{src}")
             made[model_type] = (Engine.load(root / "art", backend="ort"), spec.module.model)
         return made[model_type]
 
@@ -160,3 +160,24 @@ def test_generate_module_imports_no_torch():
     code = ("import sys, ffnx.runtime.generate, ffnx.runtime.engine; "
             "sys.exit(any(m in sys.modules for m in ('torch', 'onnx')))")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_decode_stats_math():
+    from ffnx.runtime.decode_bench import decode_stats
+
+    s = decode_stats(0.5, [1.0, 1.1, 1.3, 1.6], batch=2, prompt_len=10)
+    assert s["ttft_ms"] == 500 and s["prefill_tok_s"] == 40 and s["new_tokens"] == 4
+    assert abs(s["decode_tok_s"] - 2 / 0.2) < 1e-9 and abs(s["itl_p50_ms"] - 200) < 1e-6
+
+
+def test_cli_bench_decode_json(artifacts, tmp_path):
+    import json
+
+    engine, _ = artifacts("llama")
+    out = tmp_path / "d.json"
+    r = cli("bench", engine.path, "--decode", "--prompt-len", 4, "--new-tokens", 3, "--batch", 2,
+            "--compare", "torch", "--json", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["results"]
+    assert [x["runtime"] for x in res] == ["ffnx (ort)", "transformers (torch eager)"]
+    assert all(x["new_tokens"] == 3 and x["decode_tok_s"] > 0 for x in res)
