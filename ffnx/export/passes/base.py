@@ -78,7 +78,8 @@ class GraphPass:
             return self._apply_iterating(graph, ctx)
         res = PassResult()
         matches = self.match(graph)
-        refused = self.refuse(ctx)
+        state = self.prepare(graph, ctx, matches)
+        refused = state if isinstance(state, str) else None
         for m in matches:
             res.matched += 1
             reason = refused or self.check(graph, m)
@@ -88,15 +89,18 @@ class GraphPass:
             self.rewrite(graph, m, ctx)
             res.applied += 1
             self.note(res, m)
-        self.finish(graph, ctx, res, matches)
+        self.finish(graph, ctx, res, matches, None if refused else state)
         return res
 
-    def refuse(self, ctx: PassContext) -> str | None:
-        """A reason that skips every site in this context (e.g. the target), else None."""
-        return None
+    def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> str | dict:
+        """Before the first site: a reason that skips every site (the target, no calibration
+        feeds), or shared state for `finish` (e.g. reference outputs); calibration passes
+        store per-site values in `m.info` here."""
+        return {}
 
-    def finish(self, graph: gs.Graph, ctx: PassContext, res: PassResult, matches) -> None:
-        """After the last site: graph-wide bookkeeping (opset imports, notes); optional."""
+    def finish(self, graph, ctx: PassContext, res: PassResult, matches, state) -> None:
+        """After the last site: graph-wide bookkeeping (opset imports, measured error, notes);
+        `state` is what `prepare` returned, None when it refused."""
 
     def _apply_iterating(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()

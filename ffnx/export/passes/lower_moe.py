@@ -52,15 +52,15 @@ class LowerMoE(GraphPass):
         """False when the options quantize the experts (verify by --max-error then)."""
         return not ctx.options.get("quantize_experts")
 
-    def refuse(self, ctx: PassContext) -> str | None:
+    def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> str | dict:
         if ctx.target == "trt":
             return "kept for the TensorRT plugin (ffnx::FfnxMoE runs as one plugin layer)"
-        return None
+        return {}
 
     def note(self, res: PassResult, m: Match) -> None:
         res.notes.setdefault("layers", {})[m.nodes[0].name] = m.info["note"]
 
-    def finish(self, graph: gs.Graph, ctx: PassContext, res: PassResult, matches) -> None:
+    def finish(self, graph, ctx: PassContext, res: PassResult, matches, state) -> None:
         if ctx.target == "trt":
             res.notes = {"target": "trt", "kept": [m.nodes[0].name for m in matches]}
             return

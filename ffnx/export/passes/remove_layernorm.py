@@ -68,34 +68,31 @@ class RemoveLayerNorm(GraphPass):
         n.nodes[-1].outputs.clear()
         b.redirect(y, n.y)
 
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        """Calibrate every norm on the graph before the pass, rewrite all, measure the error."""
-        res = PassResult()
-        sites = self.match(graph)
-        res.matched = len(sites)
-        if not sites:
-            return res
+    def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> str | dict:
+        """Calibrate every norm on the graph before the pass (all are rewritten, then the
+        error of the final outputs is measured in `finish`)."""
+        if not matches:
+            return {}
         if not ctx.feeds:
-            res.skipped = [(m.describe(), "no calibration feeds") for m in sites]
-            return res
-        names = list(dict.fromkeys(m.info["norm"].x.name for m in sites))
+            return "no calibration feeds"
+        names = list(dict.fromkeys(m.info["norm"].x.name for m in matches))
         outs, why = try_run(to_model(graph, names), ctx.feeds)
         if why:
-            res.skipped = [(m.describe(), why) for m in sites]
-            return res
+            return why
         outs = [{**f, **o} for f, o in zip(ctx.feeds, outs)]
         final = {t.name for t in graph.outputs}
         before = [{k: v for k, v in o.items() if k in final} for o in outs]
         scales = {}
-        for m in sites:
+        for m in matches:
             n: Norm = m.info["norm"]
             m.info["scale"] = token_scales(n, [o[n.x.name] for o in outs])
             scales[n.y.name] = round(m.info["scale"], 6)
-        for m in sites:
-            self.rewrite(graph, m, ctx)
-            res.applied += 1
-        res.notes.update(output_error(before, graph, ctx.feeds), scales=scales)
-        return res
+        return {"before": before, "scales": scales}
+
+    def finish(self, graph, ctx: PassContext, res: PassResult, matches, state) -> None:
+        if state:
+            error = output_error(state["before"], graph, ctx.feeds)
+            res.notes.update(error, scales=state["scales"])
 
 
 PASS = RemoveLayerNorm()

@@ -83,12 +83,12 @@ def test_branches_kept_without_merge(stack):
 
 def test_refused_under_tight_max_error(stack):
     with pytest.raises(PassError, match=r"ffn_fusion refused: outputs changed: .* max_abs=.*"
-                                        r"exceeds --max-error 1e-06"):  # fmt: skip
+                                        r"exceeds the maximum error 1e-06"):  # fmt: skip
         optimize_model(stack, FEEDS, passes=[NAME], max_error=1e-6)
 
 
 def test_needs_max_error_and_is_not_default(stack):
-    with pytest.raises(PassError, match="ffn_fusion is approximate: give --max-error"):
+    with pytest.raises(PassError, match="ffn_fusion is approximate: it runs only with a maximum error bound"):
         optimize_model(stack, FEEDS, passes=[NAME])
     assert NAME not in [p.name for p in select_passes(None)]
 

@@ -63,7 +63,7 @@ def test_applies_under_loose_max_error_and_reports_it():
 
 def test_refused_under_tight_max_error():
     with pytest.raises(PassError, match=r"remove_layernorm refused: outputs changed: .*"
-                                        r"exceeds --max-error 0.001"):  # fmt: skip
+                                        r"exceeds the maximum error 0.001"):  # fmt: skip
         optimize_model(_model(), FEEDS, passes=[NAME], max_error=1e-3)
 
 
