@@ -10,7 +10,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
@@ -92,6 +91,3 @@ def graph_stats(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> d
         "flops": flop_count(model, dims or {}),
     }
 
-
-def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}

@@ -138,12 +138,6 @@ def device_name(device: int | None = None) -> str:
     return buf.raw[:256].split(b"\0", 1)[0].decode(errors="replace")
 
 
-def runtime_version() -> int:
-    v = _I()
-    check(lib().cudaRuntimeGetVersion(ctypes.byref(v)), "cudaRuntimeGetVersion")
-    return v.value
-
-
 def malloc(nbytes: int) -> int:
     p = _P()
     check(lib().cudaMalloc(ctypes.byref(p), max(int(nbytes), 1)), f"cudaMalloc({nbytes})")

@@ -81,7 +81,6 @@ class OrtBackend:
         threads: int | None = None,
         device: str = "auto",
         providers: list[str] | None = None,
-        custom_op_libraries: list[str] = (),
     ) -> OrtBackend:
         ort = _import_ort()
         if not os.path.exists(path):
@@ -91,8 +90,6 @@ class OrtBackend:
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-        for lib in custom_op_libraries:
-            so.register_custom_ops_library(lib)
         try:
             sess = ort.InferenceSession(
                 str(path), sess_options=so, providers=providers or default_providers(device)
