@@ -41,9 +41,10 @@ def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
                              f"{list(prompts.shape)}")  # fmt: skip
         rows = [list(r) for r in prompts]
     else:
+        prompts = list(prompts)
+        if prompts and isinstance(prompts[0], int | np.integer):
+            prompts = [prompts]  # one flat prompt
         rows = [list(r) for r in prompts]
-        if rows and not isinstance(rows[0], Sequence | np.ndarray) and not rows[0] == []:
-            rows = [rows]  # type: ignore[list-item]
     if not rows or any(len(r) == 0 for r in rows):
         raise InputError("every prompt needs at least one token")
     width = max(len(r) for r in rows)

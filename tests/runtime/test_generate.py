@@ -82,6 +82,7 @@ def test_stream_sampling_and_eos(artifacts):
     engine, _ = artifacts("llama")
     prompt = np.array([[5, 17, 99, 3]], dtype=np.int64)
     greedy = engine.generate(prompt, 8, ignore_eos=True)
+    np.testing.assert_array_equal(engine.generate([5, 17, 99, 3], 8, ignore_eos=True), greedy)
     streamed = np.stack(list(engine.stream(prompt, 8, ignore_eos=True)), axis=1)
     np.testing.assert_array_equal(streamed, greedy)
     top1 = engine.generate(prompt, 8, temperature=1.0, top_k=1, seed=3, ignore_eos=True)
