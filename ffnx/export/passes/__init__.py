@@ -13,6 +13,7 @@ from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult
 ORDER = [
     "cleanup",
     "fold_batchnorm",
+    "merge_conv_branches",
     "fold_prepbn",
     "reparameterize_ffn",
     "layernorm_to_rmsnorm",
