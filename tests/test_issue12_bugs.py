@@ -147,3 +147,46 @@ def test_run_auto_threads_with_a_plan_uses_trt_without_threads(tmp_path, mlp_art
     )
     assert r.exit_code == 0, r.output
     assert seen["path"].endswith(artifact.PLAN)
+
+
+def _scaled_spec(factor: float):
+    import torch
+
+    from ffnx.models.spec import ModelSpec
+
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = torch.nn.Linear(8, 256), torch.nn.Linear(256, 512)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)) * factor)
+
+    return ModelSpec("big", Big().eval(), {"x": torch.randn(16, 8)}, {"x": {0: "batch"}})
+
+
+def test_export_of_large_activations_passes_verification(tmp_path):
+    """Hidden activations * 1e12 (outputs ~1e12): fp32 reordering errors ~1e-7 of the scale."""
+    from ffnx.export.pipeline import export_artifact
+
+    m = export_artifact(_scaled_spec(1e12), tmp_path / "a", optimize=False)
+    assert m["export"]["verification"][0]["outputs"]["output"]["ref_max"] > 1e11
+
+
+def test_comparator_scale_aware_and_still_catches_wrong_outputs():
+    import numpy as np
+
+    from ffnx.export import verify
+
+    rng = np.random.default_rng(0)
+    ref = (rng.standard_normal((4, 64)) * 1e15).astype(np.float32)
+    close = ref * (1 + 1e-7 * rng.standard_normal(ref.shape)).astype(np.float32)
+    ok, report = verify.compare({"y": ref}, {"y": close})
+    assert ok and report["y"]["max_abs"] > 1e4  # elementwise allclose at atol 1e-4 would fail
+    wrong = close.copy()
+    wrong[0, 0] += 0.05 * np.abs(ref).max()  # one element off by 5% of the scale
+    assert not verify.compare({"y": ref}, {"y": wrong})[0]
+    small = rng.standard_normal((4, 64)).astype(np.float32)
+    assert not verify.compare({"y": small}, {"y": small + 0.01})[0]
+    assert not verify.compare({"y": small}, {"y": -small})[0]

@@ -96,7 +96,8 @@ def verify_export(
         if bad:
             raise VerificationError(
                 f"ONNX output of {spec.name!r} differs from torch at {dims} "
-                f"(atol={tol.atol}, rtol={tol.rtol}): {'; '.join(bad)}"
+                f"(max_abs > {tol.atol} + {tol.rtol}*max|ref| or cosine < {tol.min_cosine}): "
+                f"{'; '.join(bad)}"
             )
     return results
 
