@@ -7,7 +7,8 @@ them is numerically visible. Two sizes: `tiny` (D=64, 2 layers,
 under 1.5 M parameters, for tests) and `base` (D=512, 4-6 layers, tens of millions).
 
 Text models take `input_ids` int64 [batch, seq] (dynamic batch and seq <= max_positions); ViTs
-take `pixels` float32 [batch, 3, S, S] (dynamic batch, S fixed).
+take `pixels` float32 [batch, 3, S, S] (dynamic batch, S fixed), as do the multi-branch conv nets
+(`repvgg`, `mobileone`, family "conv").
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from ffnx.errors import ModelSpecError
 from ffnx.models.blocks import BERT, GPT, ViT
+from ffnx.models.conv_blocks import ConvNet, mobileone_block, repvgg_block
 from ffnx.models.ffn import GatedFFN, Mlp, RePaFFN, StructuredFFN
 from ffnx.models.moe import DuoMoE, HashMoE, TopKMoE
 from ffnx.models.norms import RMSNorm
@@ -68,6 +70,21 @@ def _gpt(s: Size, ffn, **kw) -> GPT:
 
 def _vit(s: Size, ffn, **kw) -> ViT:
     return ViT(s.image, s.patch, s.dim, s.vit_layers, s.heads, s.classes, ffn, **kw)
+
+
+# Multi-branch conv nets (family "conv", input `pixels` like the ViTs): widths, depths per size.
+_CONV = {
+    "repvgg": {64: ([16, 32, 64, 128], [1, 2, 2, 1]),
+               512: ([48, 96, 192, 384, 1280], [1, 2, 4, 14, 1])},
+    "mobileone": {64: ([32, 64, 128, 256], [1, 2, 2, 1]),
+                  512: ([64, 128, 256, 768, 1024], [2, 4, 8, 10, 1])},
+}  # fmt: skip
+
+
+def _conv(s: Size, kind: str) -> ConvNet:
+    widths, depths = _CONV[kind][s.dim]
+    block = repvgg_block if kind == "repvgg" else mobileone_block
+    return ConvNet(block, widths, depths, s.classes)
 
 
 def _moe(s: Size, **kw) -> Callable[[int], nn.Module]:
@@ -133,6 +150,12 @@ def _entries() -> dict[str, Entry]:
                       lambda s: _vit(s, lambda i: RePaFFN(s.dim, s.hidden), pool="mean")),
         "vit-prepbn": E("vit", "gelu", "SLAB PRepBN: BatchNorm token norms, GELU MLP",
                         lambda s: _vit(s, mlp(s), norm="batchnorm")),
+        "repvgg": E("conv", "conv-repvgg", "RepVGG-style: 3x3 + 1x1 + identity-BN branches, "
+                    "summed (merge_conv_branches; `module.reparameterize()` in torch)",
+                    lambda s: _conv(s, "repvgg")),
+        "mobileone": E("conv", "conv-mobileone", "MobileOne-style: 2 dw 3x3 + dw 1x1 + BN "
+                       "branches, then 2 pointwise 1x1 + BN branches",
+                       lambda s: _conv(s, "mobileone")),
     }  # fmt: skip
 
 
@@ -184,7 +207,7 @@ def _input_maker(entry: Entry, s: Size) -> Callable[[dict[str, int]], dict[str, 
     def make_inputs(dims: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         batch = dims.get("batch", EXAMPLE_BATCH)
-        if entry.family == "vit":
+        if entry.family in ("vit", "conv"):
             return {"pixels": torch.randn(batch, 3, s.image, s.image, generator=g)}
         seq = dims.get("seq", EXAMPLE_SEQ)
         return {"input_ids": torch.randint(0, s.vocab, (batch, seq), generator=g)}
@@ -196,7 +219,7 @@ def build(name: str, size: str = "tiny") -> ModelSpec:
     """Zoo model `name` at `size` ("tiny" | "base") with example inputs and dynamic axes."""
     entry, s = _lookup(name, size)
     make_inputs = _input_maker(entry, s)
-    if entry.family == "vit":
+    if entry.family in ("vit", "conv"):
         dynamic, max_dims = {"pixels": {0: "batch"}}, {}
     else:
         dynamic = {"input_ids": {0: "batch", 1: "seq"}}

@@ -43,7 +43,7 @@ def test_tiny_specs_run_at_example_and_other_shapes(tiny):
     for name, spec in tiny.items():
         assert spec.name == name and not spec.module.training, name
         assert spec.variant and spec.description and spec.params < 1_500_000, name
-        if zoo.ZOO[name].family == "vit":
+        if zoo.ZOO[name].family in ("vit", "conv"):
             assert spec.dynamic == {"pixels": {0: "batch"}} and spec.max_dims == {}
             assert spec.inputs["pixels"].shape == (2, 3, 32, 32)
             other = spec.make_inputs({"batch": 1})
