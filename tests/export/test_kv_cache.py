@@ -120,3 +120,22 @@ def test_recurrent_layers_are_refused_with_one_line():
     cfg.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(ModelSpecError, match=r"LlamaConfig: layer types \['linear_attention'\]"):
         cache_geometry(cfg)
+
+
+def test_cli_no_cache_export_and_generate_refuses_it(tmp_path):
+    from click.testing import CliRunner
+
+    from ffnx import artifact
+    from ffnx.cli import main
+
+    src = write_config(tmp_path / "m", "llama", num_hidden_layers=1)
+    art = tmp_path / "art"
+    r = CliRunner().invoke(main, ["export", f"hf:{src}", "--out", str(art), "--no-cache",
+                                  "--no-optimize"], catch_exceptions=False)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    manifest = artifact.read_manifest(art)
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids"] and "decoder" not in manifest
+    r = CliRunner().invoke(main, ["generate", str(art), "--prompt-ids", "1,2"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1
+    assert lines[0].startswith("error: ") and "is not a KV-cache decoder" in lines[0]
