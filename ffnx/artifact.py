@@ -106,11 +106,23 @@ def file_hashes(directory: str | Path) -> dict[str, str]:
     }
 
 
-def write_manifest(directory: str | Path, manifest: dict) -> dict:
-    """Refresh `files` hashes and write the manifest last, atomically."""
+REBUILD = {PLAN: "ffnx build {d}", MODEL_OPT: "ffnx optimize {d}"}
+
+
+def write_manifest(
+    directory: str | Path, manifest: dict, made_from: dict[str, list[str]] | None = None
+) -> dict:
+    """Refresh `files` hashes and write the manifest last, atomically.
+
+    made_from: {file: [files it was made from]}; their current sha256 is recorded under
+    `made_from` so that `check_fresh` can refuse a file built from an older source."""
     manifest = dict(manifest)
     manifest["schema_version"] = SCHEMA_VERSION
     manifest["files"] = file_hashes(directory)
+    prov = dict(manifest.get("made_from", {}))
+    for target, sources in (made_from or {}).items():
+        prov[target] = {s: manifest["files"][s] for s in sources if s in manifest["files"]}
+    manifest["made_from"] = {t: v for t, v in prov.items() if t in manifest["files"]}
     write_json_atomic(Path(directory) / MANIFEST, manifest)
     return manifest
 
@@ -143,6 +155,14 @@ def model_path(
                 raise ArtifactError(f"{d / name} is listed in the manifest but missing")
             return d / name
     raise ArtifactError(f"{d} has no ONNX model listed in its manifest")
+
+
+def check_fresh(directory: str | Path, manifest: dict, name: str) -> None:
+    """Refuse `name` when a file it was made from changed since (one line: the rebuild command)."""
+    for src, digest in manifest.get("made_from", {}).get(name, {}).items():
+        if manifest.get("files", {}).get(src) != digest:
+            fix = REBUILD.get(name, "ffnx export ... --force").format(d=directory)
+            raise ArtifactError(f"{name} was built from an older {src}: run `{fix}`")
 
 
 def check_integrity(directory: str | Path, manifest: dict, names: list[str] | None = None) -> None:

@@ -190,3 +190,44 @@ def test_comparator_scale_aware_and_still_catches_wrong_outputs():
     small = rng.standard_normal((4, 64)).astype(np.float32)
     assert not verify.compare({"y": small}, {"y": small + 0.01})[0]
     assert not verify.compare({"y": small}, {"y": -small})[0]
+
+
+def test_stale_plan_and_graph_are_refused(tmp_path, mlp_artifact, monkeypatch):
+    """A plan (or model.opt.onnx) made from an older source file: Engine.load refuses, one line
+    naming the command that rebuilds it."""
+    import shutil
+
+    import onnx
+    import pytest
+    from click.testing import CliRunner
+
+    from ffnx import artifact
+    from ffnx.cli import main
+    from ffnx.errors import ArtifactError
+    from ffnx.runtime import Engine
+
+    d = tmp_path / "a"
+    shutil.copytree(mlp_artifact, d)
+    assert CliRunner().invoke(main, ["optimize", str(d)]).exit_code == 0
+    m = artifact.read_manifest(d)
+    assert m["made_from"][artifact.MODEL_OPT] == {artifact.MODEL: m["files"][artifact.MODEL]}
+    Engine.load(d, backend="ort")  # fresh
+    (d / artifact.PLAN).write_bytes(b"fake plan")
+    artifact.write_manifest(d, m, {artifact.PLAN: [artifact.MODEL_OPT]})
+    # a newer model.opt.onnx (e.g. after moefy or another optimize): the plan is stale
+    opt = onnx.load(str(d / artifact.MODEL_OPT))
+    opt.doc_string = "newer"
+    artifact.write_bytes_atomic(d / artifact.MODEL_OPT, opt.SerializeToString())
+    artifact.write_manifest(d, artifact.read_manifest(d))
+    monkeypatch.setattr("ffnx.runtime.engine._trt_usable", lambda: True)
+    with pytest.raises(ArtifactError, match=r"model.plan was built from an older model.opt.onnx: "
+                       r"run `ffnx build .*`"):
+        Engine.load(d, backend="trt")
+    # a newer model.onnx: model.opt.onnx is stale too
+    src = onnx.load(str(d / artifact.MODEL))
+    src.doc_string = "re-exported"
+    artifact.write_bytes_atomic(d / artifact.MODEL, src.SerializeToString())
+    artifact.write_manifest(d, artifact.read_manifest(d))
+    r = CliRunner().invoke(main, ["run", str(d), "--backend", "ort"])
+    assert r.exit_code == 1
+    assert "model.opt.onnx was built from an older model.onnx: run `ffnx optimize" in r.output

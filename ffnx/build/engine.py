@@ -333,7 +333,7 @@ def _record(d: Path, section: dict) -> dict:
     manifest = artifact.read_manifest(d)
     manifest["tensorrt"] = section
     manifest.setdefault("versions", {})["tensorrt"] = section["version"]
-    artifact.write_manifest(d, manifest)
+    artifact.write_manifest(d, manifest, {artifact.PLAN: [section["source"]]})
     return section
 
 

@@ -200,7 +200,9 @@ def optimize_cmd(
     if p.is_dir():
         artifact.write_bytes_atomic(p / artifact.MODEL_OPT, new.SerializeToString())
         manifest["passes"] = (manifest.get("passes", []) if keep_moefied else []) + reports
-        artifact.write_manifest(p, manifest)
+        # moefied: model.opt.onnx keeps the provenance it had (model.onnx via moefy)
+        made = None if keep_moefied else {artifact.MODEL_OPT: [artifact.MODEL]}
+        artifact.write_manifest(p, manifest, made)
         ui.err.print(f"updated {p / artifact.MODEL_OPT} and the manifest")
     else:
         artifact.write_bytes_atomic(out, new.SerializeToString())

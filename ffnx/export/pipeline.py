@@ -192,7 +192,9 @@ def export_artifact(
         if target == "trt":
             step("checking the graph against TensorRT's ONNX parser")
             manifest["tensorrt_graph_check"] = check_trt_graph(stage, manifest)
-        artifact.write_manifest(stage, manifest)
+        artifact.write_manifest(
+            stage, manifest, {artifact.MODEL_OPT: [artifact.MODEL]} if optimize else None
+        )
     return artifact.read_manifest(out)
 
 

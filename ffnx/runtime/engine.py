@@ -67,6 +67,7 @@ class Engine:
             else:
                 file = artifact.model_path(p, manifest)
             artifact.check_integrity(p, manifest, [file.name])
+            artifact.check_fresh(p, manifest, file.name)
         elif p.exists():
             file = p
             if backend == "auto":
