@@ -15,18 +15,17 @@ import ctypes
 import hashlib
 import os
 import re
-import shutil
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ffnx.errors import BackendError
+from ffnx.plugins import toolchain
 
 CUDA_DIR = Path(__file__).parent / "cuda"
 HEADER = CUDA_DIR / "ffnx_kernels.h"
 LIB_NAME = "libffnx_kernels.so"
-DEFAULT_ARCHS = ("sm_87", "sm_90")
+DEFAULT_ARCHS = toolchain.DEFAULT_ARCHS
 # Hidden visibility plus --exclude-libs: the .so exports the FFNX_API functions and nothing of
 # the statically linked CUDA runtime.
 FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--threads", "0")
@@ -34,16 +33,9 @@ LINK_FLAGS = ("-shared", "-cudart", "static", "-Xlinker", "--exclude-libs,ALL")
 
 
 def find_nvcc() -> str | None:
-    """nvcc from $NVCC, $CUDA_HOME/bin, PATH, or /usr/local/cuda/bin; None when absent."""
-    candidates = [os.environ.get("NVCC")]
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(str(Path(os.environ[var]) / "bin" / "nvcc"))
-    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    for c in candidates:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    return None
+    """The toolchain's nvcc (see toolchain.find_nvcc); None when absent."""
+    nvcc = toolchain.find_nvcc(required=False)
+    return str(nvcc) if nvcc else None
 
 
 def abi_version() -> int:
@@ -59,11 +51,7 @@ def sources() -> list[Path]:
 
 
 def _gencode(archs) -> list[str]:
-    out = []
-    for a in archs:
-        num = a.removeprefix("sm_")
-        out.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-    return out
+    return toolchain.gencode(archs, ptx=False)
 
 
 def _hash(archs) -> str:
@@ -75,22 +63,9 @@ def _hash(archs) -> str:
 
 
 def default_out_dir(archs=DEFAULT_ARCHS) -> Path:
-    env = os.environ.get("FFNX_PLUGIN_DIR")
-    if env:
-        return Path(env)
-    return Path.home() / ".cache" / "ffnx" / "plugins" / _hash(archs)
-
-
-def _run(cmd: list[str], what: str, verbose: bool) -> None:
-    if verbose:
-        print(" ".join(cmd), flush=True)
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if verbose and (r.stdout or r.stderr):
-        print(r.stdout + r.stderr, flush=True)
-    if r.returncode != 0:
-        lines = (r.stderr + r.stdout).splitlines()
-        first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
-        raise BackendError(f"nvcc failed on {what}: {first.strip()}")
+    if os.environ.get("FFNX_PLUGIN_DIR"):
+        return toolchain.cache_dir()
+    return toolchain.cache_dir() / _hash(archs)
 
 
 def build_kernels(archs=DEFAULT_ARCHS, out_dir=None, verbose: bool = False) -> Path:
@@ -99,7 +74,7 @@ def build_kernels(archs=DEFAULT_ARCHS, out_dir=None, verbose: bool = False) -> P
     Returns the library's path; raises BackendError when nvcc is missing or compilation fails."""
     nvcc = find_nvcc()
     if nvcc is None:
-        raise BackendError("nvcc not found: install the CUDA toolkit or set CUDA_HOME or NVCC")
+        raise BackendError(toolchain.NVCC_MISSING)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(archs)
     out_dir.mkdir(parents=True, exist_ok=True)
     gencode = _gencode(archs)
@@ -108,12 +83,13 @@ def build_kernels(archs=DEFAULT_ARCHS, out_dir=None, verbose: bool = False) -> P
 
         def compile_one(src: Path, obj: Path) -> None:
             cmd = [nvcc, *FLAGS, *gencode, "-I", str(CUDA_DIR), "-c", str(src), "-o", str(obj)]
-            _run(cmd, src.name, verbose)
+            toolchain.run(cmd, f"nvcc on {src.name}", verbose)
 
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
             list(pool.map(compile_one, sources(), objs))
         tmp_lib = Path(tmp) / LIB_NAME
-        _run([nvcc, *LINK_FLAGS, *gencode, *map(str, objs), "-o", str(tmp_lib)], "link", verbose)
+        toolchain.run([nvcc, *LINK_FLAGS, *gencode, *map(str, objs), "-o", str(tmp_lib)],
+                      "nvcc link", verbose)  # fmt: skip
         final = out_dir / LIB_NAME
         os.replace(tmp_lib, final)  # atomic: a concurrent loader sees the old or the new file
     return final

@@ -16,6 +16,7 @@ from ffnx.errors import BackendError
 
 # Ampere, Ampere GA10x, Orin, Ada, Hopper: used when no GPU tells us which one we are on.
 DEFAULT_ARCHS = ("80", "86", "87", "89", "90")
+NVCC_MISSING = "nvcc not found: install the CUDA toolkit or set NVCC (or CUDACXX, CUDA_HOME)"
 
 
 def find_nvcc(required: bool = True) -> Path | None:
@@ -30,8 +31,7 @@ def find_nvcc(required: bool = True) -> Path | None:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return Path(c)
     if required:
-        raise BackendError("nvcc not found: install the CUDA toolkit or set NVCC (or CUDACXX, "
-                           "CUDA_HOME) to it")  # fmt: skip
+        raise BackendError(NVCC_MISSING)
     return None
 
 

@@ -17,17 +17,17 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ffnx.errors import BackendError
-from ffnx.plugins import schema
+from ffnx.plugins import schema, toolchain
+from ffnx.plugins.toolchain import cuda_include_dir, find_nvcc
 
 PLUGINS_DIR = Path(__file__).parent
 LIBRARY_NAME = "libffnx_trt_plugins.so"
-DEFAULT_ARCHS = ("80", "86", "87", "89", "90")  # Ampere, Orin, Ada, Hopper
+DEFAULT_ARCHS = toolchain.DEFAULT_ARCHS
 EXPORTS = ("getCreators", "setLoggerFinder")
 VERSION_SCRIPT = "{\n  global:\n    getCreators;\n    setLoggerFinder;\n  local: *;\n};\n"
 ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
@@ -40,6 +40,8 @@ TRT_INCLUDE_DIRS = (
     "/usr/include",
 )
 RTX_HEADER_MAJOR = 11
+# TensorRT's public headers beside a source checkout (../shared/third_party/tensorrt/<ver>/)
+REPO_HEADERS = PLUGINS_DIR.parents[1].parent / "shared" / "third_party" / "tensorrt"
 _loaded: dict[tuple[str, str], Path] = {}
 
 
@@ -51,10 +53,7 @@ def plugin_library_path() -> Path:
 
 
 def default_out_dir() -> Path:
-    base = os.environ.get("FFNX_PLUGIN_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ffnx", "plugins"
-    )
-    return Path(base)
+    return toolchain.cache_dir()
 
 
 def find_trt_include(explicit: str | Path | None = None) -> Path | None:
@@ -64,6 +63,7 @@ def find_trt_include(explicit: str | Path | None = None) -> Path | None:
     cands += [os.path.join(os.environ[v], "include") for v in ("TRT_ROOT", "TENSORRT_ROOT")
               if os.environ.get(v)]  # fmt: skip
     cands += list(TRT_INCLUDE_DIRS)
+    cands.append(REPO_HEADERS / "11.1" / "include")  # CI: headers beside the checkout
     for c in cands:
         if c and (Path(c) / "NvInferRuntime.h").is_file():
             return Path(c)
@@ -86,55 +86,6 @@ def header_version(include: Path) -> tuple[int, int, int]:
         num("TRT_MINOR_ENTERPRISE", "NV_TENSORRT_MINOR"),
         num("TRT_PATCH_ENTERPRISE", "NV_TENSORRT_PATCH"),
     )
-
-
-def find_nvcc() -> Path:
-    cands = [os.environ.get("CUDACXX")]
-    cands += [os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH")
-              if os.environ.get(v)]  # fmt: skip
-    cands += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    for c in cands:
-        if c and os.access(c, os.X_OK):
-            return Path(c)
-    raise BackendError("nvcc not found: install the CUDA toolkit or set CUDACXX=/path/to/nvcc")
-
-
-def cuda_include_dir(nvcc: Path) -> Path:
-    """The toolkit's include dir (cuda_runtime_api.h): $CUDA_HOME, nvcc's toolkit (through a
-    symlink), /usr/local/cuda."""
-    roots = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    roots += [nvcc.resolve().parent.parent, Path("/usr/local/cuda")]
-    for root in roots:
-        for inc in [root / "include", *sorted(root.glob("targets/*/include"))]:
-            if (inc / "cuda_runtime_api.h").is_file():
-                return inc
-    raise BackendError(
-        f"cuda_runtime_api.h not found for {nvcc}: set CUDA_HOME to the CUDA toolkit"
-    )
-
-
-def _norm_arch(a: str | int) -> str:
-    s = str(a).lower().removeprefix("sm_").removeprefix("compute_").replace(".", "")
-    if not re.fullmatch(r"\d{2,3}[af]?", s):
-        raise BackendError(f"bad CUDA architecture {a!r}: use e.g. 87, sm_90 or 8.6")
-    return s
-
-
-def _default_archs() -> list[str]:
-    from ffnx.runtime import cuda
-
-    if cuda.device_count():
-        major, minor = cuda.compute_capability(0)
-        return [f"{major}{minor}"]
-    return list(DEFAULT_ARCHS)
-
-
-def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "error" in ln.lower()] or lines
-        raise BackendError(f"{what} failed: {' | '.join(errors[:5])}")
 
 
 def build_plugin_library(
@@ -163,7 +114,7 @@ def build_plugin_library(
             "--trt-include DIR or set FFNX_TRT_INCLUDE"
         )
     nvcc = find_nvcc()
-    archs = [_norm_arch(a) for a in (archs or _default_archs())]
+    archs = toolchain.parse_archs(archs or toolchain.default_archs())
     kernels = sorted((PLUGINS_DIR / "cuda").glob("*.cu"))
     if kernel_sources is not None:
         kernels = [Path(k) for k in kernel_sources]
@@ -171,11 +122,11 @@ def build_plugin_library(
         raise BackendError(f"no CUDA kernel sources (*.cu) in {PLUGINS_DIR / 'cuda'}")
     out = Path(out_dir) if out_dir else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    gencode = _gencode(archs)
+    gencode = toolchain.gencode(archs)
     with tempfile.TemporaryDirectory(prefix="ffnx-plugins-") as tmp:
         commands = _compile_commands(nvcc, include, gencode, kernels, Path(tmp))
         with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
-            for f in [pool.submit(_run, c, w) for c, w in commands]:
+            for f in [pool.submit(toolchain.run, c, w) for c, w in commands]:
                 f.result()
         (Path(tmp) / "exports.map").write_text(VERSION_SCRIPT)
         lib = Path(tmp) / LIBRARY_NAME
@@ -183,7 +134,7 @@ def build_plugin_library(
         link += sorted(str(p) for p in Path(tmp).glob("*.o"))
         link += ["-Xlinker", f"--version-script={tmp}/exports.map", "-Xlinker", "--no-undefined"]
         link += ["-Xlinker", f"-soname={LIBRARY_NAME}"]
-        _run(link, "linking the plugin library")
+        toolchain.run(link, "linking the plugin library")
         final = out / LIBRARY_NAME
         staged = out / f".{LIBRARY_NAME}.tmp"
         shutil.copyfile(lib, staged)
@@ -196,13 +147,6 @@ def build_plugin_library(
     }
     (out / f"{LIBRARY_NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return final
-
-
-def _gencode(archs: list[str]) -> list[str]:
-    """SASS for every arch plus PTX of the highest (JIT-compiled on newer GPUs)."""
-    flags = [f"-gencode=arch=compute_{a.rstrip('af')},code=sm_{a}" for a in archs]
-    top = max(archs, key=lambda a: int(a.rstrip("af"))).rstrip("af")
-    return [*flags, f"-gencode=arch=compute_{top},code=compute_{top}"]
 
 
 def _compile_commands(

@@ -76,7 +76,7 @@ def test_compile_error_is_one_clear_line(tmp_path, monkeypatch):
             (bad / f.name).write_text(f.read_text())
     (bad / "broken.cu").write_text("int f() { return undeclared_name; }\n")
     monkeypatch.setattr(build, "CUDA_DIR", bad)
-    with pytest.raises(build.BackendError, match=r"nvcc failed on broken\.cu: .*undeclared_name"):
+    with pytest.raises(build.BackendError, match=r"nvcc on broken\.cu failed: .*undeclared_name"):
         build.build_kernels(archs=("sm_90",), out_dir=tmp_path / "out")
 
 
