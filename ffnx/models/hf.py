@@ -4,8 +4,9 @@ PATH is a model directory (config.json + safetensors/bin weights, loaded with
 `from_pretrained(local_files_only=True)`), a directory holding only config.json, or a bare
 config.json file (both: random weights from a fixed seed, `from_config`). Nothing is downloaded:
 HF_HUB_OFFLINE is set and remote code is never trusted. The model is loaded in float32, eval,
-eager attention, no KV cache; batch and sequence are dynamic. MoE blocks are exported as
-`ffnx::FfnxMoE` by the capture rules (`ffnx.export.moe_capture`).
+eager attention; batch and sequence are dynamic. `load_hf(..., cache=True)` (what `ffnx export
+hf:DIR` uses unless --no-cache) gives the KV-cache decoder of `ffnx.export.kv_cache` instead.
+MoE blocks are exported as `ffnx::FfnxMoE` by the capture rules (`ffnx.export.moe_capture`).
 """
 
 from __future__ import annotations
