@@ -45,9 +45,11 @@ const char* ffnx_status_string(int) { return "stub"; }
 def include_dirs() -> list[Path]:
     env = os.environ.get("FFNX_TRT_INCLUDE", "")
     dirs = [Path(p) for p in env.split(os.pathsep) if p] if env else []
-    if not dirs and trt_build.find_trt_include() is not None:
-        dirs = [trt_build.find_trt_include()]
-    return [d for d in dirs if (d / "NvInferRuntime.h").is_file()]
+    if not dirs:  # the system's headers, then both majors beside the checkout (11.1, 10.3)
+        dirs = [trt_build.find_trt_include()] if trt_build.find_trt_include() else []
+        dirs += [trt_build.REPO_HEADERS / v / "include" for v in ("11.1", "10.3")]
+    found = [d for d in dirs if (d / "NvInferRuntime.h").is_file()]
+    return [d for i, d in enumerate(found) if d.resolve() not in {x.resolve() for x in found[:i]}]
 
 
 INCLUDES = include_dirs()
