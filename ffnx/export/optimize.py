@@ -203,8 +203,15 @@ def optimize_file(
     feeds: list[dict[str, np.ndarray]],
     **kwargs,
 ) -> list[dict]:
-    """Optimize `src` into `dst` (written atomically); return the per-pass reports."""
+    """Optimize `src` into `dst` (written atomically); return the per-pass reports.
+    `guard=True` (opt-in, default passes only): `speed_guard` drops the applied passes whose
+    removal times faster on ORT; they are reported with status `dropped_slower`."""
     model = onnx.load(str(src))
-    new, reports = optimize_model(model, feeds, **kwargs)
+    if kwargs.pop("guard", False):
+        from ffnx.export.speed_guard import optimize_guarded
+
+        new, reports, _ = optimize_guarded(model, feeds, **kwargs)
+    else:
+        new, reports = optimize_model(model, feeds, **kwargs)
     artifact.write_bytes_atomic(dst, new.SerializeToString())
     return reports
