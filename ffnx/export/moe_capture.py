@@ -27,10 +27,7 @@ from torch import nn
 
 from ffnx.errors import ExportError, RefusedError
 from ffnx.export.moe_op import MoEOpModule, register_onnx_schemas
-from ffnx.plugins.schema import group_error
-
-GATED = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
-BASE = {g: a for a, g in GATED.items()}  # swiglu -> silu; non-gated names map to themselves
+from ffnx.plugins.schema import BASE_ACTIVATION, GATED_ACTIVATION, group_error
 
 
 class Refused(RefusedError):
@@ -98,7 +95,8 @@ def _hf_experts(experts: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
         w1, w2 = (w.detach().transpose(1, 2).contiguous() for w in (w1, w2))
     act = activation_name(experts.act_fn)
     weights = {"fc1_weight": w1, "fc1_bias": b1, "fc2_weight": w2, "fc2_bias": b2}
-    return {k: v for k, v in weights.items() if v is not None}, GATED[act] if gated else act
+    kept = {k: v for k, v in weights.items() if v is not None}
+    return kept, GATED_ACTIVATION[act] if gated else act
 
 
 def _groups(r: nn.Module, scoring: str) -> dict:
@@ -204,7 +202,8 @@ def _hf_generic(block: nn.Module) -> MoEOpModule:
         weights["score_bias"] = routing.pop("score_bias")
     for shared in ("shared_expert", "shared_experts"):
         if shared in children:
-            weights.update(shared_weights(getattr(block, shared), BASE.get(activation, activation)))
+            base = BASE_ACTIVATION.get(activation, activation)
+            weights.update(shared_weights(getattr(block, shared), base))
     if "shared_expert_gate" in children:
         gate = block.shared_expert_gate
         _no_bias(gate)
@@ -226,7 +225,7 @@ def _hf_dbrx(block: nn.Module) -> MoEOpModule:
         "fc2_weight": glu.w2.view(E, H, D).transpose(1, 2).contiguous().detach(),
     }
     attrs = {"num_experts": E, "top_k": int(block.top_k), "scoring": "softmax",
-             "normalize": int(p is not None), "activation": GATED[act]}  # fmt: skip
+             "normalize": int(p is not None), "activation": GATED_ACTIVATION[act]}  # fmt: skip
     return MoEOpModule(weights, attrs, router_weight=block.router.layer.weight, source="DbrxFFN")
 
 
@@ -239,7 +238,7 @@ def _hf_jetmoe(block: nn.Module) -> MoEOpModule:
         "fc2_bias": block.bias.detach().expand(E, fc2.shape[1]).contiguous(),
     }
     attrs = {"num_experts": E, "top_k": int(block.router.top_k), "scoring": "topk_softmax",
-             "activation": GATED[activation_name(block.activation)]}  # fmt: skip
+             "activation": GATED_ACTIVATION[activation_name(block.activation)]}  # fmt: skip
     return MoEOpModule(weights, attrs, router_weight=block.router.layer.weight, source="JetMoeMoE")
 
 

@@ -33,11 +33,10 @@ from ffnx.errors import PassError
 from ffnx.export.calibrate import Calibration, LayerStats, ffn_sites
 from ffnx.export.passes.ffn_match import FFN
 from ffnx.export.sparse_lowering import act_numpy
-from ffnx.plugins.schema import DOMAIN, DOMAIN_VERSION, MOE
+from ffnx.plugins.schema import DOMAIN, DOMAIN_VERSION, GATED_ACTIVATION, MOE
 
 SPREAD = 2e-5
 ROUTERS = ("lstsq", "centroid")
-GATED_NAME = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 
 
 def balanced_kmeans(v: np.ndarray, k: int, iters: int = 25, seed: int = 0) -> np.ndarray:
@@ -229,7 +228,7 @@ def _rewrite(graph: gs.Graph, f: FFN, w: dict, experts: int, top_k: int) -> None
         "top_k": top_k,
         "scoring": "topk_softmax",
         "routed_scaling_factor": float(top_k),
-        "activation": GATED_NAME[f.kind] if f.gated else f.kind,
+        "activation": GATED_ACTIVATION[f.kind] if f.gated else f.kind,
     }
     moe_out = y if f.fc2.bias is None else gs.Variable(f"{p}/output", y.dtype)
     ins = [x, logits, const("fc1_weight"), b1, const("fc2_weight")]

@@ -32,11 +32,16 @@ import onnx_graphsurgeon as gs
 from ffnx.errors import LoweringError
 from ffnx.export.lowering._build import Builder, f32, i64
 from ffnx.export.passes.base import const
-from ffnx.plugins.schema import DOMAIN, DOMAIN_VERSION, GATED_ACTIVATIONS, SPARSE_FFN
+from ffnx.plugins.schema import (
+    BASE_ACTIVATION,
+    DOMAIN,
+    DOMAIN_VERSION,
+    GATED_ACTIVATIONS,
+    SPARSE_FFN,
+)
 
 FORMS = ("dense", "gather", "compress")
 PLAIN = "dense"
-BASE_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
 class SparseLoweringError(LoweringError):
@@ -111,7 +116,7 @@ def lower_sparse_ffn(graph: gs.Graph, node: gs.Node, variant: str = PLAIN) -> st
 
 def activation(b: Builder, h, act: str):
     """The (gate) activation of `act`: relu, silu or erf-GELU (which ORT fuses into one op)."""
-    base = BASE_ACT.get(act, act)
+    base = BASE_ACTIVATION.get(act, act)
     if base == "relu":
         return b.op("Relu", h)
     if base == "silu":
@@ -220,7 +225,7 @@ def erf(x: np.ndarray) -> np.ndarray:
 
 
 def act_numpy(h: np.ndarray, act: str) -> np.ndarray:
-    base = BASE_ACT.get(act, act)
+    base = BASE_ACTIVATION.get(act, act)
     if base == "relu":
         return np.maximum(h, 0)
     if base == "silu":

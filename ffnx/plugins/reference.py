@@ -36,9 +36,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ffnx.plugins.schema import ACTIVATIONS, GATED_ACTIVATIONS, group_error, group_limited
+from ffnx.plugins.schema import (
+    ACTIVATIONS,
+    BASE_ACTIVATION,
+    GATED_ACTIVATIONS,
+    group_error,
+    group_limited,
+)
 
-BASE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 _FUNCS = {
     "silu": F.silu,
     "gelu": lambda x: F.gelu(x, approximate="none"),

@@ -62,7 +62,10 @@ PLUGIN_ATTRS = (
 
 # Activations. Gated ones read fc1 rows [0, H) as gate and [H, 2H) as up (not interleaved):
 #   swiglu: silu(g) * u   geglu: gelu(g) * u (erf)   reglu: relu(g) * u
-GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+# The one activation table: a gated activation -> the activation of its gate, and back.
+BASE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+GATED_ACTIVATION = {base: gated for gated, base in BASE_ACTIVATION.items()}
+GATED_ACTIVATIONS = tuple(BASE_ACTIVATION)
 ACTIVATIONS = GATED_ACTIVATIONS + ("gelu", "relu", "silu")
 GROUP_SCORINGS = ("top2_sum", "max")
 

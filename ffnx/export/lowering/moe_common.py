@@ -24,11 +24,13 @@ import onnx_graphsurgeon as gs
 from ffnx.errors import LoweringError  # re-exported: part of the ffnx error family
 from ffnx.export.lowering._build import Builder, f32, i64
 from ffnx.export.passes.base import const
-from ffnx.plugins.schema import GATED_ACTIVATIONS, MOE, group_error, group_limited
-
-BASE_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
-
-
+from ffnx.plugins.schema import (
+    BASE_ACTIVATION,
+    GATED_ACTIVATIONS,
+    MOE,
+    group_error,
+    group_limited,
+)
 
 
 @dataclass
@@ -105,7 +107,7 @@ def activate(b: Builder, h, act: str, axis: int, H: int):
     if act not in GATED_ACTIVATIONS:
         return plain_act(b, h, act)
     g, u = b.op("Split", h, i64(H, H), axis=axis, n_out=2)
-    return b.mul(plain_act(b, g, BASE_ACT[act]), u)
+    return b.mul(plain_act(b, g, BASE_ACTIVATION[act]), u)
 
 
 def plain_act(b: Builder, x, act: str):

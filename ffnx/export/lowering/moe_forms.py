@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from ffnx.export.lowering._build import Builder, i64
-from ffnx.export.lowering.moe_common import BASE_ACT, MoESite, activate, plain_act
+from ffnx.export.lowering.moe_common import MoESite, activate, plain_act
+from ffnx.plugins.schema import BASE_ACTIVATION
 
 
 def sorted_experts(b: Builder, s: MoESite, x, idx, w, linear=None):
@@ -55,7 +56,7 @@ def _expert_ffn(b: Builder, s: MoESite, rows, e: int):
         return b.op("Gemm", rows, w, _expert_param(b, s, "fc1_bias", e, (lo, hi)), transB=1)
 
     if s.gated:
-        h = b.mul(plain_act(b, fc1(0, s.H), BASE_ACT[s.activation]), fc1(s.H, 2 * s.H))
+        h = b.mul(plain_act(b, fc1(0, s.H), BASE_ACTIVATION[s.activation]), fc1(s.H, 2 * s.H))
     else:
         h = plain_act(b, fc1(0, s.H1), s.activation)
     w2, b2 = _expert_param(b, s, "fc2_weight", e), _expert_param(b, s, "fc2_bias", e)

@@ -48,11 +48,10 @@ from ffnx.export.sparse_lowering import (
     sparse_ffn_model,
     sparse_ffn_node,
 )
-from ffnx.plugins.schema import SPARSE_FFN
+from ffnx.plugins.schema import GATED_ACTIVATION, SPARSE_FFN
 
 GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 MARGIN = 0.95  # headroom for the rounding of the exact passes the driver also counts
-GATED_NAME = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 TAG = "ffnx.sparsify_ffn"
 
 
@@ -173,7 +172,7 @@ def _rewrite_all(graph, sites, stats, s: float, mode: str) -> list[gs.Node]:
 def _rewrite(graph: gs.Graph, f: FFN, st: LayerStats, s: float, mode: str) -> gs.Node:
     """Replace FFN `f` by one FfnxSparseFFN node producing f.y."""
     w = weights(f)
-    attrs = {"mode": mode, "activation": GATED_NAME[f.kind] if f.gated else f.kind}
+    attrs = {"mode": mode, "activation": GATED_ACTIVATION[f.kind] if f.gated else f.kind}
     if mode == "threshold":
         w["thresholds"] = st.threshold(s)
     else:
@@ -226,7 +225,7 @@ def kept_fraction(st: LayerStats, w: dict, activation: str, mode: str, s: float)
 
 
 def _layer_note(f: FFN, st: LayerStats, s: float, mode: str) -> dict:
-    act = GATED_NAME[f.kind] if f.gated else f.kind
+    act = GATED_ACTIVATION[f.kind] if f.gated else f.kind
     kept = kept_fraction(st, weights(f), act, mode, s)
     return {"ffn": f.y.name, "activation": act, "H": f.hidden, "kept": round(kept, 4)}
 
