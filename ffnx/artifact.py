@@ -23,6 +23,7 @@ MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 MODEL_OPT = "model.opt.onnx"
 PLAN = "model.plan"
+MODEL_TRT = "model.trt.onnx"  # --target trt: the graph for TensorRT (ffnx ops kept for plugins)
 SCHEMA_VERSION = 1
 
 
@@ -143,13 +144,20 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def model_path(
-    directory: str | Path, manifest: dict | None = None, prefer_opt: bool = True
+    directory: str | Path,
+    manifest: dict | None = None,
+    prefer_opt: bool = True,
+    target: str = "ort",
 ) -> Path:
-    """The ONNX file a runtime should load: the optimized one when present."""
+    """The ONNX file to load: the optimized one when present. target="trt" (TensorRT builds)
+    prefers model.trt.onnx; ONNX Runtime never gets it (its ffnx ops need the plugins)."""
     d = Path(directory)
     manifest = manifest if manifest is not None else read_manifest(d)
     files = manifest.get("files", {})
-    for name in (MODEL_OPT, MODEL) if prefer_opt else (MODEL,):
+    names = (MODEL_OPT, MODEL) if prefer_opt else (MODEL,)
+    if target == "trt" and prefer_opt:
+        names = (MODEL_TRT, *names)
+    for name in names:
         if name in files:
             if not (d / name).exists():
                 raise ArtifactError(f"{d / name} is listed in the manifest but missing")

@@ -231,3 +231,27 @@ def test_stale_plan_and_graph_are_refused(tmp_path, mlp_artifact, monkeypatch):
     r = CliRunner().invoke(main, ["run", str(d), "--backend", "ort"])
     assert r.exit_code == 1
     assert "model.opt.onnx was built from an older model.onnx: run `ffnx optimize" in r.output
+
+
+def test_trt_target_artifact_runs_on_onnx_runtime(tmp_path):
+    """`--target trt` keeps FfnxMoE for the plugin in model.trt.onnx and an ORT-lowered
+    model.opt.onnx beside it: Engine.load(backend="ort") runs the artifact."""
+    import numpy as np
+    import onnx
+
+    from ffnx import artifact
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models.zoo import build
+    from ffnx.runtime import Engine
+
+    d = tmp_path / "moe"
+    m = export_artifact(build("gpt-moe"), d, target="trt")
+    assert {artifact.MODEL_TRT, artifact.MODEL_OPT} <= set(m["files"])
+    assert m["made_from"][artifact.MODEL_TRT] == {artifact.MODEL: m["files"][artifact.MODEL]}
+    trt_graph = onnx.load(str(d / artifact.MODEL_TRT))
+    assert any(n.op_type == "FfnxMoE" for n in trt_graph.graph.node)
+    assert artifact.model_path(d, m, target="trt").name == artifact.MODEL_TRT
+    engine = Engine.load(d, backend="ort")
+    ids = np.random.default_rng(0).integers(0, 64, size=(1, 8), dtype=np.int64)
+    out = engine.run({"input_ids": ids})["logits"]
+    assert out.shape[:2] == (1, 8) and np.isfinite(out).all()

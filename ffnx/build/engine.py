@@ -270,7 +270,7 @@ def build_engine(
 
     d = Path(artifact_dir)
     manifest = artifact.read_manifest(d)
-    onnx_path = artifact.model_path(d, manifest)
+    onnx_path = artifact.model_path(d, manifest, target="trt")
     ranges = dim_ranges(manifest, profiles)
     shapes = input_shapes(manifest, ranges)
     batches = load_calibration(calib)

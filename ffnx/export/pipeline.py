@@ -175,26 +175,28 @@ def export_artifact(
         manifest["export"]["max_abs_error"] = verify.worst([c["outputs"] for c in checks])[
             "max_abs"
         ]
+        made_from: dict[str, list[str]] = {}
         if optimize:
             from ffnx.export.optimize import optimize_file
 
-            step("running graph passes")
-            manifest["passes"] = optimize_file(
-                onnx_path,
-                stage / artifact.MODEL_OPT,
-                sample_feeds(spec),
-                passes=passes,
-                skip=skip,
-                target=target,
-                tol=tol,
-                step=step,
-            )
+            def run_passes(dst: str, tgt: str) -> list[dict]:
+                step(f"running graph passes ({tgt})")
+                return optimize_file(
+                    onnx_path, stage / dst, sample_feeds(spec),
+                    passes=passes, skip=skip, target=tgt, tol=tol, step=step,
+                )  # fmt: skip
+
+            # --target trt: model.trt.onnx for TensorRT (ffnx ops kept for the plugins) and
+            # model.opt.onnx lowered for ONNX Runtime beside it, so the artifact runs on both.
+            if target == "trt":
+                manifest["passes_trt"] = run_passes(artifact.MODEL_TRT, "trt")
+                made_from[artifact.MODEL_TRT] = [artifact.MODEL]
+            manifest["passes"] = run_passes(artifact.MODEL_OPT, "ort")
+            made_from[artifact.MODEL_OPT] = [artifact.MODEL]
         if target == "trt":
             step("checking the graph against TensorRT's ONNX parser")
             manifest["tensorrt_graph_check"] = check_trt_graph(stage, manifest)
-        artifact.write_manifest(
-            stage, manifest, {artifact.MODEL_OPT: [artifact.MODEL]} if optimize else None
-        )
+        artifact.write_manifest(stage, manifest, made_from)
     return artifact.read_manifest(out)
 
 
@@ -202,7 +204,8 @@ def check_trt_graph(directory: Path, manifest: dict) -> dict:
     """Fail the export when the graph has ops TensorRT's parser rejects (see trt_graph_check)."""
     from ffnx.build.trt_graph_check import check_graph, materialize_optional_inputs
 
-    path = artifact.model_path(directory, {"files": {p.name: "" for p in directory.iterdir()}})
+    files = {"files": {p.name: "" for p in directory.iterdir()}}
+    path = artifact.model_path(directory, files, target="trt")
     model = onnx.load(str(path), load_external_data=False)
     filled = materialize_optional_inputs(model)
     problems = check_graph(model)
