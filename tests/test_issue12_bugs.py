@@ -255,3 +255,29 @@ def test_trt_target_artifact_runs_on_onnx_runtime(tmp_path):
     ids = np.random.default_rng(0).integers(0, 64, size=(1, 8), dtype=np.int64)
     out = engine.run({"input_ids": ids})["logits"]
     assert out.shape[:2] == (1, 8) and np.isfinite(out).all()
+
+
+def test_export_option_without_effect_is_a_usage_error(tmp_path, user_model_file):
+    from click.testing import CliRunner
+
+    from ffnx.cli import main
+
+    for extra in (["--precision", "fp16"], ["--no-build"]):
+        r = CliRunner().invoke(
+            main, ["export", f"{user_model_file}:build", "--output", str(tmp_path / "a"), *extra]
+        )
+        assert r.exit_code == 2 and "only with --target trt" in r.output, r.output
+        assert not (tmp_path / "a").exists()
+
+
+def test_export_output_and_out_alias(tmp_path, user_model_file):
+    from click.testing import CliRunner
+
+    from ffnx.cli import main
+
+    for flag in ("--output", "--out", "-o"):
+        d = tmp_path / flag.strip("-")
+        r = CliRunner().invoke(main, ["export", f"{user_model_file}:build", flag, str(d),
+                                      "--no-optimize"])
+        assert r.exit_code == 0, r.output
+        assert (d / "manifest.json").exists()

@@ -10,7 +10,10 @@ from ffnx.commands.options import csv_list
 
 @click.command("export", context_settings={"max_content_width": 100})
 @click.argument("model")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact dir.")
+@click.option(
+    "--output", "-o", "--out", "out", required=True, type=click.Path(file_okay=False),
+    help="Artifact dir (--out: alias).",
+)  # fmt: skip
 @click.option(
     "--size",
     type=click.Choice(["tiny", "base"]),
@@ -48,9 +51,8 @@ from ffnx.commands.options import csv_list
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "int8", "fp8"]),
-    default="fp32",
-    show_default=True,
-    help="TensorRT precision (--target trt).",
+    default=None,
+    help="TensorRT precision (--target trt only; default fp32).",
 )
 @click.option(
     "--no-build",
@@ -95,6 +97,11 @@ def export_cmd(
     from ffnx.export.torch_export import DEFAULT_OPSET
     from ffnx.models.user import parse_dynamic, resolve
 
+    if target != "trt":
+        for flag, given in (("--precision", precision is not None), ("--no-build", no_build)):
+            if given:
+                raise click.UsageError(f"{flag} applies only with --target trt")
+    precision = precision or "fp32"
     if task is not None and not model.startswith("hf:"):
         from ffnx.errors import ModelSpecError
 
