@@ -42,8 +42,10 @@ def moe_artifact(tmp_path_factory, rtx) -> Path:
 
 
 def test_gpt_moe_parse_does_not_abort(moe_artifact, plugin_lib, tmp_path):
-    model = onnx.load(str(moe_artifact / "model.opt.onnx"))
-    assert materialize_optional_inputs(model) > 0
+    trt_graph = moe_artifact / "model.trt.onnx"  # the TensorRT graph beside the ORT one
+    model = onnx.load(str(trt_graph if trt_graph.exists() else moe_artifact / "model.opt.onnx"))
+    materialize_optional_inputs(model)
+    assert sum(n.op_type == "FfnxMoE" for n in model.graph.node) == 2
     onnx.save(model, str(tmp_path / "m.onnx"))
     rc, out = _parse(plugin_lib, tmp_path / "m.onnx")
     assert rc == 0, out
@@ -113,3 +115,27 @@ def test_bad_attribute_is_a_clean_error_naming_the_field(plugin_lib, tmp_path, a
     assert rc == 0, out  # no abort
     assert "PARSED False" in out, out
     assert needle in out.replace("PARSED False", ""), out
+
+
+def test_runtime_picks_tensorrt_rtx_for_an_rtx_plan(rtx):
+    from ffnx.runtime.backends.trt import import_runtime
+
+    assert import_runtime("rtx").__name__ == "tensorrt_rtx"
+
+
+@pytest.mark.gpu
+def test_rtx_engine_runs_and_matches_ort(moe_artifact, plugin_lib):
+    """Needs an RTX-class GPU (SM 8.6/8.9/12.x) and a driver; skipped on CPU machines."""
+    from ffnx.build.engine import build_engine
+    from ffnx.runtime import Engine, cuda
+
+    if not cuda.device_count():
+        pytest.skip("no CUDA GPU")
+    major, minor = cuda.compute_capability()
+    build_engine(moe_artifact, compute_capability=f"{major}{minor}", plugin_library=plugin_lib)
+    trt_engine = Engine.load(moe_artifact, backend="trt", plugin_library=plugin_lib)
+    ids = np.random.default_rng(0).integers(0, 256, size=(1, 8), dtype=np.int64)
+    feeds = {trt_engine.inputs[0].name: ids}
+    got = next(iter(trt_engine.run(feeds).values()))
+    want = next(iter(Engine.load(moe_artifact, backend="ort").run(feeds).values()))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)

@@ -25,6 +25,7 @@ from ffnx.runtime import cuda
 from ffnx.runtime.backends.base import TensorInfo
 
 RUNTIMES = ("tensorrt", "tensorrt_lean")
+RTX_RUNTIME = "tensorrt_rtx"
 _DTYPES = {
     "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8",
     "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8",
@@ -94,13 +95,19 @@ def cuda_view(x, stream: int) -> tuple[int, tuple[int, ...], str, object] | None
     return (t.data or 0) + t.byte_offset, shape, dtype, capsule
 
 
-def import_runtime():
-    """The full TensorRT module if installed, else the lean runtime."""
-    for name in RUNTIMES:
+def import_runtime(flavour: str | None = None):
+    """The runtime for a plan built by `flavour` (the manifest's tensorrt.flavour): "rtx" ->
+    tensorrt_rtx; otherwise the full TensorRT module if installed, else the lean runtime. An
+    import that fails for any reason (the pip stub without its libraries) counts as absent."""
+    names = (RTX_RUNTIME,) if flavour == "rtx" else RUNTIMES
+    for name in names:
         try:
             return importlib.import_module(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001
             continue
+    if flavour == "rtx":
+        raise BackendError("this plan was built by TensorRT-RTX: pip install 'ffnx[trt-rtx]' "
+                           "(running it needs an RTX-class GPU)")  # fmt: skip
     raise BackendError(
         "TensorRT is not installed: pip install tensorrt (or tensorrt-lean for engines built "
         "with `ffnx build --version-compatible`)"
@@ -180,9 +187,9 @@ class TrtBackend:
         p = Path(path)
         if not p.is_file():
             raise ArtifactError(f"{p} does not exist")
-        trt = import_runtime()
         manifest = _sibling_manifest(p)
         section = manifest.get("tensorrt", {})
+        trt = import_runtime(section.get("flavour"))
         if plugin_library or manifest.get("plugins") or section.get("plugin_library"):
             from ffnx.plugins.trt_build import load_plugin_library
 
