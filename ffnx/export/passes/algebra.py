@@ -3,6 +3,10 @@
 merge_linears: linears y_i = x·W_i + b_i on one input x → h = x·[W_1 | … | W_n] + [b_1; …; b_n]
     and a last-axis Split of h into the widths of the y_i. Exact: each column of h is computed
     from the same x with the same weights (float rounding of the dot products unchanged).
+sum_terms: the sum tree y = t_1 + … + t_n rooted at an Add (inner Adds of two non-constant
+    inputs, each read only by the next Add) → its terms t_i and Adds; `is_sum_root` says
+    which Adds are roots. Reassociating the sum is exact in real arithmetic; in floats it
+    changes rounding only.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.export.graph_builder import Builder
+from ffnx.export.passes.base import const, producer
 from ffnx.export.passes.ffn_match import Linear
 
 
@@ -35,3 +40,38 @@ def merge_linears(graph: gs.Graph, prefix: str, linears: list[Linear]) -> None:
         b.op("Split", [h, b.const(sizes, "split")], {"axis": -1}, outs)
     else:
         b.op("Split", [h], {"axis": -1, "split": sizes.tolist()}, outs)
+
+
+def sum_terms(root: gs.Node, graph: gs.Graph) -> tuple[list[gs.Tensor], list[gs.Node]]:
+    """Terms and Add nodes of the sum tree rooted at Add `root` (inner Adds read once)."""
+    terms, adds = [], []
+
+    def walk(t: gs.Tensor, is_root: bool) -> None:
+        p = producer(t, "Add")
+        inner_ok = is_root or (len(t.outputs) == 1 and t not in graph.outputs)
+        plain = p is not None and len(p.inputs) == 2 and all(const(i) is None for i in p.inputs)
+        if plain and inner_ok:
+            adds.append(p)
+            for i in p.inputs:
+                walk(i, False)
+        else:
+            terms.append(t)
+
+    walk(root.outputs[0], True)
+    return terms, adds
+
+
+def is_sum_root(n: gs.Node, graph: gs.Graph) -> bool:
+    """An Add of two non-constant terms that is not itself an inner node of a larger sum."""
+    if (
+        n.op != "Add"
+        or len(n.inputs) != 2
+        or len(n.outputs) != 1
+        or any(const(i) is not None for i in n.inputs)
+    ):
+        return False
+    t = n.outputs[0]
+    if len(t.outputs) != 1 or t in graph.outputs:
+        return True
+    c = t.outputs[0]
+    return c.op != "Add" or any(const(i) is not None for i in c.inputs)

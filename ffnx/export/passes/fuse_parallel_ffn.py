@@ -23,42 +23,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.export.graph_builder import Builder
-from ffnx.export.passes.base import GraphPass, Match, PassContext, const, producer
+from ffnx.export.passes.algebra import is_sum_root, sum_terms
+from ffnx.export.passes.base import GraphPass, Match, PassContext
 from ffnx.export.passes.ffn_match import FFN, find_ffns, node_set
 from ffnx.export.passes.norm_match import find_norms
-
-
-def sum_terms(root: gs.Node, graph: gs.Graph) -> tuple[list[gs.Tensor], list[gs.Node]]:
-    """Terms and Add nodes of the sum tree rooted at Add `root` (inner Adds read once)."""
-    terms, adds = [], []
-
-    def walk(t: gs.Tensor, is_root: bool) -> None:
-        p = producer(t, "Add")
-        inner_ok = is_root or (len(t.outputs) == 1 and t not in graph.outputs)
-        if p is not None and inner_ok and all(const(i) is None for i in p.inputs):
-            adds.append(p)
-            for i in p.inputs:
-                walk(i, False)
-        else:
-            terms.append(t)
-
-    walk(root.outputs[0], True)
-    return terms, adds
-
-
-def _is_root(n: gs.Node, graph: gs.Graph) -> bool:
-    if (
-        n.op != "Add"
-        or len(n.inputs) != 2
-        or len(n.outputs) != 1
-        or any(const(i) is not None for i in n.inputs)
-    ):
-        return False
-    t = n.outputs[0]
-    if len(t.outputs) != 1 or t in graph.outputs:
-        return True
-    c = t.outputs[0]
-    return c.op != "Add" or any(const(i) is not None for i in c.inputs)
 
 
 class FuseParallelFFN(GraphPass):
@@ -71,7 +39,7 @@ class FuseParallelFFN(GraphPass):
         ffns = {id(f.y): f for f in find_ffns(graph)}
         norms = {id(n.y): n for n in find_norms(graph) if n.kind in ("layernorm", "rmsnorm")}
         out = []
-        for root in [n for n in graph.nodes if _is_root(n, graph)]:
+        for root in [n for n in graph.nodes if is_sum_root(n, graph)]:
             terms, adds = sum_terms(root, graph)
             groups: dict[tuple, list[FFN]] = {}
             for t in terms:

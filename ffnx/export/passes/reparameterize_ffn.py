@@ -35,6 +35,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.export.graph_builder import Builder
+from ffnx.export.passes.algebra import is_sum_root, sum_terms
 from ffnx.export.passes.base import GraphPass, Match, PassContext, PassResult, const, producer
 from ffnx.export.passes.ffn_match import (
     Linear,
@@ -207,25 +208,6 @@ def _bias(lin: Linear) -> np.ndarray:
 # Summed linear branches on one input ------------------------------------------------------
 
 
-def _terms(root: gs.Node, graph: gs.Graph) -> tuple[list[gs.Tensor], list[gs.Node]]:
-    """Terms and Add nodes of the sum tree at `root` (inner Adds read once, no constants)."""
-    terms, adds = [], []
-
-    def walk(t: gs.Tensor, top: bool) -> None:
-        p = producer(t, "Add")
-        inner = top or (len(t.outputs) == 1 and t not in graph.outputs)
-        plain = p is not None and len(p.inputs) == 2 and all(const(i) is None for i in p.inputs)
-        if plain and inner:
-            adds.append(p)
-            for i in p.inputs:
-                walk(i, False)
-        else:
-            terms.append(t)
-
-    walk(root.outputs[0], True)
-    return terms, adds
-
-
 def _branch(t: gs.Tensor, graph: gs.Graph) -> Linear | None:
     lin = linear_from_output(t)
     if lin is None or lin.fused or len(t.outputs) != 1 or t in graph.outputs:
@@ -237,7 +219,7 @@ def _branch(t: gs.Tensor, graph: gs.Graph) -> Linear | None:
 
 def match_branches(root: gs.Node, graph: gs.Graph) -> dict | None:
     """{x, linears, identity, terms, adds} for ≥2 mergeable terms on one x in root's sum."""
-    terms, adds = _terms(root, graph)
+    terms, adds = sum_terms(root, graph)
     lins = [(t, _branch(t, graph)) for t in terms]
     for x in {id(lin.x): lin.x for _, lin in lins if lin is not None}.values():
         group = [(t, lin) for t, lin in lins if lin is not None and lin.x is x]
@@ -293,7 +275,7 @@ class ReparameterizeFFN(GraphPass):
                 if f is not None:
                     out.append(Match([n], {"form": "repa", "ffn": f}))
         for n in graph.nodes:
-            if n.op == "Add" and n.outputs and _is_root(n, graph):
+            if n.op == "Add" and n.outputs and is_sum_root(n, graph):
                 br = match_branches(n, graph)
                 if br is not None:
                     out.append(Match([n], {"form": "branches", "sum": br}))
@@ -313,15 +295,6 @@ class ReparameterizeFFN(GraphPass):
     def note(self, res: PassResult, m: Match) -> None:
         form = m.info["form"]
         res.notes[form] = res.notes.get(form, 0) + 1
-
-
-def _is_root(n: gs.Node, graph: gs.Graph) -> bool:
-    """An Add that is not itself an inner node of a larger sum tree."""
-    t = n.outputs[0]
-    if len(t.outputs) != 1 or t in graph.outputs:
-        return True
-    c = t.outputs[0]
-    return not (c.op == "Add" and all(const(i) is None for i in c.inputs))
 
 
 PASS = ReparameterizeFFN()
