@@ -65,3 +65,42 @@ def test_zoo_model_builds_a_real_rtx_engine(tmp_path, rtx, plugin_lib, name):
                "plugins": layers, "warnings": sorted(set(warnings))}  # fmt: skip
         with open(os.environ["FFNX_RTX_TABLE"], "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _graph_of(spec, tmp_path, **optimize_kw):
+    import onnx
+
+    from ffnx.build.trt_graph_check import materialize_optional_inputs
+    from ffnx.export.capture import captured
+    from ffnx.export.inputs import to_numpy
+    from ffnx.export.optimize import optimize_model
+    from ffnx.export.torch_export import export_onnx
+
+    path = tmp_path / "model.onnx"
+    with captured(spec.module, "trt"):
+        export_onnx(spec, path)
+    model, _ = optimize_model(onnx.load(str(path)), [to_numpy(spec.inputs)], target="trt",
+                              **optimize_kw)  # fmt: skip
+    materialize_optional_inputs(model)
+    return model
+
+
+def test_transformers_mixtral_builds_with_moe_plugin_layers(tmp_path, rtx, plugin_lib):
+    pytest.importorskip("transformers")
+    from ffnx.models.user import resolve
+    from tests.models.test_hf import write_config
+
+    cfg = write_config(tmp_path / "cfg", "mixtral", num_hidden_layers=2)
+    spec = resolve(f"hf:{cfg}")
+    model = _graph_of(spec, tmp_path)
+    plan, _, _ = _build(rtx, plugin_lib, model, spec)
+    assert plan.count(b"FfnxMoE") >= 2
+
+
+def test_sparsified_model_builds_with_sparse_plugin_layers(tmp_path, rtx, plugin_lib):
+    spec = zoo.build("gpt-relu", "tiny")
+    model = _graph_of(spec, tmp_path, passes=["sparsify_ffn"], max_error=10.0,
+                      options={"sparsity": 0.5})  # fmt: skip
+    assert sum(n.op_type == "FfnxSparseFFN" for n in model.graph.node) == 2
+    plan, _, _ = _build(rtx, plugin_lib, model, spec)
+    assert plan.count(b"FfnxSparseFFN") >= 2
