@@ -139,3 +139,43 @@ def test_rtx_engine_runs_and_matches_ort(moe_artifact, plugin_lib):
     got = next(iter(trt_engine.run(feeds).values()))
     want = next(iter(Engine.load(moe_artifact, backend="ort").run(feeds).values()))
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_rtx_fp16_profile_and_timing_cache(moe_artifact, plugin_lib, tmp_path):
+    from ffnx.build.engine import build_engine
+
+    cache = tmp_path / "timing.cache"
+    section = build_engine(moe_artifact, precision="fp16", profiles=["seq:1,8,32"],
+                           timing_cache=cache, optimization_level=0, workspace_gib=0.25,
+                           plugin_library=plugin_lib)  # fmt: skip
+    assert section["fp16_graph"] and section["strongly_typed"]  # the 11.x conversion path
+    assert section["profiles"]["seq"] == [1, 8, 32]
+    assert section["input_shapes"]["input_ids"][2][1] == 32  # max of the overridden range
+    assert cache.is_file() and cache.stat().st_size > 0
+
+
+def test_rtx_refuses_int8_calibration(moe_artifact, tmp_path):
+    from ffnx.build.engine import build_engine
+    from ffnx.errors import PassError
+
+    np.savez(tmp_path / "c.npz", input_ids=np.zeros((1, 8), np.int64))
+    with pytest.raises(PassError, match="TensorRT-RTX has no int8 calibration"):
+        build_engine(moe_artifact, precision="int8", calib=tmp_path / "c.npz", flavour="rtx")
+
+
+def test_missing_or_mismatched_plugin_library_is_a_clear_error(moe_artifact, plugin_lib, tmp_path):
+    import shutil
+
+    from ffnx.build.engine import build_engine
+    from ffnx.errors import BackendError
+
+    with pytest.raises(BackendError, match="not found"):
+        build_engine(moe_artifact, plugin_library=tmp_path / "nope.so", flavour="rtx")
+    foreign = tmp_path / "lib" / plugin_lib.name
+    foreign.parent.mkdir()
+    shutil.copyfile(plugin_lib, foreign)
+    meta = json.loads(plugin_lib.with_name(plugin_lib.name + ".json").read_text())
+    foreign.with_name(foreign.name + ".json").write_text(
+        json.dumps({**meta, "tensorrt_headers": "10.3.0"}))
+    with pytest.raises(BackendError, match="compiled against TensorRT 10.3.0 headers"):
+        build_engine(moe_artifact, plugin_library=foreign, flavour="rtx")
