@@ -55,7 +55,8 @@ def import_tensorrt(flavour: str = "auto"):
 
 
 def flavour_of(trt) -> str:
-    return "rtx" if trt.__name__.split(".")[0] == "tensorrt_rtx" else "enterprise"
+    name = getattr(trt, "__name__", "tensorrt")
+    return "rtx" if name.split(".")[0] == "tensorrt_rtx" else "enterprise"
 
 
 def strongly_typed_major(trt) -> int:

@@ -121,16 +121,33 @@ def test_build_without_tensorrt_is_a_clear_error(tmp_path, monkeypatch):
     real_import = builtins.__import__
 
     def no_tensorrt(name, *args, **kwargs):
-        if name == "tensorrt":
-            raise ImportError("No module named 'tensorrt'")
+        if name in ("tensorrt", "tensorrt_rtx"):
+            raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorrt)
     monkeypatch.setattr("importlib.import_module", lambda n: no_tensorrt(n))
     mlp_artifact(tmp_path / "a")
-    with pytest.raises(BackendError, match="full TensorRT Python package"):
+    with pytest.raises(BackendError, match="needs a TensorRT builder"):
         build_engine(tmp_path / "a")
+    with pytest.raises(BackendError, match="needs TensorRT Enterprise"):
+        build_engine(tmp_path / "a", flavour="enterprise")
+    with pytest.raises(BackendError, match=r"pip install 'ffnx\[trt-rtx\]'"):
+        build_engine(tmp_path / "a", flavour="rtx")
     assert not (tmp_path / "a" / artifact.PLAN).exists()
+
+
+def test_a_tensorrt_stub_that_fails_to_import_counts_as_absent(monkeypatch):
+    from ffnx.build import flavour
+
+    def broken(name):
+        if name == "tensorrt":
+            raise RuntimeError("stub wheel: libnvinfer.so not found")
+        raise ImportError(name)
+
+    monkeypatch.setattr("importlib.import_module", broken)
+    with pytest.raises(BackendError, match="none imports here"):
+        flavour.import_tensorrt("auto")
 
 
 # ---- build_engine's orchestration against a recording stand-in for the tensorrt module -----
@@ -267,7 +284,7 @@ def initializer_types(model: onnx.ModelProto) -> set[int]:
 @pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
 def test_fp16_build_uses_flags_on_10_and_an_fp16_graph_on_11(tmp_path, monkeypatch, version):
     trt, rec = fake_tensorrt(version)
-    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda: trt)
+    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda *a: trt)
     mlp_artifact(tmp_path / "a")
     phases = []
     section = build_engine(
@@ -301,7 +318,7 @@ def test_fp16_build_uses_flags_on_10_and_an_fp16_graph_on_11(tmp_path, monkeypat
 
 def test_plugin_graph_loads_the_library_and_fills_optional_inputs(tmp_path, monkeypatch):
     trt, rec = fake_tensorrt("10.3.0")
-    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda: trt)
+    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda *a: trt)
     lib = tmp_path / "libffnx_trt_plugins.so"
     lib.write_bytes(b"not really a library")
     loaded = []
@@ -343,11 +360,11 @@ def test_parser_and_builder_failures_leave_no_plan(tmp_path, monkeypatch):
     mlp_artifact(tmp_path / "a")
     before = artifact.read_manifest(tmp_path / "a")
     trt, _ = fake_tensorrt("11.4.0", parse_ok=False)
-    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda: trt)
+    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda *a: trt)
     with pytest.raises(BackendError, match="node 'scatter_3' \\(ScatterND\\): unsupported"):
         build_engine(tmp_path / "a")
     trt, _ = fake_tensorrt("11.4.0", build_ok=False)
-    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda: trt)
+    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda *a: trt)
     with pytest.raises(BackendError, match="failed to build the engine: out of tactics"):
         build_engine(tmp_path / "a")
     with pytest.raises(PassError, match="Q/DQ"):
@@ -358,7 +375,7 @@ def test_parser_and_builder_failures_leave_no_plan(tmp_path, monkeypatch):
 
 def test_graphs_the_parser_rejects_stop_before_parsing(tmp_path, monkeypatch):
     trt, rec = fake_tensorrt("10.3.0")
-    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda: trt)
+    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda *a: trt)
     d = tmp_path / "a"
     mlp_artifact(d)
     model = onnx.load(str(d / artifact.MODEL))
