@@ -281,3 +281,25 @@ def test_export_output_and_out_alias(tmp_path, user_model_file):
                                       "--no-optimize"])
         assert r.exit_code == 0, r.output
         assert (d / "manifest.json").exists()
+
+
+def test_build_workspace_is_mib_like_trtexec(mlp_artifact, monkeypatch):
+    from click.testing import CliRunner
+
+    from ffnx.cli import main
+
+    seen = {}
+
+    def fake_build(path, **kw):
+        seen.update(kw)
+        raise SystemExit(0)  # stop before printing a summary of a build that did not happen
+
+    monkeypatch.setattr("ffnx.build.engine.build_engine", fake_build)
+    r = CliRunner().invoke(main, ["build", str(mlp_artifact), "--workspace", "2048"])
+    assert seen["workspace_gib"] == 2.0, r.output
+    r = CliRunner().invoke(main, ["build", str(mlp_artifact), "--workspace-gib", "1.5"])
+    assert seen["workspace_gib"] == 1.5, r.output
+    r = CliRunner().invoke(
+        main, ["build", str(mlp_artifact), "--workspace", "512", "--workspace-gib", "1"]
+    )
+    assert r.exit_code == 2 and "not both" in r.output

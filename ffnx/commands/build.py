@@ -22,13 +22,13 @@ from ffnx.commands import ui
     help="Build a version-compatible plan (runs on the lean runtime).",
 )
 @click.option(
-    "--workspace-gib",
     "--workspace",
-    "workspace_gib",
+    "workspace_mib",
     type=float,
     default=None,
-    help="Builder workspace limit in GiB.",
+    help="Builder workspace limit in MiB (as trtexec --memPoolSize=workspace:N).",
 )
+@click.option("--workspace-gib", type=float, default=None, help="The same limit in GiB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file.")
 @click.option(
     "--profile",
@@ -67,6 +67,7 @@ def build_cmd(
     precision,
     sparse_weights,
     version_compatible,
+    workspace_mib,
     workspace_gib,
     timing_cache,
     profiles,
@@ -89,6 +90,10 @@ def build_cmd(
     """
     from ffnx.build.engine import build_engine
 
+    if workspace_mib is not None and workspace_gib is not None:
+        raise click.UsageError("give --workspace (MiB) or --workspace-gib, not both")
+    if workspace_mib is not None:
+        workspace_gib = workspace_mib / 1024
     with ui.bar("building TensorRT engine") as tick:
         section = build_engine(
             path,
