@@ -204,14 +204,9 @@ def optimize_file(
     **kwargs,
 ) -> list[dict]:
     """Optimize `src` into `dst` (written atomically); return the per-pass reports.
-    `guard=True` (opt-in, default passes only): `speed_guard` drops the applied passes whose
-    removal times faster on ORT; they are reported with status `dropped_slower`."""
+    (`ffnx.export.speed_guard.optimize_guarded` is the variant that also drops the applied
+    passes whose removal times faster on ORT.)"""
     model = onnx.load(str(src))
-    if kwargs.pop("guard", False):
-        from ffnx.export.speed_guard import optimize_guarded
-
-        new, reports, _ = optimize_guarded(model, feeds, **kwargs)
-    else:
-        new, reports = optimize_model(model, feeds, **kwargs)
+    new, reports = optimize_model(model, feeds, **kwargs)
     artifact.write_bytes_atomic(dst, new.SerializeToString())
     return reports

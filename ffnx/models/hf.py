@@ -12,18 +12,17 @@ MoE blocks are exported as `ffnx::FfnxMoE` by the capture rules (`ffnx.export.mo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ffnx.errors import ModelSpecError
+from ffnx.models.hf_config import _config_path, _import_transformers
 from ffnx.models.spec import ModelSpec
 
 SEED = 0
 MAX_SEQ = 8192  # cap on the exported `seq` dim (the config's max_position_embeddings if smaller)
 EXAMPLE = (2, 8)  # example (batch, seq); sizes > 1 so torch.export keeps both dims dynamic
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
 class CausalLMLogits(torch.nn.Module):
@@ -35,32 +34,6 @@ class CausalLMLogits(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
-
-
-def _config_path(path: Path) -> tuple[Path, bool]:
-    """-> (config.json, has_weights)."""
-    if path.is_file():
-        if path.suffix != ".json":
-            raise ModelSpecError(f"hf:{path}: expected a model directory or a config.json file")
-        return path, False
-    if not path.is_dir():
-        raise ModelSpecError(f"hf:{path}: no such directory or config.json (nothing is downloaded)")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise ModelSpecError(f"hf:{path}: directory has no config.json")
-    return cfg, any(any(path.glob(p)) for p in WEIGHT_FILES)
-
-
-def _import_transformers():
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
-        import transformers
-    except ImportError as e:
-        raise ModelSpecError(
-            "hf: models need transformers: pip install 'ffnx[hf]' (transformers>=4.46)"
-        ) from e
-    return transformers
 
 
 def _load_model(cfg_path: Path, weights: bool) -> torch.nn.Module:

@@ -187,7 +187,7 @@ def load_task(
     path: str, dynamic: dict[str, dict[int, str]] | None, task: str | None
 ) -> ModelSpec | None:
     """`hf:PATH` for a non-causal-LM task -> ModelSpec; None when the task is the causal LM."""
-    from ffnx.models.hf import _config_path, _import_transformers
+    from ffnx.models.hf_config import _config_path, _import_transformers
 
     check_task(task)
     cfg_path, weights = _config_path(Path(path).expanduser())

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ffnx.runtime.plugin_library import PLUGIN_NAMESPACE, PLUGIN_VERSION  # noqa: F401
+
 DOMAIN = "ffnx"
 DOMAIN_VERSION = 1
-PLUGIN_NAMESPACE = "ffnx"
-PLUGIN_VERSION = "1"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ffnx import artifact
 from ffnx.errors import ArtifactError, BackendError, InputError
 from ffnx.runtime import cuda
 from ffnx.runtime.backends.base import TensorInfo
+from ffnx.runtime.plugin_library import load_plugin_library
 
 RUNTIMES = ("tensorrt", "tensorrt_lean")
 RTX_RUNTIME = "tensorrt_rtx"
@@ -183,7 +185,8 @@ class TrtBackend:
         cls, path: str, plugin_library: str | None = None, cuda_graph: bool = False
     ) -> TrtBackend:
         """Deserialize `path`. The ffnx plugin library is loaded first when given, or when the
-        artifact's manifest lists plugins (default location: plugin_library_path())."""
+        artifact's manifest lists plugins; its path is data: the argument, $FFNX_PLUGIN_LIBRARY,
+        or the one the build recorded in the manifest."""
         p = Path(path)
         if not p.is_file():
             raise ArtifactError(f"{p} does not exist")
@@ -191,9 +194,15 @@ class TrtBackend:
         section = manifest.get("tensorrt", {})
         trt = import_runtime(section.get("flavour"))
         if plugin_library or manifest.get("plugins") or section.get("plugin_library"):
-            from ffnx.plugins.trt_build import load_plugin_library
-
-            load_plugin_library(trt, plugin_library)
+            library = (plugin_library or os.environ.get("FFNX_PLUGIN_LIBRARY")
+                       or section.get("plugin_library"))  # fmt: skip
+            if not library:
+                raise BackendError(
+                    f"{p} needs the ffnx TensorRT plugins and no library is named: pass "
+                    "plugin_library=, set FFNX_PLUGIN_LIBRARY or rebuild with `ffnx build`"
+                )
+            ops = manifest.get("plugins") or ["FfnxMoE", "FfnxSparseFFN"]
+            load_plugin_library(trt, library, ops)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if section.get("version_compatible"):
             runtime.engine_host_code_allowed = True  # the plan embeds its lean runtime

@@ -88,7 +88,7 @@ def test_refused_under_tight_max_error(stack):
 
 
 def test_needs_max_error_and_is_not_default(stack):
-    with pytest.raises(PassError, match="ffn_fusion is approximate: it runs only with a maximum error bound"):
+    with pytest.raises(PassError, match="ffn_fusion is approximate: it runs only with a maximum"):
         optimize_model(stack, FEEDS, passes=[NAME])
     assert NAME not in [p.name for p in select_passes(None)]
 
