@@ -42,14 +42,19 @@ def merge_linears(graph: gs.Graph, prefix: str, linears: list[Linear]) -> None:
         b.op("Split", [h], {"axis": -1, "split": sizes.tolist()}, outs)
 
 
-def sum_terms(root: gs.Node, graph: gs.Graph) -> tuple[list[gs.Tensor], list[gs.Node]]:
-    """Terms and Add nodes of the sum tree rooted at Add `root` (inner Adds read once)."""
+def sum_terms(
+    root: gs.Node, graph: gs.Graph, constant_adds: bool = False
+) -> tuple[list[gs.Tensor], list[gs.Node]]:
+    """Terms and Add nodes of the sum tree rooted at Add `root` (inner Adds read once). An Add
+    with a constant input is a term unless `constant_adds` (then the constant is a term)."""
     terms, adds = [], []
 
     def walk(t: gs.Tensor, is_root: bool) -> None:
         p = producer(t, "Add")
         inner_ok = is_root or (len(t.outputs) == 1 and t not in graph.outputs)
-        plain = p is not None and len(p.inputs) == 2 and all(const(i) is None for i in p.inputs)
+        plain = p is not None and len(p.inputs) == 2 and (
+            constant_adds or all(const(i) is None for i in p.inputs)
+        )
         if plain and inner_ok:
             adds.append(p)
             for i in p.inputs:

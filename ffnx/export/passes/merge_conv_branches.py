@@ -32,24 +32,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.export.passes.algebra import sum_terms
 from ffnx.export.passes.base import GraphPass, Match, PassContext, const, producer
-
-
-def _terms(root: gs.Node, graph: gs.Graph) -> tuple[list[gs.Tensor], list[gs.Node]]:
-    """Terms and Add nodes of the sum tree rooted at `root` (inner Adds read only by the tree)."""
-    terms, adds = [], []
-
-    def walk(t: gs.Tensor, is_root: bool) -> None:
-        p = producer(t, "Add")
-        if p is not None and (is_root or (len(t.outputs) == 1 and t not in graph.outputs)):
-            adds.append(p)
-            for i in p.inputs:
-                walk(i, False)
-        else:
-            terms.append(t)
-
-    walk(root.outputs[0], True)
-    return terms, adds
 
 
 def _channel_vec(v: np.ndarray, rank: int, c: int) -> np.ndarray | None:
@@ -79,7 +63,7 @@ class MergeConvBranches(GraphPass):
             t = n.outputs[0]
             if _sole(t, graph) and t.outputs[0].op == "Add":
                 continue  # not a root: part of a larger tree
-            terms, adds = _terms(n, graph)
+            terms, adds = sum_terms(n, graph, constant_adds=True)
             convs = [producer(t, "Conv") for t in terms]
             if any(c is not None and len(c.inputs) >= 2 for c in convs):
                 out.append(Match(adds, {"terms": terms}))
