@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from ffnx.errors import ModelSpecError
-from ffnx.models.hf_config import _config_path, _import_transformers
+from ffnx.models.hf_config import SEED, _config_path, _import_transformers, build_model
 from ffnx.models.spec import ModelSpec
 
-SEED = 0
 MAX_SEQ = 8192  # cap on the exported `seq` dim (the config's max_position_embeddings if smaller)
 EXAMPLE = (2, 8)  # example (batch, seq); sizes > 1 so torch.export keeps both dims dynamic
 
@@ -43,26 +42,7 @@ def _load_model(cfg_path: Path, weights: bool) -> torch.nn.Module:
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSpecError(f"hf:{cfg_path}: cannot read the config: {first}") from e
-    kwargs = dict(attn_implementation="eager", dtype=torch.float32)
-    try:
-        if weights:
-            model = tf.AutoModelForCausalLM.from_pretrained(
-                str(cfg_path.parent), config=config, local_files_only=True,
-                trust_remote_code=False, **kwargs,
-            )  # fmt: skip
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(SEED)
-                model = tf.AutoModelForCausalLM.from_config(
-                    config, trust_remote_code=False, **kwargs
-                )
-    except (ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSpecError(
-            f"hf:{cfg_path.parent}: cannot build a causal LM for model_type "
-            f"{getattr(config, 'model_type', '?')!r}: {first}"
-        ) from e
-    return model.float().eval()
+    return build_model(tf.AutoModelForCausalLM, config, cfg_path.parent, weights, "a causal LM")
 
 
 def _moe_variant(config) -> str:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from ffnx.errors import ModelSpecError
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+SEED = 0  # random weights when the checkpoint has none
 
 
 def _config_path(path: Path) -> tuple[Path, bool]:
@@ -35,3 +38,26 @@ def _import_transformers():
             "hf: models need transformers: pip install 'ffnx[hf]' (transformers>=4.46)"
         ) from e
     return transformers
+
+
+def build_model(auto, config, model_dir: Path, weights: bool, what: str) -> torch.nn.Module:
+    """`auto` (a transformers Auto* class) from the checkpoint's weights, or random weights
+    (seed SEED) from `config`; fp32, eager attention. Errors name `what` was being built."""
+    kwargs = dict(attn_implementation="eager", dtype=torch.float32)
+    try:
+        if weights:
+            model = auto.from_pretrained(
+                str(model_dir), config=config, local_files_only=True, trust_remote_code=False,
+                **kwargs,
+            )  # fmt: skip
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SEED)
+                model = auto.from_config(config, trust_remote_code=False, **kwargs)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSpecError(
+            f"hf:{model_dir}: cannot build {what} for model_type "
+            f"{getattr(config, 'model_type', '?')!r}: {first}"
+        ) from e
+    return model.float().eval()

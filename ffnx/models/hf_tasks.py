@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ffnx.errors import ModelSpecError
+from ffnx.models.hf_config import SEED, _config_path, _import_transformers, build_model
 from ffnx.models.spec import ModelSpec
 
 CAUSAL = "causal-lm"
@@ -46,7 +47,6 @@ SUFFIX_TASK = (
 )
 TEXT_EXAMPLE = (2, 8)  # (batch, seq); > 1 so torch.export keeps both dynamic
 VISION_BATCH = 2
-SEED = 0
 
 
 def _is_vision(config) -> bool:
@@ -102,28 +102,6 @@ class VisionOutputs(_Outputs):
 
     def forward(self, pixel_values):
         return self._call(pixel_values=pixel_values)
-
-
-def _build(tf, task: str, config, model_dir: Path, weights: bool) -> torch.nn.Module:
-    auto = getattr(tf, AUTO_CLASS[task])
-    kwargs = dict(attn_implementation="eager", dtype=torch.float32)
-    try:
-        if weights:
-            model = auto.from_pretrained(
-                str(model_dir), config=config, local_files_only=True, trust_remote_code=False,
-                **kwargs,
-            )  # fmt: skip
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(SEED)
-                model = auto.from_config(config, trust_remote_code=False, **kwargs)
-    except (ValueError, KeyError, OSError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSpecError(
-            f"hf:{model_dir}: cannot build a {task} model for model_type "
-            f"{getattr(config, 'model_type', '?')!r}: {first}"
-        ) from e
-    return model.float().eval()
 
 
 def _probe_outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], task: str) -> list:
@@ -187,7 +165,6 @@ def load_task(
     path: str, dynamic: dict[str, dict[int, str]] | None, task: str | None
 ) -> ModelSpec | None:
     """`hf:PATH` for a non-causal-LM task -> ModelSpec; None when the task is the causal LM."""
-    from ffnx.models.hf_config import _config_path, _import_transformers
 
     check_task(task)
     cfg_path, weights = _config_path(Path(path).expanduser())
@@ -204,7 +181,8 @@ def load_task(
         raise ModelSpecError(f"hf:{path}: --task {task} needs a vision config (image_size)")
     if task in TEXT_TASKS and _is_vision(config) and not hasattr(config, "vocab_size"):
         raise ModelSpecError(f"hf:{path}: --task {task} needs a text config (vocab_size)")
-    model = _build(tf, task, config, cfg_path.parent, weights)
+    auto = getattr(tf, AUTO_CLASS[task])
+    model = build_model(auto, config, cfg_path.parent, weights, f"a {task} model")
     if task in TEXT_TASKS:
         names, make_inputs, dyn = _text_inputs(model, config)
     else:
