@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+import ffnx.build.flavour as flavour_mod
 from ffnx import artifact
-from ffnx.build import flavour as flavour_mod
 from ffnx.build.profiles import DimRange, dim_ranges, input_shapes
 from ffnx.errors import ArtifactError, BackendError, PassError
 

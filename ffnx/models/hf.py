@@ -5,7 +5,7 @@ PATH is a model directory (config.json + safetensors/bin weights, loaded with
 config.json file (both: random weights from a fixed seed, `from_config`). Nothing is downloaded:
 HF_HUB_OFFLINE is set and remote code is never trusted. The model is loaded in float32, eval,
 eager attention; batch and sequence are dynamic. `load_hf(..., cache=True)` (what `ffnx export
-hf:DIR` uses unless --no-cache) gives the KV-cache decoder of `ffnx.export.kv_cache` instead.
+hf:DIR` uses unless --no-cache) gives the KV-cache decoder of `ffnx.models.hf_decoder` instead.
 MoE blocks are exported as `ffnx::FfnxMoE` by the capture rules (`ffnx.export.moe_capture`).
 """
 
@@ -58,7 +58,7 @@ def load_hf(
 ) -> ModelSpec:
     """`hf:PATH` -> ModelSpec (forward(input_ids) -> logits; batch/seq dynamic).
 
-    cache=True: the KV-cache decoder of `ffnx.export.kv_cache` (prefill and decode, one graph)."""
+    cache=True: the KV-cache decoder of `ffnx.models.hf_decoder` (prefill and decode, one graph)."""
     from ffnx.models.hf_tasks import load_task  # other tasks (the config's, or `task`)
 
     task_spec = load_task(path, dynamic, task)
@@ -67,7 +67,7 @@ def load_hf(
     cfg_path, weights = _config_path(Path(path).expanduser())
     model = _load_model(cfg_path, weights)
     if cache:
-        from ffnx.export.kv_cache import decoder_spec
+        from ffnx.models.hf_decoder import decoder_spec
 
         name = cfg_path.parent.name if cfg_path.name == "config.json" else cfg_path.stem
         return decoder_spec(model, name, path, weights, SEED, _moe_variant(model.config), MAX_SEQ)

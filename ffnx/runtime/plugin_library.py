@@ -9,8 +9,8 @@ import json
 import platform
 from pathlib import Path
 
+import ffnx.runtime.cuda as cuda
 from ffnx.errors import BackendError
-from ffnx.runtime import cuda
 
 PLUGIN_NAMESPACE = "ffnx"
 PLUGIN_VERSION = "1"

@@ -12,7 +12,7 @@ from ffnx.errors import InputError
 
 pytest.importorskip("transformers")
 
-from tests.export.test_kv_cache import ARCHS, FAST, write_config  # noqa: E402
+from tests.models.test_hf_decoder import ARCHS, FAST, write_config  # noqa: E402
 
 STEPS = 32
 PARAMS = [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+import ffnx.runtime.cuda as cuda
 from ffnx import artifact
 from ffnx.errors import ArtifactError, BackendError, InputError
-from ffnx.runtime import cuda
 from ffnx.runtime.backends.base import TensorInfo
 from ffnx.runtime.plugin_library import load_plugin_library
 

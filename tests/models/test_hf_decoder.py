@@ -114,7 +114,7 @@ def test_no_cache_keeps_the_logits_export(tmp_path):
 def test_recurrent_layers_are_refused_with_one_line():
     from transformers import LlamaConfig
 
-    from ffnx.export.kv_cache import cache_geometry
+    from ffnx.models.hf_decoder import cache_geometry
 
     cfg = LlamaConfig(**COMMON)
     cfg.layer_types = ["full_attention", "linear_attention"]
