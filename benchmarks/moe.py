@@ -7,7 +7,7 @@ The layer is the zoo's MoE layer (`ffnx.models.moe.TopKMoE`, HF-Mixtral-style ex
 softmax, top-2 of 8, renormalised, SwiGLU experts), at `tiny` (the zoo's tiny gpt-moe layer),
 `zoo` (the zoo's base gpt-moe layer) or `base` (Mixtral proportions scaled to fit RAM: D=1024,
 H=2816, E=8, k=2; 277 MB of fp32 experts). Per T, every entry is timed round-robin in one
-process (`ffnx.export.lowering.timing.round_robin`), ORT sessions with
+process (`ffnx.lowering.timing.round_robin`), ORT sessions with
 `--threads` intra-op threads and no spinning, torch with as many threads; the fastest round
 counts (other processes' load only adds time; medians are in the JSON):
 
@@ -45,11 +45,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ffnx.export.lowering import lowering_report  # noqa: E402
-from ffnx.export.lowering.choose import choose, cpu_name  # noqa: E402
-from ffnx.export.lowering.moe_common import MoESite  # noqa: E402
-from ffnx.export.lowering.moe_model import MoEConfig, moe_model  # noqa: E402
-from ffnx.export.lowering.timing import (  # noqa: E402
+from ffnx.lowering import lowering_report  # noqa: E402
+from ffnx.lowering.choose import choose, cpu_name  # noqa: E402
+from ffnx.lowering.moe_common import MoESite  # noqa: E402
+from ffnx.lowering.moe_model import MoEConfig, moe_model  # noqa: E402
+from ffnx.lowering.quantize import error_metrics  # noqa: E402
+from ffnx.lowering.timing import (  # noqa: E402
     _turns,
     best,
     lowered_model,
@@ -57,7 +58,6 @@ from ffnx.export.lowering.timing import (  # noqa: E402
     round_robin,
     stable,
 )
-from ffnx.export.quantize import error_metrics  # noqa: E402
 from ffnx.models.moe import TopKMoE  # noqa: E402
 
 SIZES = {"tiny": (64, 128, 8, 2), "zoo": (512, 1024, 8, 2), "base": (1024, 2816, 8, 2)}

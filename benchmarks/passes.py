@@ -63,10 +63,10 @@ def artifacts(name: str, size: str, out: Path, force: bool = False) -> dict:
 
 
 def session(path: Path, threads: int):
-    """An ORT CPU session that stops spinning after each run (`ffnx.export.verify.ort_session`);
+    """An ORT CPU session that stops spinning after each run (`ffnx.graph.verify.ort_session`);
     ffnx-domain nodes (if any remain) run as their decomposition."""
-    from ffnx.export.optimize import runnable
-    from ffnx.export.verify import ort_session
+    from ffnx.graph.ort import ort_session
+    from ffnx.lowering import runnable
 
     return ort_session(runnable(onnx.load(str(path))), threads)
 

@@ -5,7 +5,7 @@ Three graphs of the same network, same inputs, same thread count:
 - export: `torch.onnx.export(dynamo=True)` of the training-form module (branches summed);
 - ffnx: that graph after ffnx's default exact passes (merge_conv_branches among them);
 - torch-reparam: `module.reparameterize()` (every block merged into one Conv in torch), exported.
-Timed round-robin with `ffnx.export.lowering.timing.round_robin` (fastest round counts), so
+Timed round-robin with `ffnx.lowering.timing.round_robin` (fastest round counts), so
 load from other processes slows every variant alike. Outputs checked against the export's.
 
     python benchmarks/reparam_conv.py [--size tiny|base] [--batch 1 8] [--threads 2]
@@ -28,10 +28,10 @@ VARIANTS = ("export", "ffnx", "torch-reparam")
 
 
 def graphs(name: str, size: str, tmp: Path) -> tuple[dict[str, onnx.ModelProto], object]:
-    from ffnx.export.optimize import optimize_model
     from ffnx.export.pipeline import sample_feeds
     from ffnx.export.torch_export import export_onnx
     from ffnx.models import zoo
+    from ffnx.passes.optimize import optimize_model
 
     spec = zoo.build(name, size)
     plain = onnx.load(str(export_onnx(spec, tmp / f"{name}.onnx")))
@@ -43,8 +43,8 @@ def graphs(name: str, size: str, tmp: Path) -> tuple[dict[str, onnx.ModelProto],
 
 
 def bench(name: str, args) -> list[dict]:
-    from ffnx.export.lowering.timing import best, round_robin
-    from ffnx.export.verify import ort_session
+    from ffnx.graph.ort import ort_session
+    from ffnx.lowering.timing import best, round_robin
 
     with tempfile.TemporaryDirectory() as d:
         models, spec = graphs(name, args.size, Path(d))

@@ -2,7 +2,7 @@
 
 For D=1024, H=4096, a non-gated ReLU FFN and a gated SwiGLU FFN (dense gate), one model per
 formulation: the dense FFN (MatMul, act, MatMul: what the exporter emits) and each
-`ffnx.export.sparse_lowering` form of FfnxSparseFFN (dense-masked, gather, compress). Each model
+`ffnx.lowering.sparse` form of FfnxSparseFFN (dense-masked, gather, compress). Each model
 holds --layers independent FFNs on the same input, summed, so the weights do not stay in the
 last-level cache between calls (as in a real model); times are per FFN. The per-channel
 thresholds are a graph input, set per sparsity level to calibration quantiles of |a| on random
@@ -25,10 +25,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ffnx.export.lowering._build import Builder
-from ffnx.export.sparse_lowering import FORMS, act_numpy, activation, sparse_ffn_node
-from ffnx.export.sparse_lowering import lower_sparse_ffn_nodes as lower
-from ffnx.export.verify import ort_session as session
+from ffnx.graph.builder import Builder
+from ffnx.graph.ort import ort_session as session
+from ffnx.lowering.sparse import FORMS, act_numpy, activation, sparse_ffn_node
+from ffnx.lowering.sparse import lower_sparse_ffn_nodes as lower
 
 LEVELS = (0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95)
 KINDS = {"relu": "non-gated ReLU", "swiglu": "gated SwiGLU (dense gate)"}

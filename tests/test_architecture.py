@@ -57,8 +57,10 @@ def imports_of(mod: str, path: Path, modules: dict[str, Path]) -> set[str]:
             else:
                 prefix = node.module or ""
             # `from pkg import sub` imports the submodule when there is one
-            names = [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in modules else prefix
-                     for a in node.names]
+            names = [
+                f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in modules else prefix
+                for a in node.names
+            ]
         for n in names:
             if n.split(".")[0] != "ffnx":
                 continue
@@ -157,3 +159,45 @@ def test_runtime_imports_nothing_above_it():
     assert not bad, f"ffnx.runtime imports from above it: {bad}"
     leaky = {m: sorted(graph[m] - BOTTOM) for m in BOTTOM if graph[m] - BOTTOM}
     assert not leaky, f"bottom modules import from above them: {leaky}"
+
+
+def _folder(mod: str) -> str:
+    """The layer a module belongs to: its first sub-package (`ffnx.passes.cleanup` ->
+    `ffnx.passes`); top-level modules (`ffnx.cli`, `ffnx.artifact`) are their own unit."""
+    parts = mod.split(".")
+    return ".".join(parts[:2])
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for m, deps in graph.items():
+        out.setdefault(_folder(m), set()).update(
+            _folder(d) for d in deps if _folder(d) != _folder(m)
+        )
+    return out
+
+
+def test_no_import_cycle_between_folders():
+    cycles = find_cycles(folder_graph(import_graph()))
+    assert not cycles, "cycles between folders:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+# The layers, top to bottom: a folder imports only folders after it (README "Layout").
+LAYERS = ["ffnx.cli", "ffnx.commands", "ffnx.bench", "ffnx.export", "ffnx.models", "ffnx.passes",
+          "ffnx.compress", "ffnx.lowering", "ffnx.graph", "ffnx.build", "ffnx.plugins",
+          "ffnx.runtime", "ffnx.artifact", "ffnx.errors", "ffnx"]  # fmt: skip
+
+
+def test_folders_import_downwards_only():
+    folders = folder_graph(import_graph())
+    assert set(folders) <= set(LAYERS), f"folders not in LAYERS: {set(folders) - set(LAYERS)}"
+    up = {f: sorted(d for d in deps if LAYERS.index(d) < LAYERS.index(f))
+          for f, deps in folders.items()}  # fmt: skip
+    up = {f: d for f, d in up.items() if d}
+    assert not up, f"folders importing a layer above them: {up}"
+
+
+def test_folder_reader_finds_a_folder_cycle():
+    g = {"ffnx.a.x": {"ffnx.b.y"}, "ffnx.b.y": set(), "ffnx.b.z": {"ffnx.a.w"}, "ffnx.a.w": set()}
+    assert find_cycles(g) == []
+    assert find_cycles(folder_graph(g)) == [["ffnx.a", "ffnx.b"]]

@@ -50,9 +50,9 @@ def test_output_names_from_dict_keys(tmp_path):
 
 def test_lowering_errors_join_the_ffnx_family():
     from ffnx.errors import FfnxError
-    from ffnx.export.lowering.moe_common import LoweringError
     from ffnx.export.moe_capture import Refused
-    from ffnx.export.sparse_lowering import SparseLoweringError
+    from ffnx.lowering.moe_common import LoweringError
+    from ffnx.lowering.sparse import SparseLoweringError
 
     for cls in (LoweringError, SparseLoweringError, Refused):
         assert issubclass(cls, FfnxError), cls
@@ -63,12 +63,12 @@ def test_escaping_lowering_error_is_one_error_line(monkeypatch, tmp_path, mlp_ar
     from click.testing import CliRunner
 
     from ffnx.cli import main
-    from ffnx.export.lowering.moe_common import LoweringError
+    from ffnx.lowering.moe_common import LoweringError
 
     def boom(*a, **k):
         raise LoweringError("node moe0: cannot lower")
 
-    monkeypatch.setattr("ffnx.export.optimize.optimize_model", boom)
+    monkeypatch.setattr("ffnx.passes.optimize.optimize_model", boom)
     r = CliRunner().invoke(main, ["optimize", str(mlp_artifact)])
     assert r.exit_code == 1, r.output
     assert r.output.strip().splitlines()[-1] == "error: node moe0: cannot lower"
@@ -177,7 +177,7 @@ def test_export_of_large_activations_passes_verification(tmp_path):
 def test_comparator_scale_aware_and_still_catches_wrong_outputs():
     import numpy as np
 
-    from ffnx.export import verify
+    from ffnx.graph import verify
 
     rng = np.random.default_rng(0)
     ref = (rng.standard_normal((4, 64)) * 1e15).astype(np.float32)
@@ -220,8 +220,11 @@ def test_stale_plan_and_graph_are_refused(tmp_path, mlp_artifact, monkeypatch):
     artifact.write_bytes_atomic(d / artifact.MODEL_OPT, opt.SerializeToString())
     artifact.write_manifest(d, artifact.read_manifest(d))
     monkeypatch.setattr("ffnx.runtime.engine._trt_usable", lambda: True)
-    with pytest.raises(ArtifactError, match=r"model.plan was built from an older model.opt.onnx: "
-                       r"run `ffnx build .*`"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.plan was built from an older model.opt.onnx: "
+        r"run `ffnx build .*`",
+    ):
         Engine.load(d, backend="trt")
     # a newer model.onnx: model.opt.onnx is stale too
     src = onnx.load(str(d / artifact.MODEL))
@@ -277,8 +280,9 @@ def test_export_output_and_out_alias(tmp_path, user_model_file):
 
     for flag in ("--output", "--out", "-o"):
         d = tmp_path / flag.strip("-")
-        r = CliRunner().invoke(main, ["export", f"{user_model_file}:build", flag, str(d),
-                                      "--no-optimize"])
+        r = CliRunner().invoke(
+            main, ["export", f"{user_model_file}:build", flag, str(d), "--no-optimize"]
+        )
         assert r.exit_code == 0, r.output
         assert (d / "manifest.json").exists()
 

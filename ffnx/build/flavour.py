@@ -99,15 +99,19 @@ def compute_capabilities(trt, spec: str | None) -> list:
     if not spec:
         return []
     if flavour_of(trt) != "rtx":
-        raise BackendError("--compute-capability needs TensorRT-RTX (--trt rtx): TensorRT "
-                         "Enterprise builds for the GPU it runs on")
+        raise BackendError(
+            "--compute-capability needs TensorRT-RTX (--trt rtx): TensorRT "
+            "Enterprise builds for the GPU it runs on"
+        )
     known = sorted(m[2:] for m in dir(trt.ComputeCapability) if m.startswith("SM"))
     out = []
     for part in str(spec).split(","):
         p = part.strip().lower().removeprefix("sm_").removeprefix("sm").replace(".", "")
         if p not in known:
-            raise BackendError(f"--compute-capability {part.strip()!r}: TensorRT-RTX "
-                             f"{trt.__version__} targets {', '.join(known)}")
+            raise BackendError(
+                f"--compute-capability {part.strip()!r}: TensorRT-RTX "
+                f"{trt.__version__} targets {', '.join(known)}"
+            )
         out.append(getattr(trt.ComputeCapability, f"SM{p}"))
     return out
 

@@ -92,9 +92,9 @@ def export_cmd(
       ffnx export hf:./mixtral-tiny --out artifacts/mixtral --target trt --precision fp16
       ffnx export hf:./bert-tiny --task masked-lm --out artifacts/bert-mlm
     """
-    from ffnx.export import verify
     from ffnx.export.pipeline import export_artifact
     from ffnx.export.torch_export import DEFAULT_OPSET
+    from ffnx.graph import verify
     from ffnx.models.user import parse_dynamic, resolve
 
     if target != "trt":

@@ -40,9 +40,9 @@ def _io(values) -> list[dict]:
 
 def describe(path: str | Path) -> dict:
     from ffnx import artifact
-    from ffnx.export.graph_stats import graph_stats, op_histogram
-    from ffnx.export.nm_sparsity import report as nm_report
-    from ffnx.export.recognize import ffn_variants, lowering_notes
+    from ffnx.compress.nm_sparsity import report as nm_report
+    from ffnx.graph.recognize import ffn_variants, lowering_notes
+    from ffnx.graph.stats import graph_stats, op_histogram
 
     p = Path(path)
     manifest = artifact.read_manifest(p) if p.is_dir() else {}

@@ -139,7 +139,7 @@ def optimize_cmd(
       ffnx optimize artifacts/gpt-relu --passes sparsify_ffn --sparsity 0.9 --max-error 0.05
       ffnx optimize --list-passes
     """
-    from ffnx.export.passes import registry
+    from ffnx.passes import registry
 
     if list_passes:
         rows = [
@@ -159,7 +159,7 @@ def optimize_cmd(
         raise click.UsageError("SRC is required (or --list-passes)")
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
-    from ffnx.export.optimize import optimize_model
+    from ffnx.passes.optimize import optimize_model
 
     p = Path(src)
     manifest = artifact.read_manifest(p) if p.is_dir() else {}

@@ -57,7 +57,7 @@ def calibrate_cmd(directory, data, dims, samples, max_tokens) -> None:
     """
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
-    from ffnx.export.calibrate import FILE, calibrate_model
+    from ffnx.compress.calibrate import FILE, calibrate_model
 
     d = Path(directory)
     manifest = artifact.read_manifest(d)
@@ -119,9 +119,9 @@ def moefy_cmd(directory, experts, top_k, router, data, dims, samples, max_error,
     """
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
+    from ffnx.compress.calibrate import FILE, Calibration
+    from ffnx.compress.moefy import moefy_model, output_error
     from ffnx.errors import ArtifactError, PassError
-    from ffnx.export.calibrate import FILE, Calibration
-    from ffnx.export.moefy import moefy_model, output_error
 
     d = Path(directory)
     manifest = artifact.read_manifest(d)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffnx.errors import ExportError, RefusedError
-from ffnx.export.moe_op import MoEOpModule, register_onnx_schemas
+from ffnx.export.moe_op import MoEOpModule
+from ffnx.graph.onnx_schemas import register_onnx_schemas
 from ffnx.plugins.schema import BASE_ACTIVATION, GATED_ACTIVATION, group_error
 
 

@@ -17,7 +17,6 @@ import onnx
 import ffnx
 from ffnx import artifact
 from ffnx.errors import ExportError, VerificationError
-from ffnx.export import verify
 from ffnx.export.capture import captured
 from ffnx.export.inputs import (
     example_dims,
@@ -28,6 +27,8 @@ from ffnx.export.inputs import (
     torch_outputs,
 )
 from ffnx.export.torch_export import DEFAULT_OPSET, export_onnx
+from ffnx.graph import verify
+from ffnx.graph.ort import ort_session, run_session
 from ffnx.models.spec import ModelSpec
 from ffnx.runtime.backends.base import TensorInfo
 
@@ -79,9 +80,9 @@ def verify_export(
     """Run torch and ORT at the example shape and at a second shape; raise above tolerance.
 
     ffnx op nodes (MoE, sparse FFN) are checked through their ONNX decomposition."""
-    from ffnx.export.optimize import runnable
+    from ffnx.lowering import runnable
 
-    sess = verify.ort_session(runnable(onnx.load(str(onnx_path))))
+    sess = ort_session(runnable(onnx.load(str(onnx_path))))
     shapes = [example_dims(spec)]
     if spec.dynamic:
         shapes.append(other_dims(spec))
@@ -89,7 +90,7 @@ def verify_export(
     for i, dims in enumerate(shapes):
         feeds = spec.inputs if i == 0 else inputs_for(spec, dims, seed=1)
         ref = torch_outputs(spec.module, feeds, output_names)
-        got = verify.run_session(sess, to_numpy(feeds))
+        got = run_session(sess, to_numpy(feeds))
         report = verify.compare_outputs(ref, got, tol, what=f"{spec.name} at {dims}")
         results.append({"dims": dims, "outputs": report})
         bad = verify.failures(report)
@@ -177,7 +178,7 @@ def export_artifact(
         ]
         made_from: dict[str, list[str]] = {}
         if optimize:
-            from ffnx.export.optimize import optimize_file
+            from ffnx.passes.optimize import optimize_file
 
             def run_passes(dst: str, tgt: str) -> list[dict]:
                 step(f"running graph passes ({tgt})")

@@ -26,6 +26,7 @@ def _elf_machine(path: Path) -> str | None:
         return None
     return ELF_MACHINES.get(int.from_bytes(head[18:20], "little"), f"machine {head[18]}")
 
+
 def arch_runs(archs: list[str], major: int, minor: int) -> bool:
     """Whether a build for `archs` runs on an sm_<major><minor> GPU: SASS for sm_XY runs on
     sm_XZ with Z >= Y (not for the arch-specific 'a'/'f' targets); the PTX embedded for the
@@ -35,6 +36,7 @@ def arch_runs(archs: list[str], major: int, minor: int) -> bool:
         if (am, an) == (major, minor) or (a[-1].isdigit() and am == major and an <= minor):
             return True
     return max(int(a.rstrip("af")) for a in archs) <= major * 10 + minor
+
 
 def _check_library(path: Path, trt_major: int) -> None:
     """Refuse, with the fix, a library that cannot work here (before TensorRT dlopens it)."""
@@ -68,6 +70,7 @@ def _check_library(path: Path, trt_major: int) -> None:
     missing = [s for s in EXPORTS if not hasattr(lib, s)]
     if missing:
         raise BackendError(f"{path} does not export {missing}: it is not a TensorRT plugin library")
+
 
 def load_plugin_library(tensorrt_module, path: str | Path, ops: list[str]) -> Path:
     """Register the ffnx plugin creators with `tensorrt_module` (tensorrt or tensorrt_lean).

@@ -176,6 +176,7 @@ def test_missing_or_mismatched_plugin_library_is_a_clear_error(moe_artifact, plu
     shutil.copyfile(plugin_lib, foreign)
     meta = json.loads(plugin_lib.with_name(plugin_lib.name + ".json").read_text())
     foreign.with_name(foreign.name + ".json").write_text(
-        json.dumps({**meta, "tensorrt_headers": "10.3.0"}))
+        json.dumps({**meta, "tensorrt_headers": "10.3.0"})
+    )
     with pytest.raises(BackendError, match="compiled against TensorRT 10.3.0 headers"):
         build_engine(moe_artifact, plugin_library=foreign, flavour="rtx")

@@ -73,8 +73,8 @@ def _graph_of(spec, tmp_path, **optimize_kw):
     from ffnx.build.trt_graph_check import materialize_optional_inputs
     from ffnx.export.capture import captured
     from ffnx.export.inputs import to_numpy
-    from ffnx.export.optimize import optimize_model
     from ffnx.export.torch_export import export_onnx
+    from ffnx.passes.optimize import optimize_model
 
     path = tmp_path / "model.onnx"
     with captured(spec.module, "trt"):

@@ -14,8 +14,8 @@ from ffnx.models import zoo
 def _trt_graph(name: str, tmp_path, passes=None, max_error=None, options=None):
     from ffnx.export.capture import captured
     from ffnx.export.inputs import to_numpy
-    from ffnx.export.optimize import optimize_model
     from ffnx.export.torch_export import export_onnx
+    from ffnx.passes.optimize import optimize_model
 
     spec = zoo.build(name, "tiny")
     path = tmp_path / "model.onnx"

@@ -14,6 +14,7 @@ from ffnx.errors import ExportError
 from ffnx.export.capture import captured
 from ffnx.export.moe_capture import capture_moe
 from ffnx.export.moe_op import MoEOpModule
+from ffnx.graph.ort import ort_session
 from ffnx.models import zoo
 from ffnx.plugins.schema import GROUP_ATTRS
 
@@ -252,9 +253,8 @@ FAST = ("gpt-duo",)
     "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in ZOO_MOE]
 )
 def test_zoo_moe_exports_one_node_per_layer(tmp_path, name):
-    from ffnx.export import verify
-    from ffnx.export.optimize import runnable
     from ffnx.export.torch_export import export_onnx
+    from ffnx.lowering import runnable
 
     spec = _zoo(name)
     layers = sum(isinstance(m, importlib.import_module("ffnx.models.moe").MoE)
@@ -266,7 +266,7 @@ def test_zoo_moe_exports_one_node_per_layer(tmp_path, name):
     assert ops == {"FfnxMoE"} and len(moe) == layers == 2
     assert all(n.domain == "ffnx" for n in moe)
     assert not any(n.op_type in ("NonZero", "ScatterND") for n in model.graph.node)
-    sess = verify.ort_session(runnable(model))
+    sess = ort_session(runnable(model))
     for b, s in SHAPES:
         ids = _ids(b, s)
         with torch.no_grad():

@@ -7,8 +7,10 @@ import onnx
 import pytest
 import torch
 
-from ffnx.export.moe_op import MoEOpModule, register_onnx_schemas
+from ffnx.export.moe_op import MoEOpModule
 from ffnx.export.torch_export import export_onnx
+from ffnx.graph.onnx_schemas import register_onnx_schemas
+from ffnx.graph.ort import ort_session
 from ffnx.models.spec import ModelSpec
 from ffnx.plugins.schema import MOE
 
@@ -159,11 +161,10 @@ def test_torch_export_keeps_one_op():
 @pytest.mark.parametrize("case", CASES)
 def test_ort_matches_torch(exported, case):
     """ORT (decomposed node) == torch eager (moe_reference) at T = 1, 16, 256, fp32."""
-    from ffnx.export import verify
-    from ffnx.export.optimize import runnable
+    from ffnx.lowering import runnable
 
     m, model = exported(case)
-    sess = verify.ort_session(runnable(model))
+    sess = ort_session(runnable(model))
     g = torch.Generator().manual_seed(0)
     for shape in ((1, 1), (2, 8), (4, 64)):
         feeds = {"hidden": torch.randn(*shape, D, generator=g)}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ffnx.errors import ExportError, ModelSpecError
+from ffnx.graph.ort import ort_session
 from ffnx.models.user import resolve
 
 pytest.importorskip("transformers")
@@ -70,9 +71,8 @@ def test_hf_deepseek_v3_group_limited_routing_exports_and_verifies(tmp_path):
 
 def export_and_verify(tmp_path, model_type: str, **overrides):
     """Export `hf:` through the pipeline: one FfnxMoE per MoE layer, ORT == the original."""
-    from ffnx.export import verify
-    from ffnx.export.optimize import runnable
     from ffnx.export.pipeline import export_artifact
+    from ffnx.lowering import runnable
 
     src = write_config(tmp_path / model_type, model_type, **overrides)
     spec = resolve(f"hf:{src}")
@@ -84,7 +84,7 @@ def export_and_verify(tmp_path, model_type: str, **overrides):
     dense = CONFIGS[model_type].get("first_k_dense_replace", 0)
     assert len(moe) == COMMON["num_hidden_layers"] - dense and {n.domain for n in moe} == {"ffnx"}
     assert not any(n.op_type == "NonZero" for n in model.graph.node)
-    sess = verify.ort_session(runnable(model))
+    sess = ort_session(runnable(model))
     for b, s in TOKENS:  # against the original transformers modules (nothing captured now)
         ids = spec.make_inputs({"batch": b, "seq": s})
         with torch.no_grad():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ffnx.errors import ModelSpecError
+from ffnx.graph.ort import ort_session
 
 pytest.importorskip("transformers")
 
@@ -38,10 +39,9 @@ def write_config(directory, model_type: str, **overrides):
 
 def export_decoder(tmp_path, model_type: str):
     """-> (spec, ORT session of the exported decoder, MoE node count)."""
-    from ffnx.export import verify
     from ffnx.export.capture import captured
-    from ffnx.export.optimize import runnable
     from ffnx.export.torch_export import export_onnx
+    from ffnx.lowering import runnable
     from ffnx.models.hf import load_hf
 
     spec = load_hf(str(write_config(tmp_path / model_type, model_type)), cache=True)
@@ -49,7 +49,7 @@ def export_decoder(tmp_path, model_type: str):
         export_onnx(spec, tmp_path / "model.onnx")
     model = onnx.load(str(tmp_path / "model.onnx"))
     moe = sum(n.op_type == "FfnxMoE" for n in model.graph.node)
-    return spec, verify.ort_session(runnable(model)), moe
+    return spec, ort_session(runnable(model)), moe
 
 
 @pytest.mark.parametrize("model_type", PARAMS)
@@ -74,8 +74,14 @@ def test_decoder_matches_transformers_cache_prefill_and_decode(tmp_path, model_t
         for _ in range(5):  # prefill, then 4 decode steps
             pos = np.clip(mask.cumsum(-1) - 1, 0, None)[:, -step_ids.shape[1] :]
             with torch.no_grad():
-                t = {k: torch.from_numpy(v) for k, v in
-                     (("input_ids", step_ids), ("attention_mask", mask), ("position_ids", pos))}
+                t = {
+                    k: torch.from_numpy(v)
+                    for k, v in (
+                        ("input_ids", step_ids),
+                        ("attention_mask", mask),
+                        ("position_ids", pos),
+                    )
+                }
                 ref = hf(**t, past_key_values=cache, use_cache=True)  # fmt: skip
             got = sess.run(None, {"input_ids": step_ids, "attention_mask": mask,
                                   "position_ids": pos, **pasts})  # fmt: skip

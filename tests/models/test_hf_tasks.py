@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from ffnx.errors import ModelSpecError
+from ffnx.graph.ort import ort_session
 from ffnx.models.user import resolve
 
 pytest.importorskip("transformers")
@@ -52,14 +53,13 @@ def write(directory: Path, cfg: dict, arch: str | None = None) -> Path:
 
 def export_and_check(spec, tmp_path, dims: dict[str, int]):
     """Export through the pipeline (verified there at two shapes); ORT == torch at `dims` too."""
-    from ffnx.export import verify
-    from ffnx.export.optimize import runnable
     from ffnx.export.pipeline import export_artifact
+    from ffnx.lowering import runnable
 
     manifest = export_artifact(spec, tmp_path / "art", optimize=False)
     model = onnx.load(str(tmp_path / "art" / "model.onnx"))
     feeds = {k: v.numpy() for k, v in spec.make_inputs(dims).items()}
-    sess = verify.ort_session(runnable(model).SerializeToString(), threads=1)
+    sess = ort_session(runnable(model).SerializeToString(), threads=1)
     got = sess.run(None, feeds)
     ref = spec.module(*spec.make_inputs(dims).values())
     for g, r in zip(got, ref):

@@ -1,0 +1,35 @@
+"""ONNX Runtime CPU sessions for checking and timing graphs (one way to open and run them)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ffnx.errors import VerificationError
+
+
+def ort_session(model, threads: int | None = None):
+    """An ORT CPU session from an onnx.ModelProto, bytes or a path (errors -> VerificationError).
+
+    Workers spin between the kernels of a run (ORT's default: what a deployed model gets), but
+    stop when it ends: otherwise they go on spinning for tens of ms and steal the cores from the
+    next session timed (3 sessions of one FFN round-robin ran 2.4x slower than one alone). Every
+    timing in ffnx (lowering choices, benchmarks) uses these sessions."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VerificationError(f"ONNX Runtime cannot load the graph: {line}") from e
+
+
+def run_session(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))

@@ -1,0 +1,137 @@
+"""Lowerings of ffnx op nodes to graphs ONNX Runtime runs.
+
+`decompose_ffnx_ops(model)` replaces every ffnx node by its plain standard-ONNX decomposition
+(what verification runs); `lower_moe_node(graph, node, choice)` lowers one FfnxMoE node to a
+chosen candidate (the `lower_moe` pass). Candidates, by name:
+
+  sorted, per_expert, gather, dense   standard ONNX (see `moe_forms`)
+  ort_moe                 com.microsoft::MoE (see `moe_ort`)
+  sorted_int8/_int4, qmoe_int8/_int4   weight-only quantized experts (see `moe_ort`)
+  "<small>|<T>|<large>"   an `If` on the token count: <small> when T <= <T>, else <large>
+
+Modules: `moe_common` (routing, activations, shared experts), `moe_forms`, `moe_ort`,
+`choose` (which candidate per layer: measured and cached), `timing` (round-robin timing),
+`moe_model` (single-node FfnxMoE models: what the chooser times, tests and benchmarks use).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ffnx.graph.builder import Builder, i64
+from ffnx.lowering.moe_common import LoweringError, MoESite, finish, flatten, route, shared
+from ffnx.lowering.moe_forms import FORMS
+from ffnx.plugins.schema import DOMAIN
+
+PLAIN = "sorted"  # decomposition used for verification: exact routed FLOPs, no contrib ops
+TAG = "ffnx.lower_moe"  # graph doc_string lines `ffnx.lower_moe <node>: <choice> (<why>)`
+
+
+def candidates() -> list[str]:
+    from ffnx.lowering.moe_ort import ORT_FORMS
+
+    return [*FORMS, *ORT_FORMS]
+
+
+def lower_moe_node(graph: gs.Graph, node: gs.Node, choice: str = PLAIN, why: str = "") -> str:
+    """Replace one FfnxMoE node in `graph` by the `choice` lowering; returns the choice.
+
+    The lowered nodes are named `<node>/<choice>/...`; with `why`, a line
+    `ffnx.lower_moe <node>: <choice> (<why>)` is appended to the graph doc_string."""
+    s = MoESite.of(node)
+    b = Builder(graph, f"{node.name}/{choice.replace('|', '_')}")
+    x = flatten(b, s)
+    y = _routed(b, s, x, choice)
+    y = b.add(y, shared(b, s, x))
+    finish(b, s, y)
+    if why:
+        line = f"{TAG} {node.name}: {choice} ({why})"
+        graph.doc_string = f"{graph.doc_string}\n{line}" if graph.doc_string else line
+    return choice
+
+
+def _routed(b: Builder, s: MoESite, x, choice: str):
+    first, *rest = choice.split("|")
+    if rest:  # "a|T|rest": If(T_tokens <= T) a else rest
+        t = b.op("Gather", b.op("Shape", x), i64(0), axis=0)
+        cond = b.op("LessOrEqual", t, i64(int(rest[0])).reshape(()))
+        return b.op(
+            "If",
+            cond,
+            then_branch=_branch(b, s, x, first),
+            else_branch=_branch(b, s, x, "|".join(rest[1:])),
+        )
+    if first in FORMS:
+        idx, w = route(b, s)
+        return FORMS[first](b, s, x, idx, w)
+    from ffnx.lowering.moe_ort import ORT_FORMS
+
+    if first in ORT_FORMS:
+        return ORT_FORMS[first](b, s, x)
+    raise LoweringError(f"{s.node.name}: unknown lowering {first!r}; known: {candidates()}")
+
+
+def _branch(b: Builder, s: MoESite, x, choice: str) -> gs.Graph:
+    sub = gs.Graph(opset=b.graph.opset)
+    y = _routed(Builder(sub, f"{b.prefix}/{choice.split('|')[0]}"), s, x, choice)
+    y.dtype = np.float32
+    sub.outputs = [y]
+    return sub
+
+
+def decompose_ffnx_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every ffnx node replaced by its plain decomposition (standard ONNX):
+    FfnxMoE -> `sorted`, FfnxSparseFFN -> `ffnx.lowering.sparse`'s plain form."""
+    graph = gs.import_onnx(model)
+    for node in [n for n in graph.nodes if n.domain == DOMAIN]:
+        if node.op == "FfnxMoE":
+            lower_moe_node(graph, node, PLAIN)
+        elif node.op == "FfnxSparseFFN":
+            from ffnx.lowering.sparse import lower_sparse_ffn
+
+            lower_sparse_ffn(graph, node)  # its plain (dense-masked) form
+        else:
+            raise LoweringError(f"{node.name}: no decomposition for {DOMAIN}::{node.op}")
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    keep = [o for o in model.opset_import if o.domain != DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
+
+
+def lowering_report(model: onnx.ModelProto) -> dict[str, str]:
+    """{layer: "<lowering> (<why>)"} from the graph doc_string lines the lowering writes."""
+    out = {}
+    for line in model.graph.doc_string.splitlines():
+        if line.startswith(TAG + " ") and ": " in line:
+            layer, what = line[len(TAG) + 1 :].split(": ", 1)
+            out[layer] = what
+    return out
+
+
+__all__ = [
+    "decompose_ffnx_ops",
+    "lower_moe_node",
+    "candidates",
+    "LoweringError",
+    "PLAIN",
+    "TAG",
+    "lowering_report",
+]
+
+
+def runnable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as ORT can run it: ffnx op nodes replaced by their reference decomposition."""
+    if not any(n.domain == "ffnx" for n in model.graph.node):
+        return model
+    return decompose_ffnx_ops(model)
+
+
+def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[dict]:
+    from ffnx.graph.ort import ort_session, run_session
+
+    sess = ort_session(runnable(model))
+    return [run_session(sess, f) for f in feeds]

@@ -1,0 +1,203 @@
+"""Lowerings onto ONNX Runtime contrib ops (domain com.microsoft), each with its fit check.
+
+ort_moe      com.microsoft::MoE. ORT 1.32 CPU: softmax over all E logits, top-k, optional
+             renormalisation; activations relu/silu/swiglu (its gelu is the tanh approximation,
+             so not used); gated weights as interleaved rows g0,u0,g1,u1,... (swiglu_fusion=1).
+             Our scorings map onto it exactly:
+               softmax, normalize n      -> router_probs = s, normalize_routing_weights = n
+               topk_softmax              -> router_probs = s, normalize = 1 (softmax of the
+                                            top-k logits = renormalised softmax restricted to them)
+               sigmoid, no score_bias    -> router_probs = log sigmoid(s) = -softplus(-s):
+                                            softmax(log p) = p / sum(p) keeps the top-k order;
+                                            (normalize 0: see `_router`)
+             routed_scaling_factor multiplies the output. Hash routing, score_bias and
+             group-limited routing (n_group > 1) do not fit.
+qmoe_int4/8  com.microsoft::QMoE: the same, with block-wise symmetric int4/int8 expert weights.
+sorted_int4/8  the `sorted` decomposition with com.microsoft::MatMulNBits expert projections.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ffnx.graph.builder import Builder, f32, i64
+from ffnx.lowering.moe_common import LoweringError, MoESite, route
+from ffnx.lowering.moe_forms import sorted_experts
+from ffnx.lowering.quantize import BITS, pick_block, quantize
+from ffnx.plugins.schema import group_limited
+
+MS = "com.microsoft"
+ORT_ACTIVATIONS = ("relu", "silu", "swiglu")
+# int8 activations in the quantized expert GEMMs: 4.3x (int4) / 2.2x (int8) over fp32 at T=1 on
+# AVX2 (Mixtral-like layer, benchmarks/moe.py); with fp32 activations (0) int4 ran no faster than
+# fp32 and MatMulNBits int8 fell back to a slow path (~50x slower).
+ACCURACY_LEVEL = 4
+
+
+def ort_moe_misfit(s: MoESite) -> str | None:
+    """Why com.microsoft::MoE/QMoE cannot express this node (None: it can)."""
+    a = s.attrs
+    if a["routing_mode"] != "router":
+        return "hash routing"
+    if group_limited(a):
+        return f"group-limited routing (n_group={a['n_group']}, topk_group={a['topk_group']})"
+    if s.inputs["score_bias"] is not None:
+        return "score_bias (selection differs from weighting)"
+    if s.activation not in ORT_ACTIVATIONS:
+        return f"activation {s.activation} (ORT CPU MoE: {', '.join(ORT_ACTIVATIONS)})"
+    if not s.is_const("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+        return "expert weights are not initializers"
+    return None
+
+
+def quant_misfit(s: MoESite) -> str | None:
+    """Why the experts cannot be quantized block-wise (None: they can)."""
+    if not s.is_const("fc1_weight", "fc2_weight"):
+        return "expert weights are not initializers"
+    if pick_block(s.D) is None or pick_block(s.H) is None:
+        return f"D={s.D} and H={s.H} must be multiples of 16"
+    return None
+
+
+def _interleave(v: np.ndarray, gated: bool) -> np.ndarray:
+    """[gate; up] rows along axis 1 -> g0, u0, g1, u1, ..."""
+    if not gated:
+        return v
+    g, u = np.split(v, 2, axis=1)
+    return np.stack([g, u], axis=2).reshape(v.shape)
+
+
+def _router(b: Builder, s: MoESite):
+    """-> (router_probs, per-token output factor or None); the op always renormalises.
+
+    ORT 1.32's CPU QMoE renormalises the top-k weights even with normalize_routing_weights=0,
+    so both ops get 1 and normalize=0 is restored by y * sum_j p_j (top-k p; y is linear in w)."""
+    logits = b.reshape(s.inputs["router_logits"], -1, s.E)
+    if s.dtype != np.float32:
+        logits = b.op("Cast", logits, to=1)
+    scoring, normalize = s.attrs["scoring"], int(s.attrs["normalize"])
+    if scoring == "topk_softmax":
+        return logits, None
+    if scoring == "softmax":
+        probs, p = logits, (None if normalize else b.op("Softmax", logits, axis=1))
+    else:
+        probs, p = b.op("Neg", b.op("Softplus", b.op("Neg", logits))), b.op("Sigmoid", logits)
+    if normalize:
+        return probs, None
+    top, _ = b.op("TopK", p, i64(s.k), axis=1, n_out=2)
+    return probs, b.reduce_sum(top, 1, keepdims=1)
+
+
+def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
+    misfit = ort_moe_misfit(s)
+    if misfit:
+        raise LoweringError(f"{s.node.name}: {op} cannot express {misfit}")
+    probs, factor = _router(b, s)
+    act = "swiglu" if s.gated else s.activation
+    fusion = {"swiglu_fusion": 1} if s.gated else {}
+    y = b.op(
+        op,
+        x,
+        probs,
+        *weights,
+        domain=MS,
+        k=s.k,
+        activation_type=act,
+        normalize_routing_weights=1,
+        **fusion,
+        **attrs,
+    )
+    if factor is not None:
+        y = b.mul(y, factor)
+    scale = float(s.attrs["routed_scaling_factor"])
+    return y if scale == 1.0 else b.mul(y, f32(scale))
+
+
+def _bias(b: Builder, s: MoESite, name: str, interleave: bool = False):
+    v = s.value(name)
+    return None if v is None else b.const(_interleave(v, interleave), name)
+
+
+def ort_moe(b: Builder, s: MoESite, x):
+    fc1 = b.const(_interleave(s.value("fc1_weight"), s.gated), "fc1_weight")
+    weights = [
+        fc1,
+        _bias(b, s, "fc1_bias", s.gated),
+        s.tensor(b, "fc2_weight"),
+        _bias(b, s, "fc2_bias"),
+    ]
+    return _fused(b, s, x, "MoE", weights)
+
+
+def qmoe(bits: int):
+    def lower(b: Builder, s: MoESite, x):
+        misfit = quant_misfit(s)
+        if misfit:
+            raise LoweringError(f"{s.node.name}: cannot quantize experts: {misfit}")
+        block = min(pick_block(s.D), pick_block(s.H))
+        q1 = quantize(_interleave(s.value("fc1_weight"), s.gated), bits, block)
+        q2 = quantize(s.value("fc2_weight"), bits, block)
+        weights = [
+            b.const(q1.packed, "fc1_q"),
+            b.const(q1.scales, "fc1_scales"),
+            _bias(b, s, "fc1_bias", s.gated),
+            b.const(q2.packed, "fc2_q"),
+            b.const(q2.scales, "fc2_scales"),
+            _bias(b, s, "fc2_bias"),
+        ]
+        return _fused(
+            b,
+            s,
+            x,
+            "QMoE",
+            weights,
+            expert_weight_bits=bits,
+            block_size=block,
+            accuracy_level=ACCURACY_LEVEL,
+        )
+
+    return lower
+
+
+def sorted_nbits(bits: int, accuracy_level: int = ACCURACY_LEVEL):
+    def lower(b: Builder, s: MoESite, x):
+        misfit = quant_misfit(s)
+        if misfit:
+            raise LoweringError(f"{s.node.name}: cannot quantize experts: {misfit}")
+        quant = {
+            "fc1": quantize(s.value("fc1_weight"), bits, pick_block(s.D)),
+            "fc2": quantize(s.value("fc2_weight"), bits, pick_block(s.H)),
+        }
+
+        def linear(b: Builder, s: MoESite, rows, fc: str, e: int):
+            q = quant[fc]
+            N, K = q.shape[1:]
+            bias = s.value(f"{fc}_bias")
+            return b.op(
+                "MatMulNBits",
+                rows,
+                b.const(q.blocked()[e], f"{fc}{e}_q"),
+                b.const(q.scales[e].reshape(-1), f"{fc}{e}_scales"),
+                None,
+                None,
+                None if bias is None else b.const(bias[e].copy(), f"{fc}{e}_bias"),
+                domain=MS,
+                K=K,
+                N=N,
+                bits=bits,
+                block_size=q.block,
+                accuracy_level=accuracy_level,
+            )
+
+        idx, w = route(b, s)
+        return sorted_experts(b, s, x, idx, w, linear=linear)
+
+    return lower
+
+
+ORT_FORMS = {"ort_moe": ort_moe}
+for _name, _bits in BITS.items():
+    ORT_FORMS[f"qmoe_{_name}"] = qmoe(_bits)
+    ORT_FORMS[f"sorted_{_name}"] = sorted_nbits(_bits)
+
+__all__ = ["ORT_FORMS", "ort_moe_misfit", "quant_misfit"]

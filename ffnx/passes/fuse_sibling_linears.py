@@ -1,0 +1,80 @@
+"""Merge linear layers that read the same input into one MatMul on concatenated weights + Split.
+
+Pattern: n >= 2 linears y_i = x·W_i [+ b_i] (MatMul + bias Add, or Gemm) on the same tensor x:
+the Q, K and V projections of attention, RePaViT's kept and idle FFN branches after
+`reparameterize_ffn`, the parallel heads of multi-branch blocks.
+
+Rewrite: h = x·[W_1 | ... | W_n] + [b_1; ...; b_n] (a missing bias is zeros), then
+(y_1, ..., y_n) = Split(h, [N_1, ..., N_n], axis=-1); every reader of y_i reads the Split part.
+
+Exact: every element of y_i is the same dot product over the same row of x, and adding a zero
+bias is exact. Conditions: the weights (and biases) constant, of one dtype and input width; each
+pre-bias product read only by its bias Add.
+
+Left alone: the input projections of FFNs (fc1, and up when gated). ORT fuses fc1's bias Add
+into its GELU (BiasGelu), which a merged Add would undo, and a gated pair is `fuse_gate_up`'s;
+parallel FFNs are `fuse_parallel_ffn`'s, which runs before.
+
+Speed: applied only where it removes kernel launches. n products with b bias Adds (n + b
+kernels) become MatMul [+ Add] + Split: 3 kernels instead of 6 for biased Q, K, V. Two linears
+without biases would stay at 2 kernels plus the Split's copy, which measured slower on ORT CPU
+(see `fuse_gate_up`): such sites are skipped.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from ffnx.graph.algebra import merge_linears
+from ffnx.graph.ffn_match import Linear, find_ffns, linear_at, used_outside
+from ffnx.passes.base import GraphPass, Match, PassContext
+
+
+def kernels_saved(linears: list[Linear]) -> int:
+    """Kernel launches the merge removes: n products + b bias Adds -> MatMul [+ Add] + Split."""
+    biased = sum(lin.bias is not None for lin in linears)
+    return len(linears) + biased - (2 + (biased > 0))
+
+
+class FuseSiblingLinears(GraphPass):
+    """Linears on the same input (Q/K/V, RePaViT branches) -> one MatMul on [W_1 | ...] + Split."""
+
+    name = "fuse_sibling_linears"
+
+    def match(self, graph: gs.Graph) -> list[Match]:
+        out = []
+        ffn_inputs = {id(lin.nodes[0]) for f in find_ffns(graph) for lin in (f.fc1, f.up) if lin}
+        for x in graph.tensors().values():
+            readers = [n for n in x.outputs if n.op in ("MatMul", "Gemm") and n.inputs[0] is x]
+            linears = [lin for n in readers if (lin := linear_at(n, graph)) is not None]
+            if len(linears) >= 2:
+                info = {"x": x, "linears": linears, "ffn_inputs": ffn_inputs}
+                out.append(Match([lin.nodes[0] for lin in linears], info))
+        return out
+
+    def check(self, graph: gs.Graph, m: Match) -> str | None:
+        linears: list[Linear] = m.info["linears"]
+        linears = [lin for lin in linears if id(lin.nodes[0]) not in m.info["ffn_inputs"]]
+        if len(linears) < 2:
+            return "FFN input projections (fc1/up) are left to ORT's bias fusion and fuse_gate_up"
+        dtypes = {lin.weight.dtype for lin in linears}
+        if len(dtypes) != 1:
+            return f"weight dtypes differ ({sorted(map(str, dtypes))})"
+        if len({lin.weight.shape[0] for lin in linears}) != 1:
+            return "input widths differ"
+        for lin in linears:
+            if reason := used_outside(lin.nodes, [lin.y], graph):
+                return reason
+        if kernels_saved(linears) < 1:
+            return "no kernel launch saved (two linears without bias): the Split would only add"
+        m.info["linears"] = linears
+        return None
+
+    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
+        merge_linears(graph, self.name, m.info["linears"])
+
+    def note(self, res, m: Match) -> None:
+        res.notes.setdefault("merged", []).append(len(m.info["linears"]))
+
+
+PASS = FuseSiblingLinears()

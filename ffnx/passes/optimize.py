@@ -1,0 +1,199 @@
+"""Run graph passes with verification and rollback; report each pass.
+
+For each selected pass, in registry order: import the current model into onnx-graphsurgeon,
+apply the pass; if it applied nothing the model is kept as it was (byte-identical). Otherwise
+cleanup + toposort, shape inference, onnx checker, and ORT outputs compared with the model before
+the pass on every sample feed. A pass that fails any of these is rolled back and reported with
+the reason; it is never silently applied.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ffnx import artifact
+from ffnx.errors import PassError, VerificationError
+from ffnx.graph import verify
+from ffnx.graph.stats import graph_stats
+from ffnx.lowering import run_model
+from ffnx.passes import PassContext, by_name, registry
+
+
+def select_passes(passes: list[str] | None, skip: list[str] = (), target: str = "ort") -> list:
+    """Named passes (registry order), else the default ones for `target`; minus `skip`."""
+    known = by_name()
+    unknown = [p for p in list(passes or []) + list(skip) if p not in known]
+    if unknown:
+        raise PassError(f"unknown pass(es) {', '.join(unknown)}; known: {', '.join(known)}")
+    chosen = [
+        p for p in registry() if (p.name in passes if passes else p.default and target in p.targets)
+    ]
+    return [p for p in chosen if p.name not in skip]
+
+
+def _example_dims(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    if not feeds:
+        return dims
+    for vi in model.graph.input:
+        arr = feeds[0].get(vi.name)
+        if arr is None:
+            continue
+        for d, n in zip(vi.type.tensor_type.shape.dim, arr.shape):
+            if d.HasField("dim_param"):
+                dims[d.dim_param] = int(n)
+    return dims
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """Every node, including those inside If/Loop/Scan bodies."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_nodes(g)
+
+
+def merged_opsets(model: onnx.ModelProto, original) -> list:
+    """The original opset imports, plus one for each domain a pass introduced (e.g.
+    com.microsoft), minus custom domains no node uses any more (e.g. ffnx after lowering)."""
+    used = (
+        {n.domain for n in _all_nodes(model.graph)}
+        | {n.domain for f in model.functions for n in f.node}
+        | {f.domain for f in model.functions}
+    )
+    out = [copy.copy(o) for o in original if o.domain in ("", "ai.onnx") or o.domain in used]
+    have = {o.domain for o in out}
+    for o in model.opset_import:
+        if o.domain not in have and o.domain in used:
+            out.append(copy.copy(o))
+            have.add(o.domain)
+    for domain in sorted(used - have - {"ai.onnx"}):
+        out.append(onnx.helper.make_opsetid(domain, 1))
+    return out
+
+
+def _finish(graph: gs.Graph, opset_imports) -> onnx.ModelProto:
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    # graphsurgeon drops initializers from the inputs but keeps the IR version; IR < 4 requires
+    # every initializer to be an input, so such a model would fail the checker.
+    model.ir_version = max(model.ir_version, 4)
+    opsets = merged_opsets(model, opset_imports)
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model)
+    return model
+
+
+def apply_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict], tol: verify.Tolerance):
+    """-> (new model or the same object, report dict)."""
+    dims = _example_dims(model, ctx.feeds)
+    before = graph_stats(model, dims)
+    graph = gs.import_onnx(model)
+    res = p.apply(graph, ctx)
+    report = {
+        "name": p.name,
+        "exact": p.exact,
+        "matches": res.matched,
+        "applied": res.applied,
+        "skipped": [{"site": s, "reason": r} for s, r in res.skipped],
+        **({"notes": res.notes} if res.notes else {}),
+        "before": before,
+    }
+    if res.applied == 0:
+        report.update(status="no_match" if res.matched == 0 else "skipped", after=before)
+        return model, report
+    try:
+        new = _finish(graph, model.opset_import)
+        outs = run_model(new, ctx.feeds)
+        checks = [verify.compare_outputs(r, o, tol, p.name) for r, o in zip(ref, outs)]
+    except (
+        onnx.checker.ValidationError,
+        onnx.shape_inference.InferenceError,
+        VerificationError,
+    ) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        report.update(status="rolled_back", reason=f"invalid graph: {first[:300]}", after=before)
+        return model, report
+    bad = [f for c in checks for f in verify.failures(c)]
+    report["error"] = verify.worst(checks)
+    if bad:
+        report.update(status="rolled_back", reason=f"outputs changed: {bad[0]}", after=before)
+        return model, report
+    report.update(status="applied", after=graph_stats(new, dims))
+    return new, report
+
+
+def optimize_model(
+    model: onnx.ModelProto,
+    feeds: list[dict[str, np.ndarray]],
+    passes: list[str] | None = None,
+    skip: list[str] = (),
+    target: str = "ort",
+    tol: verify.Tolerance = verify.Tolerance(),
+    max_error: float | None = None,
+    step: Callable[[str], None] = lambda s: None,
+    options: dict | None = None,
+) -> tuple[onnx.ModelProto, list[dict]]:
+    """Apply the selected passes in registry order; every pass is verified against the model
+    before it on `feeds` (each pass's error is measured against its own input graph)."""
+    if not feeds:
+        raise PassError("graph passes need sample inputs to verify against")
+    if any(n.domain == "ffnx" for n in model.graph.node):
+        from ffnx.graph.onnx_schemas import register_onnx_schemas  # typed checks of ffnx nodes
+
+        register_onnx_schemas()
+    ctx = PassContext(feeds=feeds, max_error=max_error, target=target, options=options or {})
+    reports = []
+    original = ref = run_model(model, feeds)
+    for p in select_passes(passes, skip, target):
+        step(f"pass {p.name}")
+        exact = p.is_exact(ctx) if hasattr(p, "is_exact") else p.exact  # option-dependent
+        if exact:
+            new, report = apply_pass(p, model, ctx, ref, tol)
+        else:
+            # Approximate: judged on the final outputs against the original graph, by --max-error.
+            if max_error is None:
+                raise PassError(
+                    f"{p.name} is approximate: it runs only with a maximum error bound "
+                    "(max_error) and calibration inputs"
+                )
+            new, report = apply_pass(p, model, ctx, original, approximate_tolerance(max_error))
+            if report["status"] == "rolled_back":
+                raise PassError(
+                    f"{p.name} refused: {report['reason']} exceeds the maximum error {max_error}"
+                )
+        if new is not model:
+            model, ref = new, run_model(new, feeds)
+        reports.append(report)
+    return model, reports
+
+
+def approximate_tolerance(max_error: float) -> verify.Tolerance:
+    return verify.Tolerance(atol=max_error, rtol=0.0, min_cosine=0.0)
+
+
+def optimize_file(
+    src: str | Path,
+    dst: str | Path,
+    feeds: list[dict[str, np.ndarray]],
+    **kwargs,
+) -> list[dict]:
+    """Optimize `src` into `dst` (written atomically); return the per-pass reports.
+    (`ffnx.passes.speed_guard.optimize_guarded` is the variant that also drops the applied
+    passes whose removal times faster on ORT.)"""
+    model = onnx.load(str(src))
+    new, reports = optimize_model(model, feeds, **kwargs)
+    artifact.write_bytes_atomic(dst, new.SerializeToString())
+    return reports

@@ -1,0 +1,160 @@
+"""cleanup: constant folding, Identity/Dropout and identity-reshape removal, dead nodes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.passes.helpers import (
+    apply,
+    check_applied,
+    check_unchanged,
+    model,
+    op_counts,
+    rand,
+    skip_reasons,
+)
+
+X = {"x": rand(2, 5, 8, seed=1)}
+
+
+def test_folds_constants_and_drops_identity_dropout_dead_nodes():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 4] y) {
+            wt = Transpose <perm = [1, 0]> (w)
+            h = MatMul (x, wt)
+            i = Identity (h)
+            d = Dropout (i)
+            dead = Relu (x)
+            y = Relu (d)
+        }
+        """,
+        {"w": rand(4, 8)},
+    )
+    new, rep = check_applied("cleanup", m, [X], n_applied=4)
+    assert op_counts(new) == {"MatMul": 1, "Relu": 1}
+    assert [o.name for o in new.graph.output] == ["y"]
+
+
+def test_identity_writing_a_graph_output_keeps_the_output_name():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 8] y, float[2, 5, 8] z) {
+            h = Relu (x)
+            y = Identity (h)
+            z = Sigmoid (h)
+        }
+        """
+    )
+    new, _ = check_applied("cleanup", m, [X], n_applied=1)
+    assert op_counts(new) == {"Relu": 1, "Sigmoid": 1}
+    assert [o.name for o in new.graph.output] == ["y", "z"]
+    relu = next(n for n in new.graph.node if n.op_type == "Relu")
+    assert list(relu.output) == ["y"]
+
+
+def test_identity_of_graph_input_to_output_is_kept():
+    m = model("g (float[2, 5, 8] x) => (float[2, 5, 8] y) { y = Identity (x) }")
+    rep = check_unchanged("cleanup", m, [X])
+    assert "no producer to rename" in skip_reasons(rep)
+
+
+def test_training_dropout_and_read_mask_are_kept():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 8] y, bool[2, 5, 8] mask) {
+            r = Constant <value = float {0.0}> ()
+            t = Constant <value = bool {1}> ()
+            a = Dropout (x, r, t)
+            y, mask = Dropout (a)
+        }
+        """
+    )
+    rep = check_unchanged("cleanup", m, [X])
+    assert rep["matches"] == 0
+
+
+def test_random_ops_are_not_folded():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 8] y) {
+            n = RandomNormal <shape = [2, 5, 8], seed = 1.0> ()
+            y = Add (x, n)
+        }
+        """
+    )
+    check_unchanged("cleanup", m, [X])
+
+
+def test_large_generators_are_not_folded():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 8] y) {
+            s = Constant <value = int64[2] {512, 512}> ()
+            big = ConstantOfShape <value = float[1] {0.5}> (s)
+            r = ReduceMean <keepdims = 0> (big)
+            y = Add (x, r)
+        }
+        """
+    )
+    new, rep = apply("cleanup", m, [X])
+    assert "ConstantOfShape" in op_counts(new)
+
+
+def test_identity_reshape_pair_is_removed():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 8] y) {
+            h = Relu (x)
+            a = Reshape (h, s1)
+            b = Reshape (a, s2)
+            y = Sigmoid (b)
+        }
+        """,
+        {"s1": np.array([-1, 8]), "s2": np.array([2, 5, 8])},
+    )
+    new, _ = check_applied("cleanup", m, [X], n_applied=2)
+    assert "Reshape" not in op_counts(new)
+
+
+def test_reshape_pair_to_another_shape_is_kept():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[5, 2, 8] y) {
+            a = Reshape (x, s1)
+            y = Reshape (a, s2)
+        }
+        """,
+        {"s1": np.array([-1, 8]), "s2": np.array([5, 2, 8])},
+    )
+    check_unchanged("cleanup", m, [X])
+
+
+def test_if_with_constant_condition_is_flattened():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 8] y) {
+            c = Constant <value = bool {1}> ()
+            y = If (c) <
+                then_branch = t () => (float[2, 5, 8] a) { a = Relu (x) },
+                else_branch = e () => (float[2, 5, 8] b) { b = Sigmoid (x) }
+            >
+        }
+        """
+    )
+    new, _ = check_applied("cleanup", m, [X])
+    assert op_counts(new) == {"Relu": 1}
+
+
+def test_graph_with_nothing_to_clean_is_byte_identical():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 4] y) {
+            h = MatMul (x, w)
+            y = Relu (h)
+        }
+        """,
+        {"w": rand(8, 4)},
+    )
+    rep = check_unchanged("cleanup", m, [X])
+    assert rep["status"] == "no_match"
