@@ -11,6 +11,9 @@ import pytest
 # MoE lowering by the measured-and-cached rule costs 20-90 s per new layer shape; tests that
 # check the measurement force it themselves with a temp cache.
 os.environ.setdefault("FFNX_MOE_LOWERING", "rule")
+# The speed guard times every export (seconds per model); tests/passes/test_speed_guard.py runs
+# it for real end to end.
+os.environ.setdefault("FFNX_SPEED_GUARD", "off")
 
 USER_MODEL = textwrap.dedent(
     """

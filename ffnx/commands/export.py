@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ffnx.commands import ui
-from ffnx.commands.options import csv_list
+from ffnx.commands.options import csv_list, trt_flavour_option
 
 
 @click.command("export", context_settings={"max_content_width": 100})
@@ -42,6 +42,17 @@ from ffnx.commands.options import csv_list
 @click.option("--passes", callback=csv_list, help="Run only these passes (comma-separated).")
 @click.option("--skip", callback=csv_list, help="Skip these passes.")
 @click.option(
+    "--no-guard",
+    is_flag=True,
+    help="Keep every default pass even where the graph without it times faster on ORT.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ORT CPU threads the speed guard times at.",
+)
+@click.option(
     "--target",
     type=click.Choice(["ort", "trt"]),
     default="ort",
@@ -59,6 +70,7 @@ from ffnx.commands.options import csv_list
     is_flag=True,
     help="With --target trt: export and check the graph; build later with `ffnx build`.",
 )
+@trt_flavour_option
 @click.option(
     "--no-cache",
     is_flag=True,
@@ -77,9 +89,12 @@ def export_cmd(
     no_optimize,
     passes,
     skip,
+    no_guard,
+    threads,
     target,
     precision,
     no_build,
+    flavour,
     no_cache,
 ) -> None:
     """Export MODEL (zoo name, pkg.module:factory, file.py:factory or hf:PATH) to an artifact
@@ -91,6 +106,8 @@ def export_cmd(
       ffnx export my_model.py:build --dynamic x:0=batch --out artifacts/mine --force
       ffnx export hf:./mixtral-tiny --out artifacts/mixtral --target trt --precision fp16
       ffnx export hf:./bert-tiny --task masked-lm --out artifacts/bert-mlm
+      ffnx export gpt-moe --out artifacts/gpt-moe --target trt --trt rtx --no-build --force
+      ffnx export vit-repa --out artifacts/vit-repa --threads 2 --force
     """
     from ffnx.export.pipeline import export_artifact
     from ffnx.export.torch_export import DEFAULT_OPSET
@@ -98,7 +115,9 @@ def export_cmd(
     from ffnx.models.user import parse_dynamic, resolve
 
     if target != "trt":
-        for flag, given in (("--precision", precision is not None), ("--no-build", no_build)):
+        given_flags = (("--precision", precision is not None), ("--no-build", no_build),
+                       ("--trt", flavour != "auto"))  # fmt: skip
+        for flag, given in given_flags:
             if given:
                 raise click.UsageError(f"{flag} applies only with --target trt")
     precision = precision or "fp32"
@@ -131,12 +150,15 @@ def export_cmd(
             source=model,
             size=size,
             step=step,
+            guard=not no_guard,
+            threads=threads,
+            trt=flavour,
         )
         if target == "trt" and not no_build:
             from ffnx.build.engine import build_engine
 
             step("building the TensorRT engine")
-            build_engine(out, precision=precision)
+            build_engine(out, precision=precision, flavour=flavour)
     v = manifest["export"]
     ui.err.print(
         f"exported {spec.name} ({manifest['model']['params']:,} params, opset {v['opset']}) to "
@@ -145,6 +167,10 @@ def export_cmd(
     applied = [p for p in manifest.get("passes", []) if p["status"] == "applied"]
     if applied:
         ui.err.print("passes applied: " + ", ".join(f"{p['name']}×{p['applied']}" for p in applied))
+    if "speed_guard" in manifest:
+        from ffnx.passes.speed_guard import summary
+
+        ui.err.print(summary(manifest["speed_guard"]))
 
 
 COMMANDS = [export_cmd]

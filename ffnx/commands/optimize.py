@@ -24,6 +24,23 @@ def _calib(path: str | None, model, manifest: dict, dims: dict) -> list[dict[str
     return random_feeds(model, manifest, dims, samples=2)
 
 
+def _larger(model, manifest: dict, feeds: list[dict]) -> list[dict[str, np.ndarray]] | None:
+    """The speed guard's larger shape set: every dynamic dim of the first feed x4 (within the
+    manifest's max), random inputs; None for a graph without dynamic dims."""
+    from ffnx.commands.feeds import random_feeds
+
+    dims = {}
+    for vi in model.graph.input:
+        arr = feeds[0].get(vi.name)
+        for d, n in zip(vi.type.tensor_type.shape.dim, getattr(arr, "shape", ())):
+            if d.HasField("dim_param") and d.dim_param:
+                hi = (manifest.get("dims", {}).get(d.dim_param) or {}).get("max")
+                dims[d.dim_param] = min(4 * int(n), hi or 4 * int(n))
+    if not dims:
+        return None
+    return random_feeds(model, manifest, dims, samples=1)
+
+
 def _print_passes(reports: list[dict]) -> None:
     rows = []
     for r in reports:
@@ -110,6 +127,17 @@ def _explain(reports: list[dict]) -> None:
     help="sparsify_ffn: ORT formulation (auto = fastest measured).",
 )
 @click.option("--explain", is_flag=True, help="Say why each candidate was skipped.")
+@click.option(
+    "--no-guard",
+    is_flag=True,
+    help="Keep every default pass even where the graph without it times faster on ORT.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ORT CPU threads the speed guard times at.",
+)
 def optimize_cmd(
     src,
     out,
@@ -125,6 +153,8 @@ def optimize_cmd(
     sparse_mode,
     sparse_lowering,
     explain,
+    no_guard,
+    threads,
 ) -> None:
     """Rewrite an ONNX graph with ffnx's passes, each verified against the graph before it.
 
@@ -135,6 +165,7 @@ def optimize_cmd(
     Example:
       ffnx optimize artifacts/vit-repa
       ffnx optimize model.onnx -o model.opt.onnx --skip fuse_gate_up
+      ffnx optimize artifacts/vit-repa --threads 2 --no-guard
       ffnx optimize artifacts/gpt-mlp --passes ffn_fusion --calib calib.npz --max-error 1e-2
       ffnx optimize artifacts/gpt-relu --passes sparsify_ffn --sparsity 0.9 --max-error 0.05
       ffnx optimize --list-passes
@@ -159,6 +190,7 @@ def optimize_cmd(
         raise click.UsageError("SRC is required (or --list-passes)")
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
+    from ffnx.passes import speed_guard
     from ffnx.passes.optimize import optimize_model
 
     p = Path(src)
@@ -183,18 +215,21 @@ def optimize_cmd(
     }
     if p.is_dir() and (p / "calibration.npz").exists():
         opts["calibration"] = str(p / "calibration.npz")
+    kw = dict(passes=passes, skip=skip or [], target=target, max_error=max_error, options=opts)
+    guarded = target == "ort" and not passes and not no_guard and speed_guard.enabled()
     with ui.steps("optimizing") as step:
-        new, reports = optimize_model(
-            model,
-            feeds,
-            passes=passes,
-            skip=skip or [],
-            target=target,
-            max_error=max_error,
-            step=step,
-            options=opts,
-        )
+        if guarded:
+            larger = _larger(model, manifest, feeds)
+            new, reports, guard = speed_guard.optimize_guarded(
+                model, feeds, larger, threads=threads, step=step, **kw
+            )
+        else:
+            new, reports = optimize_model(model, feeds, step=step, **kw)
     _print_passes(reports)
+    if guarded:
+        ui.err.print(speed_guard.summary(guard))
+        if p.is_dir():
+            manifest["speed_guard"] = guard
     if explain:
         _explain(reports)
     if p.is_dir():

@@ -139,6 +139,16 @@ def sample_feeds(spec: ModelSpec) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
+def larger_feeds(spec: ModelSpec) -> list[dict[str, np.ndarray]] | None:
+    """One larger shape set for the speed guard: every dynamic dim x4 (within its range)."""
+    dims = {
+        lbl: min(4 * n, spec.max_dims.get(lbl) or 4 * n) for lbl, n in example_dims(spec).items()
+    }
+    if not dims or dims == example_dims(spec):
+        return None
+    return [to_numpy(inputs_for(spec, dims, seed=3))]
+
+
 def export_artifact(
     spec: ModelSpec,
     out: str | Path,
@@ -153,8 +163,14 @@ def export_artifact(
     source: str = "",
     size: str = "",
     step: Step = lambda s: None,
+    guard: bool = True,
+    threads: int | None = None,
+    trt: str = "auto",
 ) -> dict:
-    """Export, verify at two shapes, optimize, write the manifest; return the manifest."""
+    """Export, verify at two shapes, optimize, write the manifest; return the manifest.
+
+    guard: the default passes for ONNX Runtime go through `ffnx.passes.speed_guard` (passes
+    whose removal times faster at `threads` are dropped; manifest["speed_guard"] says which)."""
     with artifact.staged_dir(out, force) as stage:
         step("exporting with torch.onnx (dynamo)")
         onnx_path = stage / artifact.MODEL
@@ -178,14 +194,20 @@ def export_artifact(
         ]
         made_from: dict[str, list[str]] = {}
         if optimize:
+            from ffnx.passes import speed_guard
             from ffnx.passes.optimize import optimize_file
 
             def run_passes(dst: str, tgt: str) -> list[dict]:
                 step(f"running graph passes ({tgt})")
-                return optimize_file(
-                    onnx_path, stage / dst, sample_feeds(spec),
-                    passes=passes, skip=skip, target=tgt, tol=tol, step=step,
-                )  # fmt: skip
+                kw = dict(passes=passes, skip=skip, target=tgt, tol=tol, step=step)
+                if tgt == "ort" and guard and not passes and speed_guard.enabled():
+                    new, reports, manifest["speed_guard"] = speed_guard.optimize_guarded(
+                        onnx.load(str(onnx_path)), sample_feeds(spec), larger_feeds(spec),
+                        threads=threads, **kw,
+                    )  # fmt: skip
+                    artifact.write_bytes_atomic(stage / dst, new.SerializeToString())
+                    return reports
+                return optimize_file(onnx_path, stage / dst, sample_feeds(spec), **kw)
 
             # --target trt: model.trt.onnx for TensorRT (ffnx ops kept for the plugins) and
             # model.opt.onnx lowered for ONNX Runtime beside it, so the artifact runs on both.
@@ -196,27 +218,18 @@ def export_artifact(
             made_from[artifact.MODEL_OPT] = [artifact.MODEL]
         if target == "trt":
             step("checking the graph against TensorRT's ONNX parser")
-            manifest["tensorrt_graph_check"] = check_trt_graph(stage, manifest)
+            manifest["tensorrt_graph_check"] = check_trt_graph(stage, manifest, trt)
         artifact.write_manifest(stage, manifest, made_from)
     return artifact.read_manifest(out)
 
 
-def check_trt_graph(directory: Path, manifest: dict) -> dict:
-    """Fail the export when the graph has ops TensorRT's parser rejects (see trt_graph_check)."""
-    from ffnx.build.trt_graph_check import check_graph, materialize_optional_inputs
+def check_trt_graph(directory: Path, manifest: dict, trt: str = "auto") -> dict:
+    """Fail the export when TensorRT's ONNX parser (`--trt` flavour; else the supported-op
+    list) rejects the graph (see ffnx.build.parser_check)."""
+    from ffnx.build.parser_check import ParseError, check_trt_file
 
     files = {"files": {p.name: "" for p in directory.iterdir()}}
-    path = artifact.model_path(directory, files, target="trt")
-    model = onnx.load(str(path), load_external_data=False)
-    filled = materialize_optional_inputs(model)
-    problems = check_graph(model)
-    if problems:
-        raise ExportError(
-            f"{path.name} is not buildable by TensorRT: {'; '.join(problems[:3])}"
-            + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
-        )
-    return {
-        "checked": path.name,
-        "ffnx_nodes": sum(n.domain == "ffnx" for n in model.graph.node),
-        "optional_inputs_filled": filled,
-    }
+    try:
+        return check_trt_file(artifact.model_path(directory, files, target="trt"), trt)
+    except ParseError as e:
+        raise ExportError(str(e)) from e

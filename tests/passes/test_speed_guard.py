@@ -1,8 +1,15 @@
 """speed_guard: with an injected deterministic timer, a pass whose removal is faster is dropped
-(and reported), a pass that helps is kept, explicit passes bypass the guard, and the decision is
-cached (a second run does not time again)."""
+(and reported), a pass that helps is kept, a graph still slower than its input falls back to it,
+explicit passes bypass the guard, and the decision is cached (a second run does not time again).
+One test runs the real ORT timing end to end through `ffnx export` / `ffnx optimize`."""
 
 from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
 
 from ffnx.passes import speed_guard
 from tests.passes.helpers import bn_params, model, op_counts, rand
@@ -21,13 +28,14 @@ def _feeds(n=8):
     return [{"x": rand(1, C, n, n, seed=s)} for s in range(2)]
 
 
-def fake_timer(slow_name: str, calls: list):
-    """Seconds = 1 per node, +10 per node whose name contains `slow_name` (what one pass
-    writes), so that pass 'is slower'; deterministic."""
+def fake_timer(slow_name: str, calls: list, per_node: float = 1.0):
+    """Seconds = per_node per node, +10 per node whose name contains `slow_name` (what one pass
+    writes), so that pass 'is slower'; the input graph always 1 s per node; deterministic."""
 
     def timer(models, feeds):
         calls.append(sorted(models))
-        return {k: len(m.graph.node) + 10.0 * sum(slow_name in n.name for n in m.graph.node)
+        return {k: (1.0 if k == "input" else per_node) * len(m.graph.node)
+                + 10.0 * sum(slow_name in n.name for n in m.graph.node)
                 for k, m in models.items()}  # fmt: skip
 
     return timer
@@ -39,15 +47,16 @@ def test_slower_pass_is_dropped_and_reported(tmp_path, monkeypatch):
     # merge_conv_branches' Conv is made slow -> the pass is dropped.
     slow = fake_timer("merged_conv", calls)
     new, reports, g = speed_guard.optimize_guarded(m, _feeds(), timer=slow)
-    assert "merge_conv_branches" in g["dropped"]
+    assert "merge_conv_branches" in g["dropped"] and g["cached"] is False
     assert {"name": "merge_conv_branches", "status": "dropped_slower"}.items() <= next(
         r for r in reports if r["name"] == "merge_conv_branches"
         and r["status"] == "dropped_slower").items()  # fmt: skip
-    assert op_counts(new)["Add"] >= 1 and g["speedup"] is not None and calls
+    assert op_counts(new)["Add"] >= 1 and g["speedup"] and calls
+    assert "merge_conv_branches" in speed_guard.summary(g)
     # cached: the same input and passes are not timed again
     calls.clear()
     _, _, g2 = speed_guard.optimize_guarded(m, _feeds(), timer=fake_timer("merged_conv", calls))
-    assert g2["dropped"] == g["dropped"] and calls == []
+    assert g2["dropped"] == g["dropped"] and calls == [] and g2["cached"] is True
 
 
 def test_faster_pass_is_kept_and_explicit_passes_bypass(tmp_path, monkeypatch):
@@ -55,8 +64,94 @@ def test_faster_pass_is_kept_and_explicit_passes_bypass(tmp_path, monkeypatch):
     m, calls = _model(), []
     new, reports, g = speed_guard.optimize_guarded(m, _feeds(), larger_feeds=_feeds(16)[:1],
                                                    timer=fake_timer("nothing", calls))  # fmt: skip
-    assert g["dropped"] == [] and op_counts(new) == {"Conv": 1} and g["speedup"] > 1.0
+    assert g["dropped"] == [] and op_counts(new) == {"Conv": 1}
+    assert len(g["speedup"]) == 2 and all(v > 1.0 for v in g["speedup"].values())
+    assert not any(r["status"] == "dropped_slower" for r in reports)
     calls.clear()
     new, _, g = speed_guard.optimize_guarded(m, _feeds(), passes=["fold_batchnorm"],
                                              timer=fake_timer("nothing", calls))  # fmt: skip
     assert calls == [] and g["dropped"] == [] and op_counts(new)["Mul"] == 1
+
+
+def test_still_slower_than_input_falls_back_to_it(tmp_path, monkeypatch):
+    """Every optimized graph costs 10 s per node (the input 1 s): no single removal helps
+    enough on its own, and the guard returns the input graph with every pass dropped."""
+    monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path))
+    m = _model()
+    new, reports, g = speed_guard.optimize_guarded(
+        m, _feeds(), timer=fake_timer("nothing", [], per_node=10.0), use_cache=False
+    )
+    assert new.SerializeToString() == m.SerializeToString()
+    assert "merge_conv_branches" in g["dropped"] and set(g["speedup"].values()) == {1.0}
+
+
+def test_paired_ratio_is_the_median_of_round_ratios():
+    s = {"a": [1.0, 2.0, 10.0], "b": [1.0, 1.0, 1.0]}
+    assert speed_guard.paired_ratio(s, "a", "b") == 2.0
+    assert speed_guard.paired_ratio({"a": 3.0, "b": 1.5}, "a", "b") == 2.0
+
+
+def test_disabled_by_env(monkeypatch):
+    for v in ("off", "0", "False"):
+        monkeypatch.setenv("FFNX_SPEED_GUARD", v)
+        assert not speed_guard.enabled()
+    monkeypatch.setenv("FFNX_SPEED_GUARD", "on")
+    assert speed_guard.enabled()
+
+
+CONV_BN = """
+import torch
+
+class Rep(torch.nn.Module):  # RepVGG-style: 3x3 + 1x1 branches summed (merge_conv_branches)
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        return torch.relu(self.a(x) + self.b(x))
+
+def build():
+    torch.manual_seed(0)
+    return Rep().eval(), (torch.randn(2, 4, 8, 8),), {"x": {0: "batch"}}
+"""
+
+
+def test_real_timing_end_to_end_export_and_optimize(tmp_path, monkeypatch):
+    """The real ORT timer, on a tiny two-branch conv: `ffnx export` records the guard in the
+    manifest and prints its line; a second export hits the cache; `ffnx optimize` on a file runs
+    it too and `--no-guard` skips it."""
+    from ffnx.cli import main
+
+    monkeypatch.setenv("FFNX_SPEED_GUARD", "on")
+    monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "net.py").write_text(CONV_BN)
+    ref, out = f"{tmp_path / 'net.py'}:build", tmp_path / "art"
+    r = CliRunner().invoke(main, ["export", ref, "--out", str(out), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    g = json.loads((out / "manifest.json").read_text())["speed_guard"]
+    assert g["threads"] == 1 and g["cached"] is False and g["margin"] == speed_guard.MARGIN
+    assert len(g["shapes"]) == 2 and set(g["speedup"]) == set(g["shapes"])  # example + x4
+    assert all(0.2 < v < 5.0 for v in g["speedup"].values())
+    assert "speed guard" in r.output
+    r = CliRunner().invoke(main, ["export", ref, "--out", str(out), "--threads", "1", "--force"])
+    assert r.exit_code == 0, r.output
+    g2 = json.loads((out / "manifest.json").read_text())["speed_guard"]
+    assert g2["cached"] is True and g2["dropped"] == g["dropped"]
+    src, dst = out / "model.onnx", tmp_path / "o.onnx"
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(dst), "--threads", "1"])
+    assert r.exit_code == 0 and "speed guard" in r.output, r.output
+    onnx.checker.check_model(onnx.load(str(dst)))
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(dst), "--no-guard"])
+    assert r.exit_code == 0 and "speed guard" not in r.output, r.output
+
+
+@pytest.mark.parametrize("cmd", ["export", "optimize"])
+def test_threads_must_be_positive(cmd, tmp_path, user_model_file):
+    from ffnx.cli import main
+
+    src = f"{user_model_file}:build" if cmd == "export" else str(user_model_file)
+    args = [cmd, src, "--threads", "0"] + (
+        ["--out", str(tmp_path / "a")] if cmd == "export" else []
+    )
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "--threads" in r.output and not (tmp_path / "a").exists()
