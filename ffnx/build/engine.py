@@ -121,18 +121,10 @@ def _prepare_graph(onnx_path: Path, plan: PrecisionPlan, work: Path) -> tuple[Pa
 
 
 def _parse(trt, network, logger, path: Path, warnings: list[str]) -> None:
-    parser = trt.OnnxParser(network, logger)
-    if parser.parse_from_file(str(path)):
-        return
-    errors = []
-    for i in range(parser.num_errors):
-        e = parser.get_error(i)
-        name = e.node_name() if hasattr(e, "node_name") else f"#{e.node()}"
-        op = e.node_operator() if hasattr(e, "node_operator") else ""
-        where = f"node {name!r} ({op})" if e.node() >= 0 else "graph"
-        errors.append(f"{where}: {e.desc()}")
-    hint = f"; ffnx's check also found: {'; '.join(warnings[:3])}" if warnings else ""
-    raise BackendError(f"TensorRT's ONNX parser failed: {'; '.join(errors[:5])}{hint}")
+    from ffnx.build.parser_check import parse_network
+
+    hint = f"ffnx's check also found: {'; '.join(warnings[:3])}" if warnings else ""
+    parse_network(trt, network, logger, path, hint)
 
 
 def _add_profile(trt, builder, network, config, shapes: dict) -> tuple[dict, object]:

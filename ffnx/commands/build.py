@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ffnx.commands import ui
+from ffnx.commands.options import trt_flavour_option
 
 
 @click.command("build", context_settings={"max_content_width": 100})
@@ -38,14 +39,7 @@ from ffnx.commands import ui
     help="Override a dynamic dim's range, e.g. seq:1,128,2048 (repeatable).",
 )
 @click.option("--calib", type=click.Path(exists=True), help="int8 calibration inputs (.npz/dir).")
-@click.option(
-    "--trt",
-    "flavour",
-    type=click.Choice(["auto", "enterprise", "rtx"]),
-    default="auto",
-    show_default=True,
-    help="TensorRT builder: auto takes Enterprise `tensorrt` first, then `tensorrt_rtx`.",
-)
+@trt_flavour_option
 @click.option(
     "--compute-capability",
     metavar="CC[,CC...]",

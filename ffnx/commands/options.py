@@ -22,3 +22,18 @@ def dims_option(ctx, param, value: str | None) -> dict[str, int]:
             raise click.BadParameter(f"{part!r}: expected label=int, e.g. batch=1,seq=128")
         out[name.strip()] = int(n)
     return out
+
+
+TRT_FLAVOURS = ("auto", "enterprise", "rtx")
+
+
+def trt_flavour_option(f):
+    """`--trt auto|enterprise|rtx`, shared by `ffnx build` and `ffnx export --target trt`."""
+    return click.option(
+        "--trt",
+        "flavour",
+        type=click.Choice(TRT_FLAVOURS),
+        default="auto",
+        show_default=True,
+        help="TensorRT builder: auto takes Enterprise `tensorrt` first, then `tensorrt_rtx`.",
+    )(f)
