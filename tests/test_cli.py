@@ -33,22 +33,44 @@ def test_every_command_help_has_an_example():
         assert r.exit_code == 0 and "Example:" in r.output, cmd
 
 
-def test_run_saves_outputs(tmp_path, mlp_artifact):
-    x = np.ones((3, 16), np.float32)
-    np.save(tmp_path / "x.npy", x)
-    r = run("run", mlp_artifact, "--input", f"x={tmp_path / 'x.npy'}", "--save", tmp_path / "o")
+def test_run_saves_outputs_only_with_o_and_refuses_to_replace(tmp_path, mlp_artifact):
+    np.savez(tmp_path / "x.npz", x=np.ones((3, 16), np.float32))
+    r = run("run", mlp_artifact, "--data", tmp_path / "x.npz")
+    assert r.exit_code == 0 and not list(tmp_path.glob("**/*.npy")), r.output
+    r = run("run", mlp_artifact, "--data", tmp_path / "x.npz", "-o", tmp_path / "o")
     assert r.exit_code == 0, r.output
     (out,) = list((tmp_path / "o").glob("*.npy"))
     assert np.load(out).shape == (3, 16)
+    before = out.read_bytes()
+    np.savez(tmp_path / "x.npz", x=np.zeros((3, 16), np.float32))
+    r = run("run", mlp_artifact, "--data", tmp_path / "x.npz", "-o", tmp_path / "o")
+    assert r.exit_code == 1 and r.output.strip().endswith("exists; give --force to replace it")
+    assert out.read_bytes() == before
+    r = run("run", mlp_artifact, "--data", tmp_path / "x.npz", "-o", tmp_path / "o", "--force")
+    assert r.exit_code == 0 and out.read_bytes() != before
+
+
+def test_run_data_with_several_samples_and_json(tmp_path, mlp_artifact):
+    xs = {f"x_{i}": np.full((i + 1, 16), i, np.float32) for i in range(3)}
+    np.savez(tmp_path / "x.npz", **xs)
+    r = run("run", mlp_artifact, "--data", tmp_path / "x.npz", "--json", "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert [o["shape"] for o in info["outputs"]] == [[1, 16], [2, 16], [3, 16]]
+    assert len(list((tmp_path / "o").glob("*_[0-2].npy"))) == 3
 
 
 def test_run_bad_input_one_line(tmp_path, mlp_artifact):
-    np.save(tmp_path / "x.npy", np.ones((3, 16), np.float64))
-    r = run("run", mlp_artifact, "--input", f"x={tmp_path / 'x.npy'}", "--save", tmp_path / "o")
+    np.savez(tmp_path / "x.npz", x=np.ones((3, 16), np.float64))
+    r = run("run", mlp_artifact, "--data", tmp_path / "x.npz")
     assert r.exit_code == 1
     assert r.output.strip() == "error: input 'x' has dtype float64, expected x: float32[batch, 16]"
-    r = run("run", mlp_artifact, "--input", f"x={tmp_path / 'missing.npy'}")
-    assert r.exit_code == 1 and "cannot read --input x=" in r.output
+    np.savez(tmp_path / "y.npz", y=np.ones((3, 16), np.float32))
+    r = run("run", mlp_artifact, "--data", tmp_path / "y.npz")
+    assert r.exit_code == 1 and r.output.startswith("error: --data ") and "expected ['x']" in r.output
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    r = run("run", mlp_artifact, "--data", tmp_path / "bad.npz")
+    assert r.exit_code == 1 and r.output.startswith("error: cannot read --data")
 
 
 def test_bench_compare_torch_json(tmp_path, mlp_artifact):
@@ -64,7 +86,7 @@ def test_bench_compare_torch_json(tmp_path, mlp_artifact):
         "2",
         "--threads",
         "1",
-        "--json",
+        "-o",
         out,
     )
     assert r.exit_code == 0, r.output
@@ -73,6 +95,15 @@ def test_bench_compare_torch_json(tmp_path, mlp_artifact):
     assert runtimes == ["ffnx (ort)", "torch eager"]
     assert data["results"][1]["ratio_vs_ffnx"] > 0
     assert "the speed of torch eager" in r.output
+    r = run("bench", mlp_artifact, "--iters", "2", "--warmup", "0", "-o", out)
+    assert r.exit_code == 1 and "exists; give --force" in r.output
+
+
+def test_bench_json_flag_prints_json_only(mlp_artifact):
+    r = run("bench", mlp_artifact, "--iters", "3", "--warmup", "0", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["results"][0]["runtime"] == "ffnx (ort)" and data["results"][0]["p50_ms"] > 0
 
 
 def test_inspect_json(mlp_artifact):

@@ -143,7 +143,7 @@ def test_run_auto_threads_with_a_plan_uses_trt_without_threads(tmp_path, mlp_art
     monkeypatch.setattr("ffnx.runtime.engine._trt_usable", lambda: True)
     monkeypatch.setattr(trt.TrtBackend, "load", classmethod(fake_load))
     r = CliRunner().invoke(
-        main, ["run", str(d), "--backend", "auto", "--threads", "2", "--save", str(tmp_path / "o")]
+        main, ["run", str(d), "--backend", "auto", "--threads", "2", "-o", str(tmp_path / "o")]
     )
     assert r.exit_code == 0, r.output
     assert seen["path"].endswith(artifact.PLAN)

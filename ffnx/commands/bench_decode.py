@@ -48,7 +48,9 @@ def torch_decode(source: str, prompt_len: int, new_tokens: int, batch: int, thre
     return decode_stats(ttft, times, batch, prompt_len)
 
 
-def bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads) -> list[dict]:
+def bench_decode(
+    engine, path, compare, prompt_len, new_tokens, batch, threads, table: bool = True
+) -> list[dict]:
     from ffnx.bench import peak_rss_mib
     from ffnx.runtime.decode_bench import time_decode
 
@@ -64,5 +66,6 @@ def bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads) 
     rows = [[r["runtime"], *(r[k] for k in keys)] for r in results]
     name = engine.manifest.get("model", {}).get("name", path)
     title = f"{name}  decode: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, greedy"
-    ui.out.print(ui.table(title, COLUMNS, rows))
+    if table:  # off with `ffnx bench --json` (JSON only on stdout)
+        ui.out.print(ui.table(title, COLUMNS, rows))
     return results

@@ -1,7 +1,9 @@
-"""Random feeds within an artifact's (or a bare graph's) declared inputs, for commands that
-need sample inputs and were given none."""
+"""Sample inputs for commands: `--data FILE.npz` (the one reader, `read_data`) or random feeds
+within an artifact's (or a bare graph's) declared inputs."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -34,19 +36,37 @@ def random_feeds(model, manifest: dict, dims: dict, samples: int) -> list[dict[s
     return [random_inputs(infos, manifest, dims, seed=s) for s in range(samples)]
 
 
-def npz_feeds(path: str, names: list[str], option: str) -> list[dict[str, np.ndarray]]:
-    """Samples from an .npz: arrays named like the inputs (one sample) or name_0, name_1, …"""
+def read_data(path: str | Path, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """The samples of a `--data` .npz: arrays named like the inputs (one sample), or name_0,
+    name_1, ... (one sample per index, in order). Every command reads --data through this."""
     from ffnx.errors import InputError
 
     try:
-        arrays = dict(np.load(path, allow_pickle=False))
+        with np.load(path, allow_pickle=False) as z:
+            arrays = dict(z)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {option} {path}: {e}") from e
+        raise InputError(f"cannot read --data {path}: {e}") from e
     if all(n in arrays for n in names):
         return [{n: arrays[n] for n in names}]
     feeds: list[dict[str, np.ndarray]] = []
     while all(f"{n}_{len(feeds)}" in arrays for n in names):
         feeds.append({n: arrays[f"{n}_{len(feeds)}"] for n in names})
     if not feeds:
-        raise InputError(f"{option} {path} has arrays {sorted(arrays)}; expected {names}")
+        raise InputError(
+            f"--data {path} has arrays {sorted(arrays)}; expected {names} (one sample) or "
+            f"{[n + '_0' for n in names]}, ... (several)"
+        )
     return feeds
+
+
+def sample_feeds(
+    data: str | None, model, manifest: dict, dims: dict, samples: int
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """(feeds, where they came from): --data, else `samples` random inputs within the declared
+    dims (said on stderr)."""
+    if data:
+        return read_data(data, [i.name for i in model.graph.input]), f"data:{Path(data).name}"
+    from ffnx.commands import ui
+
+    ui.err.print("[yellow]no --data given: using random inputs within the declared dims[/]")
+    return random_feeds(model, manifest, dims, samples), "random"

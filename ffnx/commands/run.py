@@ -7,33 +7,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ffnx.commands import ui
-from ffnx.commands.options import dims_option
-from ffnx.errors import InputError
+from ffnx.commands import grammar, ui
 
 BACKEND = click.option(
     "--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True
 )
-DIMS = click.option(
-    "--dims",
-    callback=dims_option,
-    default=None,
-    help="Sizes of dynamic dims for random inputs, e.g. batch=1,seq=128.",
-)
 THREADS = click.option("--threads", type=int, default=None, help="CPU threads (ORT and torch).")
-
-
-def _load_inputs(items: tuple[str, ...]) -> dict[str, np.ndarray]:
-    feeds = {}
-    for item in items:
-        name, sep, file = item.partition("=")
-        if not sep:
-            raise InputError(f"bad --input {item!r}; expected name=file.npy")
-        try:
-            feeds[name] = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read --input {name}={file}: {e}") from e
-    return feeds
 
 
 def _engine(path, backend, threads):
@@ -43,56 +22,78 @@ def _engine(path, backend, threads):
     return Engine.load(path, backend=backend, **opts)
 
 
+def _no_trt_threads(ctx: click.Context) -> None:
+    if ctx.params.get("backend") == "trt":
+        grammar.unused(ctx, "with ONNX Runtime (--backend auto|ort)", "threads")
+
+
 @click.command("run", context_settings={"max_content_width": 100})
 @click.argument("path", type=click.Path(exists=True))
-@click.option(
-    "--input",
-    "inputs",
-    multiple=True,
-    metavar="NAME=FILE.npy",
-    help="Input arrays (random within the declared dims when none given).",
-)
-@click.option(
-    "--save",
-    type=click.Path(file_okay=False),
-    default="ffnx-outputs",
-    show_default=True,
-    help="Directory for <output>.npy files.",
-)
+@grammar.data_option()
+@grammar.output_option("Directory for <output>.npy (<output>_<i>.npy per --data sample).", False)
+@grammar.force_option("Replace existing .npy files in -o.")
+@grammar.json_option("Print the outputs' shapes and statistics as JSON.")
 @BACKEND
-@DIMS
+@grammar.dims_option()
 @THREADS
-def run_cmd(path, inputs, save, backend, dims, threads) -> None:
-    """Run an artifact (or .onnx/.plan) once and save its outputs as .npy.
+@click.pass_context
+def run_cmd(ctx, path, data, output, force, as_json, backend, dims, threads) -> None:
+    """Run an artifact (or .onnx/.plan) on --data (else random inputs within the declared dims)
+    and print each output's shape and statistics; -o saves them as .npy.
 
     \b
     Example:
-      ffnx run artifacts/gpt-swiglu --input input_ids=ids.npy --save out/
-      ffnx run artifacts/vit-repa --dims batch=4
+      ffnx export gpt-swiglu -o artifacts/gpt-swiglu
+      ffnx run artifacts/gpt-swiglu --data ids.npz -o out/
+      ffnx run artifacts/gpt-swiglu --dims batch=4,seq=16 --json
     """
+    from ffnx.commands.feeds import read_data
+
+    if data:
+        grammar.unused(ctx, "without --data (random inputs)", "dims")
+    grammar.unused(ctx, "with -o/--output", *([] if output else ["force"]))
+    _no_trt_threads(ctx)
     engine = _engine(path, backend, threads)
-    feeds = _load_inputs(inputs) if inputs else engine.random_inputs(dims)
-    if not inputs:
-        ui.err.print("no --input given: using random inputs within the declared dims")
-    outs = engine.run(feeds)
-    Path(save).mkdir(parents=True, exist_ok=True)
+    if data:
+        samples = read_data(data, [i.name for i in engine.inputs])
+    else:
+        ui.err.print("no --data given: using random inputs within the declared dims")
+        samples = [engine.random_inputs(dims)]
+
+    def name(out: str, i: int) -> str:
+        return f"{out}.npy" if len(samples) == 1 else f"{out}_{i}.npy"
+
+    if output:
+        outs = [o.name for o in engine.outputs]
+        files = [Path(output) / name(o, i) for i in range(len(samples)) for o in outs]
+        grammar.refuse_existing(files, force)
+    results = [engine.run(f) for f in samples]
+    rows = []
+    for i, outs in enumerate(results):
+        for out, arr in outs.items():
+            rows.append(
+                {"output": out, "sample": i, "shape": list(arr.shape), "dtype": arr.dtype.name,
+                 "mean": float(arr.mean()), "std": float(arr.std())}
+            )  # fmt: skip
+            if output:
+                _save(Path(output) / name(out, i), arr)
+    if as_json:
+        grammar.echo_json({"backend": engine.backend_name, "outputs": rows, "saved_to": output})
+        return
+    cols = ["output", "sample", "shape", "dtype", "mean", "std"]
+    table = [[r["output"], r["sample"], str(r["shape"]), r["dtype"], r["mean"], r["std"]]
+             for r in rows]  # fmt: skip
+    where = f" -> {output}/" if output else ""
+    ui.out.print(ui.table(f"outputs ({engine.backend_name}){where}", cols, table))
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
     from ffnx.artifact import atomic_path
 
-    rows = []
-    for name, arr in outs.items():
-        with atomic_path(Path(save) / f"{name}.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-        rows.append(
-            [name, str(list(arr.shape)), arr.dtype.name, float(arr.mean()), float(arr.std())]
-        )
-    ui.out.print(
-        ui.table(
-            f"outputs ({engine.backend_name}) -> {save}/",
-            ["output", "shape", "dtype", "mean", "std"],
-            rows,
-        )
-    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
 
 
 @click.command("bench", context_settings={"max_content_width": 100})
@@ -106,7 +107,9 @@ def run_cmd(path, inputs, save, backend, dims, threads) -> None:
 @click.option("--iters", type=int, default=None, help="Timed iterations (default 100).")
 @click.option("--seconds", type=float, default=None, help="Time budget instead of --iters.")
 @click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write results as JSON.")
+@grammar.json_option("Print the results as JSON on stdout.")
+@grammar.output_option("Write the results as JSON to this file.")
+@grammar.force_option("Replace an existing -o file.")
 @click.option(
     "--graph",
     type=click.Choice(["opt", "plain"]),
@@ -119,31 +122,41 @@ def run_cmd(path, inputs, save, backend, dims, threads) -> None:
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="With --decode.")
 @click.option("--batch", type=int, default=1, show_default=True, help="With --decode.")
 @BACKEND
-@DIMS
+@grammar.dims_option()
 @THREADS
-def bench_cmd(path, compare, iters, seconds, warmup, json_out, graph, decode, prompt_len,
-              new_tokens, batch, backend, dims, threads):  # fmt: skip
+@click.pass_context
+def bench_cmd(ctx, path, compare, iters, seconds, warmup, as_json, output, force, graph, decode,
+              prompt_len, new_tokens, batch, backend, dims, threads):  # fmt: skip
     """Benchmark an artifact: p50/p90/p99/mean latency, throughput, peak RSS.
 
     \b
     Example:
-      ffnx bench artifacts/gpt-swiglu --compare torch --threads 2
-      ffnx bench artifacts/gpt-moe --dims batch=1,seq=1 --seconds 5 --json moe.json
-      ffnx bench artifacts/qwen3 --decode --prompt-len 64 --new-tokens 64 --compare torch
+      ffnx export gpt-moe -o artifacts/gpt-moe
+      ffnx bench artifacts/gpt-moe --compare torch --threads 2 --iters 20
+      ffnx bench artifacts/gpt-moe --dims batch=1,seq=1 --seconds 1 --json -o moe.json
+      ffnx bench artifacts/qwen3 --decode --prompt-len 8 --new-tokens 8 --compare torch
     """
     from ffnx.bench import measure, peak_rss_mib, throughput
 
     if iters is not None and seconds is not None:
         raise click.UsageError("give --iters or --seconds, not both")
+    if not decode:
+        grammar.unused(ctx, "with --decode", "prompt_len", "new_tokens", "batch")
+    else:
+        grammar.unused(ctx, "without --decode", "dims", "iters", "seconds", "graph")
+    if graph == "plain":
+        grammar.unused(ctx, "with --graph opt (the plain export runs on ONNX Runtime)", "backend")
+    grammar.unused(ctx, "with -o/--output", *([] if output else ["force"]))
+    _no_trt_threads(ctx)
+    if output:
+        grammar.refuse_existing([output], force)
     engine = _bench_engine(path, backend, threads, graph)
     if decode:  # ffnx bench DIR --decode [--prompt-len P] [--new-tokens N] [--batch B]
         from ffnx.commands.bench_decode import bench_decode
 
-        results = bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads)
-        if json_out:
-            from ffnx.artifact import write_json_atomic
-
-            write_json_atomic(json_out, {"path": str(path), "decode": True, "results": results})
+        results = bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads,
+                               table=not as_json)  # fmt: skip
+        _report({"path": str(path), "decode": True, "results": results}, as_json, output)
         return
     feeds = engine.random_inputs(dims)
     items = int(np.prod([v.shape[0] for v in feeds.values()][:1]) or 1)
@@ -171,6 +184,10 @@ def bench_cmd(path, compare, iters, seconds, warmup, json_out, graph, decode, pr
         results.append(_bench_torch(engine, feeds, iters, seconds, warmup, threads, items))
         results[-1]["ratio_vs_ffnx"] = results[-1]["p50_ms"] / s["p50_ms"]
     shape = {k: list(v.shape) for k, v in feeds.items()}
+    report = {"path": str(path), "inputs": shape, "threads": threads, "results": results}
+    if as_json:
+        _report(report, as_json, output)
+        return
     rows = [
         [
             r["runtime"],
@@ -202,13 +219,19 @@ def bench_cmd(path, compare, iters, seconds, warmup, json_out, graph, decode, pr
         )
     )
     if compare == "torch":
-        ui.out.print(f"ffnx is {results[1]['ratio_vs_ffnx']:.2f}x the speed of torch eager (p50)")
-    if json_out:
+        ui.out.print(f"ffnx is {results[-1]['ratio_vs_ffnx']:.2f}x the speed of torch eager (p50)")
+    _report(report, as_json, output)
+
+
+def _report(report: dict, as_json: bool, output: str | None) -> None:
+    """--json: the report on stdout; -o FILE: the report written (atomically) to FILE."""
+    if as_json:
+        grammar.echo_json(report)
+    if output:
         from ffnx.artifact import write_json_atomic
 
-        write_json_atomic(
-            json_out, {"path": str(path), "inputs": shape, "threads": threads, "results": results}
-        )
+        write_json_atomic(output, report)
+        ui.err.print(f"wrote {output}")
 
 
 def _bench_engine(path, backend, threads, graph):

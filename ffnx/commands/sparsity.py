@@ -7,33 +7,24 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ffnx.commands import ui
-from ffnx.commands.options import dims_option
-
-DATA_HELP = "Inputs (.npz): arrays named like the model inputs, or name_0, name_1, … per sample."
-
-
-def load_feeds(
-    data: str | None, model, manifest: dict, dims: dict, samples: int
-) -> tuple[list[dict[str, np.ndarray]], str]:
-    """(feeds, where they came from): --data, else random inputs in the declared dims."""
-    if data:
-        from ffnx.commands.feeds import npz_feeds
-
-        names = [i.name for i in model.graph.input]
-        return npz_feeds(data, names, "--data"), f"data:{Path(data).name}"
-    from ffnx.commands.feeds import random_feeds
-
-    ui.err.print("[yellow]no --data given: using random inputs within the declared dims[/]")
-    return random_feeds(model, manifest, dims, samples), "random"
+from ffnx.commands import grammar, ui
+from ffnx.commands.feeds import sample_feeds
 
 
 def _common(f):
-    f = click.option("--data", type=click.Path(exists=True, dir_okay=False), help=DATA_HELP)(f)
-    f = click.option(
-        "--dims", callback=dims_option, default=None, help="Dynamic dim sizes for random inputs."
-    )(f)
+    for opt in (
+        grammar.json_option(),
+        grammar.force_option(),
+        grammar.dims_option(),
+        grammar.data_option(),
+    ):
+        f = opt(f)
     return f
+
+
+def _random_only(ctx: click.Context) -> None:
+    if ctx.params.get("data"):
+        grammar.unused(ctx, "without --data (random inputs)", "samples", "dims")
 
 
 @click.command("calibrate", context_settings={"max_content_width": 100})
@@ -43,27 +34,32 @@ def _common(f):
 @click.option(
     "--max-tokens", type=int, default=4096, show_default=True, help="Tokens kept per layer."
 )
-def calibrate_cmd(directory, data, dims, samples, max_tokens) -> None:
+@click.pass_context
+def calibrate_cmd(ctx, directory, data, dims, as_json, force, samples, max_tokens) -> None:
     """Record each FFN's activation statistics per hidden channel (|a| quantiles, mean, and a
     sample of FFN inputs) for `sparsify_ffn` and `ffnx moefy`.
 
     Runs the artifact's model (model.opt.onnx when present) on ONNX Runtime and writes
-    DIRECTORY/calibration.npz plus a `calibration` entry in the manifest.
+    DIRECTORY/calibration.npz plus a `calibration` entry in the manifest (--force replaces an
+    existing calibration).
 
     \b
     Example:
-      ffnx calibrate artifacts/gpt-relu --data calib.npz
-      ffnx calibrate artifacts/gpt-relu --samples 16 --dims batch=4,seq=128
+      ffnx export gpt-relu -o artifacts/gpt-relu
+      ffnx calibrate artifacts/gpt-relu --samples 16 --dims batch=4,seq=32
+      ffnx calibrate artifacts/gpt-relu --data calib.npz --force --json
     """
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
     from ffnx.compress.calibrate import FILE, calibrate_model
 
+    _random_only(ctx)
     d = Path(directory)
     manifest = artifact.read_manifest(d)
+    grammar.refuse_existing([d / FILE], force, "from an earlier `ffnx calibrate`")
     src = artifact.model_path(d, manifest)
     model = load_onnx(src)
-    feeds, source = load_feeds(data, model, manifest, dims, samples)
+    feeds, source = sample_feeds(data, model, manifest, dims, samples)
     with ui.steps("calibrating") as step:
         step(f"running {src.name} on {len(feeds)} sample(s) with FFN activations exposed")
         calib = calibrate_model(model, feeds, max_tokens=max_tokens)
@@ -76,6 +72,10 @@ def calibrate_cmd(directory, data, dims, samples, max_tokens) -> None:
         **calib.meta(),
     }
     artifact.write_manifest(d, manifest)
+    ui.err.print(f"wrote {d / FILE} and the manifest")
+    if as_json:
+        grammar.echo_json(manifest["calibration"])
+        return
     rows = []
     for s in calib.layers:
         rows.append(
@@ -85,7 +85,6 @@ def calibrate_cmd(directory, data, dims, samples, max_tokens) -> None:
         )  # fmt: skip
     cols = ["FFN activation", "act", "D", "H", "|a|≈0", "mean |a|", "t50 (median)", "t90"]
     ui.out.print(ui.table(f"calibration: {calib.tokens:,} tokens ({source})", cols, rows))
-    ui.err.print(f"wrote {d / FILE} and the manifest")
 
 
 @click.command("moefy", context_settings={"max_content_width": 100})
@@ -103,19 +102,23 @@ def calibrate_cmd(directory, data, dims, samples, max_tokens) -> None:
 @click.option("--samples", type=int, default=2, show_default=True, help="Random samples.")
 @click.option("--max-error", type=float, help="Refuse above this max abs output error.")
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
-def moefy_cmd(directory, experts, top_k, router, data, dims, samples, max_error, seed) -> None:
+@click.pass_context
+def moefy_cmd(
+    ctx, directory, experts, top_k, router, data, dims, as_json, force, samples, max_error, seed
+) -> None:
     """Turn each dense FFN into an FfnxMoE with the same parameters (MoEfication): hidden
     channels split into experts by co-activation clustering, a router fitted on the
     calibration tokens, top-k experts per token.
 
-    Needs `ffnx calibrate DIRECTORY` first. Writes model.opt.onnx and a `moefy` entry in the
-    manifest with the fraction of FFN parameters used per token and the output error against
-    the dense model (on --data, else random inputs).
+    Needs `ffnx calibrate DIRECTORY` first. Writes model.opt.onnx (--force when one exists) and
+    a `moefy` entry in the manifest with the fraction of FFN parameters used per token and the
+    output error against the dense model (on --data, else random inputs).
 
     \b
     Example:
+      ffnx export gpt-relu -o artifacts/gpt-relu --no-optimize
       ffnx calibrate artifacts/gpt-relu --data calib.npz
-      ffnx moefy artifacts/gpt-relu --experts 16 --top-k 4 --data calib.npz --max-error 0.5
+      ffnx moefy artifacts/gpt-relu --experts 4 --top-k 2 --data calib.npz --max-error 5
     """
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
@@ -123,6 +126,7 @@ def moefy_cmd(directory, experts, top_k, router, data, dims, samples, max_error,
     from ffnx.compress.moefy import moefy_model, output_error
     from ffnx.errors import ArtifactError, PassError
 
+    _random_only(ctx)
     d = Path(directory)
     manifest = artifact.read_manifest(d)
     entry = manifest.get("calibration")
@@ -138,11 +142,13 @@ def moefy_cmd(directory, experts, top_k, router, data, dims, samples, max_error,
     with ui.steps("moefying") as step:
         step(f"clustering {experts} experts per FFN and fitting {router} routers")
         new, report = moefy_model(model, Calibration.load(d / FILE), experts, top_k, router, seed)
-        feeds, source = load_feeds(data, model, manifest, dims, samples)
+        grammar.refuse_existing([d / artifact.MODEL_OPT], force, "moefy would replace it")
+        feeds, source = sample_feeds(data, model, manifest, dims, samples)
         step(f"measuring the output error against the dense model ({source})")
         report["error"] = output_error(model, new, feeds)
     report.update(source=src.name, error_inputs=source)
-    _print(report)
+    if not as_json:
+        _print(report)
     err = report["error"]["max_abs"]
     if max_error is not None and err > max_error:
         raise PassError(f"moefy refused: max abs error {err:.3g} exceeds --max-error {max_error}")
@@ -150,6 +156,8 @@ def moefy_cmd(directory, experts, top_k, router, data, dims, samples, max_error,
     manifest["moefy"] = report
     artifact.write_manifest(d, manifest)
     ui.err.print(f"wrote {d / artifact.MODEL_OPT} and the manifest")
+    if as_json:
+        grammar.echo_json(report)
 
 
 def _print(report: dict) -> None:

@@ -118,6 +118,11 @@ class GraphPass:
             self.note(res, todo)
         return res
 
+    def followed_by(self, ctx: PassContext) -> tuple[str, ...]:
+        """Passes the driver runs on the graph right after this one applied (by name), e.g.
+        an exact merge that the rewrite makes possible."""
+        return ()
+
     def note(self, res: PassResult, m: Match) -> None:
         """Record what an applied match did in `res.notes` (optional)."""
 

@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from ffnx.graph.tensors import const, known_shape, producer, swap
-from ffnx.passes.base import GraphPass, PassContext, PassResult
+from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
 FOLD_LIMIT_BYTES = 64 << 20  # no folded constant above this
 NO_FOLD = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -82,24 +82,30 @@ def _inference_dropout(n: gs.Node, graph: gs.Graph) -> bool:
     return n.attrs.get("is_test", 1) != 0
 
 
-def bypass(n: gs.Node, graph: gs.Graph) -> str | None:
-    """Make the readers of n.outputs[0] read n.inputs[0]; None on success, else why not."""
-    x, y = n.inputs[0], n.outputs[0]
+def bypass_blocker(x: gs.Tensor, y: gs.Tensor, graph: gs.Graph) -> str | None:
+    """Why y = f(x) cannot be bypassed (readers of y reading x), None when it can."""
     if y in graph.outputs:
         p = producer(x)
         if p is None or x in graph.inputs or x in graph.outputs or isinstance(x, gs.Constant):
             return f"{y.name} is a graph output and {x.name} has no producer to rename"
+    return None
+
+
+def bypass(n: gs.Node, graph: gs.Graph) -> None:
+    """Make the readers of n.outputs[0] read n.inputs[0] (`bypass_blocker` said it can)."""
+    x, y = n.inputs[0], n.outputs[0]
+    if y in graph.outputs:
+        p = producer(x)
         for c in list(x.outputs):
             if c is not n:
                 swap(c.inputs, x, y)
         n.outputs.clear()
         n.inputs.clear()
         swap(p.outputs, x, y)
-        return None
+        return
     for c in list(y.outputs):
         swap(c.inputs, y, x)
     n.outputs.clear()
-    return None
 
 
 def identity_reshape_pair(outer: gs.Node, graph: gs.Graph) -> gs.Node | None:
@@ -117,40 +123,51 @@ def identity_reshape_pair(outer: gs.Node, graph: gs.Graph) -> gs.Node | None:
 
 
 class Cleanup(GraphPass):
-    """Fold constants, drop Identity/inference Dropout/identity reshapes and dead nodes."""
+    """Fold constants, drop Identity/inference Dropout/identity reshapes and dead nodes.
+
+    Sites are the pass-through nodes (Identity, inference Dropout, the outer Reshape of an
+    identity pair); constant folding and dead-node removal are graph-wide and run in `finish`,
+    which also counts `applied` as the non-Constant nodes removed in all."""
 
     name = "cleanup"
 
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        res = PassResult()
-        start = count_nodes(graph)
-        graph.cleanup()
-        dead = start - count_nodes(graph)
+    def match(self, graph: gs.Graph) -> list[Match]:
+        out = []
+        for n in graph.nodes:
+            if n.op == "Reshape":
+                inner = identity_reshape_pair(n, graph)
+                if inner is not None:
+                    out.append(Match([n, inner], {"x": inner.inputs[0]}))
+            elif n.op == "Identity" or n.op == "Dropout" and _inference_dropout(n, graph):
+                out.append(Match([n], {"x": None}))
+        return out
+
+    def check(self, graph: gs.Graph, m: Match) -> str | None:
+        n = m.nodes[0]
+        return bypass_blocker(m.info["x"] or n.inputs[0], n.outputs[0], graph)
+
+    def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> dict:
+        return {"start": count_nodes(graph)}
+
+    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
+        n = m.nodes[0]
+        if m.info["x"] is not None:
+            n.inputs[0] = m.info["x"]  # the outer Reshape now maps a to itself
+        bypass(n, graph)
+
+    def finish(self, graph, ctx: PassContext, res: PassResult, matches, state) -> None:
+        bypassed = res.applied
+        start, after = state["start"], count_nodes(graph.cleanup())
         try:
             fold_constants(graph)
-        except Exception as e:  # gs/ORT failing on an unusual graph: report, change nothing
+        except Exception as e:  # gs/ORT failing on an unusual graph: report, fold nothing
             res.skipped.append(("fold_constants", f"constant folding failed: {str(e)[:200]}"))
-            return res
-        folded = start - dead - count_nodes(graph.cleanup())
-        bypassed = 0
-        for n in list(graph.nodes):
-            inner = identity_reshape_pair(n, graph) if n.op == "Reshape" else None
-            if inner is not None:
-                n.inputs[0] = inner.inputs[0]  # the outer Reshape now maps a to itself
-            elif not (n.op == "Identity" or n.op == "Dropout" and _inference_dropout(n, graph)):
-                continue
-            res.matched += 1
-            reason = bypass(n, graph)
-            if reason and inner is not None:
-                n.inputs[0] = inner.outputs[0]
-            if reason:
-                res.skipped.append((f"{n.op}({n.name})", reason))
-            bypassed += not reason
-        graph.cleanup().toposort()
+        folded = after - count_nodes(graph.cleanup())
+        graph.toposort()
+        dead = max(0, start - after - bypassed)
         res.applied = max(0, start - count_nodes(graph))
         res.matched += dead + folded
         res.notes.update(dead=dead, folded=folded, bypassed=bypassed)
-        return res
 
 
 PASS = Cleanup()

@@ -10,8 +10,9 @@ were removed),
     xₙ = x₀ + Σᵢ FFNᵢ(Nᵢ(x₀))
 
 by making every Nᵢ read x₀; the residual Adds then sum the branch outputs, and the branches
-are merged into one wide FFN by `fuse_parallel_ffn`'s exact rewrite (same activation needed;
-set options["ffn_fusion_merge"] = False to keep them as separate branches).
+are merged into one wide FFN by `fuse_parallel_ffn`'s exact rewrite, which the driver runs
+after this pass (`followed_by`; same activation needed; set options["ffn_fusion_merge"] = False
+to keep them as separate branches).
 Exact only when FFNᵢ(Nᵢ(xᵢ₋₁)) = FFNᵢ(Nᵢ(x₀)), i.e. when the earlier FFNs barely move the
 stream; the paper measures this on calibration data and so does this pass: the error of the
 final outputs against the graph before the pass on the calibration feeds is reported in
@@ -28,7 +29,6 @@ import onnx_graphsurgeon as gs
 from ffnx.graph.ffn_match import FFN, find_ffns
 from ffnx.graph.norm_match import Norm, find_norms
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
-from ffnx.passes.fuse_parallel_ffn import PASS as merge_parallel_pass
 from ffnx.passes.measure import output_error, to_model, try_run
 
 
@@ -84,10 +84,6 @@ def find_runs(blocks: list[Block]) -> list[list[Block]]:
     return runs
 
 
-def merge_parallel(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    return merge_parallel_pass.apply(graph, ctx)
-
-
 class FFNFusion(GraphPass):
     """Consecutive FFN blocks -> parallel FFN branches on the same input (approximate)."""
 
@@ -116,30 +112,25 @@ class FFNFusion(GraphPass):
                     if t is b.x:
                         n.inputs[i] = x0
 
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        """Rewrite every run, then measure the final outputs against the graph before."""
-        res, todo = PassResult(), []
-        for m in self.match(graph):
-            res.matched += 1
-            reason = self.check(graph, m)
-            if reason:
-                res.skipped.append((m.describe(), reason))
-            else:
-                todo.append(m)
-        before, why = try_run(to_model(graph), ctx.feeds) if todo and ctx.feeds else (None, None)
-        if why:
-            res.skipped += [(m.describe(), why) for m in todo]
-            return res
-        for m in todo:
-            self.rewrite(graph, m, ctx)
-            res.applied += 1
-        if todo:
-            res.notes["runs"] = [[b.h.name for b in m.info["run"]] for m in todo]
-            if ctx.options.get("ffn_fusion_merge", True):
-                res.notes["merged"] = merge_parallel(graph, ctx).applied
-            if before is not None:
-                res.notes.update(output_error(before, graph, ctx.feeds))
-        return res
+    def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> str | dict:
+        """The outputs before the pass on the calibration feeds (the error is measured in
+        `finish`); a graph ONNX Runtime cannot run is left as it is."""
+        if not ctx.feeds or not any(self.check(graph, m) is None for m in matches):
+            return {}
+        before, why = try_run(to_model(graph), ctx.feeds)
+        return why or {"before": before}
+
+    def note(self, res: PassResult, m: Match) -> None:
+        res.notes.setdefault("runs", []).append([b.h.name for b in m.info["run"]])
+
+    def finish(self, graph, ctx: PassContext, res: PassResult, matches, state) -> None:
+        if state and res.applied:
+            res.notes.update(output_error(state["before"], graph, ctx.feeds))
+
+    def followed_by(self, ctx: PassContext) -> tuple[str, ...]:
+        """The parallel branches merge into one wide FFN unless options["ffn_fusion_merge"]
+        is False."""
+        return ("fuse_parallel_ffn",) if ctx.options.get("ffn_fusion_merge", True) else ()
 
 
 PASS = FFNFusion()

@@ -102,6 +102,9 @@ def apply_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict], tol
     before = graph_stats(model, dims)
     graph = gs.import_onnx(model)
     res = p.apply(graph, ctx)
+    then = {}
+    for name in p.followed_by(ctx) if res.applied else ():
+        then[name] = by_name()[name].apply(graph, ctx).applied
     report = {
         "name": p.name,
         "exact": p.exact,
@@ -109,6 +112,7 @@ def apply_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict], tol
         "applied": res.applied,
         "skipped": [{"site": s, "reason": r} for s, r in res.skipped],
         **({"notes": res.notes} if res.notes else {}),
+        **({"followed_by": then} if then else {}),
         "before": before,
     }
     if res.applied == 0:

@@ -1,4 +1,4 @@
-"""Structural reparameterization of channel-idle FFNs (RePaViT) and of summed linear branches.
+"""Structural reparameterization of channel-idle FFNs (RePaViT).
 
 RePaViT (Xu et al. 2025, arXiv 2505.21847) applies the FFN activation to a subset of the hidden
 channels only; the "idle" channels pass through linearly. After `fold_batchnorm` has folded
@@ -15,16 +15,11 @@ Rewrite: a narrow FFN on the active channels plus one D×D linear on x. When the
 residual r = x + y over the same x, the identity joins the linear: x·(I + W1i·W2i) + c.
 Cost per token drops from 2·D·H to 2·D·|A| + D² multiply-adds (H = 4D, 75 % idle: 8D² → 3D²).
 
-Second form — linear branches summed on the same input collapse into one linear:
-    Σ_k (x·W_k + b_k) [+ x] = x·(Σ_k W_k [+ I]) + Σ_k b_k
-over a tree of Adds whose terms are MatMul/Gemm linears of one tensor x (and x itself).
-
 Exact in real arithmetic: matrix products are associative and distribute over the sum; the
 float result differs only by rounding (products are formed in float64 and cast back). The
 conditions checked: constant 2-D weights; hidden h, the concat and every intermediate read
 only inside the FFN; the slices cover disjoint known column ranges on the last axis with step 1;
-each active part is an elementwise activation (ReLU, GELU, SiLU forms) of one slice; summed
-linears read the very same tensor and their outputs are read only by the sum.
+each active part is an elementwise activation (ReLU, GELU, SiLU forms) of one slice.
 """
 
 from __future__ import annotations
@@ -34,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ffnx.graph.algebra import is_sum_root, sum_terms
 from ffnx.graph.builder import Builder
 from ffnx.graph.ffn_match import (
     Linear,
@@ -46,7 +40,7 @@ from ffnx.graph.ffn_match import (
     used_outside,
 )
 from ffnx.graph.tensors import const, producer
-from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
+from ffnx.passes.base import GraphPass, Match, PassContext
 
 
 @dataclass
@@ -206,67 +200,10 @@ def _bias(lin: Linear) -> np.ndarray:
     return lin.bias.astype(np.float64) if lin.bias is not None else np.zeros(lin.width)
 
 
-# Summed linear branches on one input ------------------------------------------------------
-
-
-def _branch(t: gs.Tensor, graph: gs.Graph) -> Linear | None:
-    lin = linear_from_output(t)
-    if lin is None or lin.fused or len(t.outputs) != 1 or t in graph.outputs:
-        return None
-    if lin.nodes[0].op == "MatMul" and used_outside(lin.nodes, [lin.y], graph):
-        return None
-    return lin
-
-
-def match_branches(root: gs.Node, graph: gs.Graph) -> dict | None:
-    """{x, linears, identity, terms, adds} for ≥2 mergeable terms on one x in root's sum."""
-    terms, adds = sum_terms(root, graph)
-    lins = [(t, _branch(t, graph)) for t in terms]
-    for x in {id(lin.x): lin.x for _, lin in lins if lin is not None}.values():
-        group = [(t, lin) for t, lin in lins if lin is not None and lin.x is x]
-        ident = [t for t in terms if t is x]
-        if len(group) + len(ident) < 2 or len(ident) > 1:
-            continue
-        shapes = {lin.weight.shape for _, lin in group}
-        dtypes = {lin.weight.dtype for _, lin in group}
-        if len(shapes) != 1 or len(dtypes) != 1:
-            continue
-        d_in, d_out = next(iter(shapes))
-        if ident and d_in != d_out:
-            continue
-        return {"x": x, "group": group, "identity": ident, "terms": terms, "adds": adds}
-    return None
-
-
-def rewrite_branches(m: dict, b: Builder) -> None:
-    group, x = m["group"], m["x"]
-    w = sum(lin.weight.astype(np.float64) for _, lin in group)
-    if m["identity"]:
-        w = w + np.eye(w.shape[0])
-    bias = [lin.bias.astype(np.float64) for _, lin in group if lin.bias is not None]
-    dt = group[0][1].weight.dtype
-    merged = {id(t) for t, _ in group} | {id(t) for t in m["identity"]}
-    rest = [t for t in m["terms"] if id(t) not in merged]
-    root_out = m["adds"][0].outputs[0]
-    for n in m["adds"]:
-        n.outputs.clear()
-    for _, lin in group:
-        for n in lin.nodes:
-            n.outputs.clear()
-    if not rest:
-        b.linear(x, w.astype(dt), sum(bias).astype(dt) if bias else None, out=[root_out])
-        return
-    y = b.linear(x, w.astype(dt), sum(bias).astype(dt) if bias else None)
-    for i, t in enumerate(rest):
-        y = b.op("Add", y, t, outputs=[root_out] if i == len(rest) - 1 else None)
-
-
 class ReparameterizeFFN(GraphPass):
-    """Channel-idle FFN (RePaViT) -> narrow FFN + one linear; summed linears on x -> one."""
+    """Channel-idle FFN (RePaViT) -> narrow FFN on the active channels + one linear on x."""
 
     name = "reparameterize_ffn"
-    iterate = True  # narrowing one FFN or merging one sum changes the sites after it
-    max_rounds = 64
 
     def match(self, graph: gs.Graph) -> list[Match]:
         out = []
@@ -274,28 +211,15 @@ class ReparameterizeFFN(GraphPass):
             if n.op in ("MatMul", "Gemm") and n.outputs:
                 f = match_repa(n, graph)
                 if f is not None:
-                    out.append(Match([n], {"form": "repa", "ffn": f}))
-        for n in graph.nodes:
-            if n.op == "Add" and n.outputs and is_sum_root(n, graph):
-                br = match_branches(n, graph)
-                if br is not None:
-                    out.append(Match([n], {"form": "branches", "sum": br}))
+                    out.append(Match([n], {"ffn": f}))
         return out
 
     def check(self, graph: gs.Graph, m: Match) -> str | None:
-        why = m.info.get("ffn")
+        why = m.info["ffn"]
         return why if isinstance(why, str) else None  # match_repa's reason it is not exact
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
-        b = Builder(graph, self.name)
-        if m.info["form"] == "repa":
-            rewrite_repa(m.info["ffn"], b)
-        else:
-            rewrite_branches(m.info["sum"], b)
-
-    def note(self, res: PassResult, m: Match) -> None:
-        form = m.info["form"]
-        res.notes[form] = res.notes.get(form, 0) + 1
+        rewrite_repa(m.info["ffn"], Builder(graph, self.name))
 
 
 PASS = ReparameterizeFFN()

@@ -76,22 +76,17 @@ class SparsifyFFN(GraphPass):
             return f"down projection {f.fc2.weight.shape} does not map H={f.hidden} back to D"
         return f.check_internal(graph)
 
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        res = PassResult()
-        sites = []
-        for m in self.match(graph):
-            res.matched += 1
-            reason = self.check(graph, m)
-            if reason:
-                res.skipped.append((m.describe(), reason))
-            else:
-                sites.append(m.info["ffn"])
-        if not sites:
-            return res
-        opts = ctx.options
-        mode = opts.get("sparse_mode", "threshold")
+    def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> str | dict:
+        """Calibrate the sites that pass `check` and choose the one sparsity level of all of
+        them (options["sparsity"], or the largest within --max-error, measured on the final
+        outputs); each site's statistics go to its `m.info`."""
+        todo = [m for m in matches if self.check(graph, m) is None]
+        if not todo:
+            return {}
+        mode = ctx.options.get("sparse_mode", "threshold")
         if mode not in ("threshold", "topk"):
             raise PassError(f"sparse_mode {mode!r}: expected 'threshold' or 'topk'")
+        sites = [m.info["ffn"] for m in todo]
         stats = _stats(graph, sites, ctx)
         before = run(to_model(graph), ctx.feeds)
         errors: dict[float, float] = {}
@@ -99,25 +94,36 @@ class SparsifyFFN(GraphPass):
         def error(s: float) -> float:
             if s not in errors:
                 g = graph.copy()
-                _rewrite_all(g, _same_sites(g, sites), stats, s, mode)
+                for f, st in zip(_same_sites(g, sites), stats):
+                    _rewrite(g, f, st, s, mode)
                 errors[s] = _max_abs(before, run(lower_sparse_ffn_nodes(to_model(g)), ctx.feeds))
             return errors[s]
 
-        s = _level(opts, ctx, error)
-        err = error(s)
-        nodes = _rewrite_all(graph, sites, stats, s, mode)
-        res.applied = len(nodes)
+        level = _level(ctx.options, ctx, error)
+        for m, st in zip(todo, stats):
+            m.info.update(stats=st, level=level, mode=mode)
+        return {"mode": mode, "sparsity": level, "max_abs_error": error(level), "errors": errors}
+
+    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
+        i = m.info
+        i["node"] = _rewrite(graph, i["ffn"], i["stats"], i["level"], i["mode"])
+
+    def finish(self, graph, ctx: PassContext, res: PassResult, matches, state) -> None:
+        done = [m.info for m in matches if "node" in m.info]
+        if not done:
+            return
+        graph.cleanup()
         res.notes = {
-            "mode": mode,
-            "sparsity": s,
-            "max_abs_error": err,
-            "errors_by_sparsity": {str(k): v for k, v in sorted(errors.items())},
-            "layers": [_layer_note(f, st, s, mode) for f, st in zip(sites, stats)],
+            "mode": state["mode"],
+            "sparsity": state["sparsity"],
+            "max_abs_error": state["max_abs_error"],
+            "errors_by_sparsity": {str(k): v for k, v in sorted(state["errors"].items())},
+            "layers": [_layer_note(i["ffn"], i["stats"], i["level"], i["mode"]) for i in done],
         }
-        form = opts.get("sparse_lowering", "node" if ctx.target == "trt" else "auto")
+        form = ctx.options.get("sparse_lowering", "node" if ctx.target == "trt" else "auto")
         if form != "node":
+            nodes, stats = [i["node"] for i in done], [i["stats"] for i in done]
             res.notes["lowering"] = _lower(graph, nodes, stats, form)
-        return res
 
 
 def _stats(graph: gs.Graph, sites: list[FFN], ctx: PassContext) -> list[LayerStats]:
@@ -162,12 +168,6 @@ def _same_sites(g: gs.Graph, sites: list[FFN]) -> list[FFN]:
     """The sites of a graph copy (matched by output tensor name)."""
     by_y = {f.y.name: f for f in ffn_sites(g)}
     return [by_y[f.y.name] for f in sites]
-
-
-def _rewrite_all(graph, sites, stats, s: float, mode: str) -> list[gs.Node]:
-    nodes = [_rewrite(graph, f, st, s, mode) for f, st in zip(sites, stats)]
-    graph.cleanup()
-    return nodes
 
 
 def _rewrite(graph: gs.Graph, f: FFN, st: LayerStats, s: float, mode: str) -> gs.Node:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from test_calibrate import D, H, relu_feeds, trained_relu_model, trained_weights
+from tests.compress.test_calibrate import D, H, relu_feeds, trained_relu_model, trained_weights
 
 from ffnx import artifact
 from ffnx.compress import moefy as moefy_mod
@@ -169,7 +169,7 @@ def test_cli_calibrate_then_moefy(tmp_path, mlp_artifact):
 
 @pytest.mark.slow  # exports a zoo model with torch
 def test_zoo_swiglu_model():
-    from test_calibrate import zoo_model
+    from tests.compress.test_calibrate import zoo_model
 
     m, feeds = zoo_model("gpt-swiglu")
     calib = calibrate_model(m, feeds)

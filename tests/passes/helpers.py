@@ -238,7 +238,7 @@ def _catalogue() -> dict:
 
 
 _EXPORTS: dict = {}
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cache_dir() -> Path:

@@ -63,7 +63,9 @@ def test_applies_under_loose_max_error_and_reports_it(stack):
     new, rep = apply(NAME, stack, FEEDS, max_error=0.05)
     assert rep["status"] == "applied" and rep["applied"] == 2, rep
     notes = rep["notes"]
-    assert [len(r) for r in notes["runs"]] == [3, 2] and notes["merged"] == 2
+    assert [len(r) for r in notes["runs"]] == [3, 2] and rep["followed_by"] == {
+        "fuse_parallel_ffn": 2
+    }
     assert 1e-5 < notes["max_abs"] < 0.05 and 0.9999 < notes["cosine"] < 1.0
     assert notes["max_abs"] == pytest.approx(rep["error"]["max_abs"], rel=1e-3)
     # each run is one wide FFN on one affine-free LayerNorm of the run's input
@@ -75,7 +77,7 @@ def test_applies_under_loose_max_error_and_reports_it(stack):
 
 def test_branches_kept_without_merge(stack):
     new, rep = apply(NAME, stack, FEEDS, max_error=0.05, options={"ffn_fusion_merge": False})
-    assert rep["status"] == "applied" and "merged" not in rep["notes"]
+    assert rep["status"] == "applied" and "followed_by" not in rep
     assert op_counts(new) == op_counts(stack)  # only the norms' inputs were rewired
     merged, reports = optimize_model(new, FEEDS, passes=["fuse_parallel_ffn"])
     assert reports[0]["applied"] == 2

@@ -1,4 +1,4 @@
-"""reparameterize_ffn: channel-idle FFNs (RePaViT) and summed linear branches."""
+"""reparameterize_ffn: channel-idle FFNs (RePaViT)."""
 
 from __future__ import annotations
 
@@ -47,12 +47,11 @@ def test_exported_repa_ffn_in_residual_becomes_narrow_ffn_plus_one_linear():
     m, feeds = torch_model("repa_residual")
     folded, _ = optimize.optimize_model(m, feeds, passes=["fold_batchnorm"])
     new, rep = check_applied("reparameterize_ffn", folded, feeds, 1)
-    assert rep["notes"] == {"repa": 1}
+    assert rep["after"]["flops"] < 0.6 * rep["before"]["flops"]
     ops = op_counts(new)
     assert not {"Slice", "Concat", "BatchNormalization"} & set(ops)
     assert ops["MatMul"] == 3  # fc1 (active 8 of 32), fc2 (8 rows), x·(I + W1i·W2i)
     assert ops["Add"] == op_counts(folded)["Add"]  # residual absorbed, one bias added
-    assert rep["after"]["flops"] < 0.6 * rep["before"]["flops"]
     for f in feeds:
         assert_close(run(m, f), run(new, f))
 
@@ -69,7 +68,7 @@ def test_zoo_vit_repa_default_pipeline_reparameterizes_every_ffn():
     new, reports = optimize.optimize_model(m, feeds)
     rep = {r["name"]: r for r in reports}
     assert rep["fold_batchnorm"]["notes"] == {"after": 2}
-    assert rep["reparameterize_ffn"]["notes"] == {"repa": 2}
+    assert rep["reparameterize_ffn"]["applied"] == 2
     assert not {"Slice", "Concat", "BatchNormalization"} & set(op_counts(new))
     flops = (
         rep["reparameterize_ffn"]["before"]["flops"],
@@ -100,29 +99,6 @@ def test_all_idle_ffn_is_one_linear():
     assert op_counts(new) == {"MatMul": 1, "Add": 1}
 
 
-def test_summed_linear_branches_and_identity_collapse_into_one_linear():
-    m, feeds = torch_model("linear_sum")
-    new, rep = check_applied("reparameterize_ffn", m, feeds, 1)
-    assert rep["notes"] == {"branches": 1}
-    assert op_counts(new) == {"MatMul": 1, "Add": 1}
-
-
-def test_gemm_and_bias_free_matmul_branches_merge():
-    m = model(
-        """
-        g (float[4, 8] x) => (float[4, 8] y) {
-            a = Gemm <transB = 1> (x, w1, b1)
-            b = MatMul (x, w2)
-            s = Add (a, b)
-            y = Relu (s)
-        }
-        """,
-        W,
-    )
-    new, _ = check_applied("reparameterize_ffn", m, [{"x": rand(4, 8)}], 1)
-    assert op_counts(new) == {"MatMul": 1, "Add": 1, "Relu": 1}
-
-
 def test_hidden_read_outside_the_ffn_is_skipped():
     m = model(
         idle_ffn(SPLIT + "z = Identity (h)", ", float[2, 5, 8] z"), {**W, "sizes": np.array([6, 2])}
@@ -149,20 +125,6 @@ def test_weights_that_are_graph_inputs_are_not_matched():
     text = idle_ffn(SPLIT).replace("(float[2, 5, 8] x)", "(float[2, 5, 8] x, float[8, 8] w1)")
     m = model(text, {**{k: v for k, v in W.items() if k != "w1"}, "sizes": np.array([6, 2])})
     check_unchanged("reparameterize_ffn", m, [{**TOK, "w1": rand(8, 8, seed=9)}])
-
-
-def test_linears_of_different_inputs_are_not_merged():
-    m = model(
-        """
-        g (float[4, 8] x, float[4, 8] u) => (float[4, 8] y) {
-            a = MatMul (x, w1)
-            b = MatMul (u, w2)
-            y = Add (a, b)
-        }
-        """,
-        W,
-    )
-    check_unchanged("reparameterize_ffn", m, [{"x": rand(4, 8), "u": rand(4, 8, seed=3)}])
 
 
 def test_plain_ffn_is_byte_identical():

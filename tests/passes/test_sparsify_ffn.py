@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from test_calibrate import H, relu_feeds, trained_relu_model, trained_weights
+from tests.compress.test_calibrate import H, relu_feeds, trained_relu_model, trained_weights
 
 from ffnx.compress.calibrate import calibrate_model, run_with_outputs
 from ffnx.errors import PassError
@@ -180,7 +180,7 @@ def test_weights_layout_follows_the_schema():
 
 @pytest.mark.slow  # exports a zoo model with torch
 def test_zoo_swiglu_model_within_max_error():
-    from test_calibrate import zoo_model
+    from tests.compress.test_calibrate import zoo_model
 
     m, feeds = zoo_model("gpt-swiglu")
     new, rep = sparsify(m, feeds, 0.05, sparse_lowering="gather")

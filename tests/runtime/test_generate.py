@@ -177,7 +177,7 @@ def test_cli_bench_decode_json(artifacts, tmp_path):
     engine, _ = artifacts("llama")
     out = tmp_path / "d.json"
     r = cli("bench", engine.path, "--decode", "--prompt-len", 4, "--new-tokens", 3, "--batch", 2,
-            "--compare", "torch", "--json", out)  # fmt: skip
+            "--compare", "torch", "-o", out)  # fmt: skip
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())["results"]
     assert [x["runtime"] for x in res] == ["ffnx (ort)", "transformers (torch eager)"]
