@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from tests.compress.test_calibrate import D, H, relu_feeds, trained_relu_model, trained_weights
 
 from ffnx import artifact
 from ffnx.compress import moefy as moefy_mod
 from ffnx.compress.calibrate import calibrate_model, run_with_outputs
 from ffnx.compress.moefy import SPREAD, balanced_kmeans, moefy_model, output_error
 from ffnx.plugins.schema import MOE
+from tests.compress.test_calibrate import D, H, relu_feeds, trained_relu_model, trained_weights
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from tests.compress.test_calibrate import H, relu_feeds, trained_relu_model, trained_weights
 
 from ffnx.compress.calibrate import calibrate_model, run_with_outputs
 from ffnx.errors import PassError
@@ -19,6 +18,7 @@ from ffnx.passes import PassContext
 from ffnx.passes.optimize import apply_pass, approximate_tolerance
 from ffnx.passes.sparsify_ffn import PASS, TAG
 from ffnx.plugins.schema import SPARSE_FFN
+from tests.compress.test_calibrate import H, relu_feeds, trained_relu_model, trained_weights
 
 from .helpers import model, rand
 
