@@ -4,7 +4,11 @@ One graph serves prefill and decode: step 0 feeds the (left-padded) prompts with
 0; each later step feeds one token per row and the previous step's presents as the pasts. On ONNX
 Runtime every step runs through an IOBinding: the presents stay ORT-owned `OrtValue`s and are
 bound as the next step's pasts, so no cache tensor is copied to or from numpy (the graph's
-Concat writes each new cache once). Only the last position's logits come back to the host.
+Concat writes each new cache once). A graph whose attention is GroupQueryAttention with a
+shareable cache (doc_string `ffnx.attention kv_buffer=shared`, written by the
+`group_query_attention` pass) gets one [batch, kv_heads, prompt + max_new_tokens, dim] buffer
+per cache, allocated once and bound as both the past and the present of every step: each step
+writes only its new rows in place. Only the last position's logits come back to the host.
 
 Positions are `cumsum(attention_mask) - 1` (0 on padding), the convention of transformers'
 `generate`, so left-padded rows produce the tokens they would alone. Sampling: temperature 0 is
@@ -78,28 +82,56 @@ def sample(logits: np.ndarray, temperature: float, top_k, top_p, rng) -> np.ndar
     return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
 
 
-class _OrtStepper:
-    """Runs decoder steps through one IOBinding per step; presents stay `OrtValue`s."""
+def kv_buffer(session) -> str:
+    """ "shared" when the graph's caches may be one buffer bound as past and present (see the
+    module docstring), else "concat"."""
+    try:
+        doc = session.get_modelmeta().graph_description or ""
+    except Exception:  # a backend without model metadata
+        return "concat"
+    for line in doc.splitlines():
+        if line.startswith("ffnx.attention ") and "kv_buffer=shared" in line.split():
+            return "shared"
+    return "concat"
 
-    def __init__(self, session, meta: dict):
+
+class _OrtStepper:
+    """Runs decoder steps through one IOBinding per step; presents stay `OrtValue`s. With
+    `max_len` (a shared-buffer graph) every cache is one preallocated buffer of that length."""
+
+    def __init__(self, session, meta: dict, batch: int = 1, max_len: int | None = None):
         import onnxruntime as ort
 
-        self.ort = ort
         self.session = session
         self.pasts = meta["past_inputs"]
         self.presents = meta["present_outputs"]
         self.cache = None  # OrtValues of the last presents
+        self.buffers = None
+        if max_len is not None:
+            self.host = []  # the numpy memory the OrtValues wrap, kept alive with them
+            self.buffers = []
+            for layer in range(int(meta["layers"])):
+                h = int(meta["kv_heads"][layer])
+                for width in (meta["key_dim"][layer], meta["value_dim"][layer]):
+                    self.host.append(np.zeros((batch, h, max_len, int(width)), np.float32))
+                    self.buffers.append(ort.OrtValue.ortvalue_from_numpy(self.host[-1]))
 
     def step(self, feeds: dict[str, np.ndarray], empty_pasts: dict[str, np.ndarray]) -> np.ndarray:
         io = self.session.io_binding()
         for k, v in feeds.items():
             io.bind_cpu_input(k, np.ascontiguousarray(v))
+        io.bind_output("logits")
+        if self.buffers is not None:  # one buffer per cache: GQA writes the new rows in place
+            for past, present, buf in zip(self.pasts, self.presents, self.buffers):
+                io.bind_ortvalue_input(past, buf)
+                io.bind_ortvalue_output(present, buf)
+            self.session.run_with_iobinding(io)
+            return io.get_outputs()[0].numpy()[:, -1, :]
         for i, name in enumerate(self.pasts):
             if self.cache is None:
                 io.bind_cpu_input(name, empty_pasts[name])
             else:
                 io.bind_ortvalue_input(name, self.cache[i])
-        io.bind_output("logits")
         for name in self.presents:
             io.bind_output(name)
         self.session.run_with_iobinding(io)
@@ -165,10 +197,12 @@ def stream(
             shape = (batch, h, 0, int(width))
             empty[f"past_key_values.{layer}.{kind}"] = np.zeros(shape, np.float32)
     session = getattr(engine.backend, "session", None)
-    stepper = (
-        _OrtStepper(session, meta) if session is not None and hasattr(session, "io_binding")
-        else _PlainStepper(engine.backend, meta)
-    )  # fmt: skip
+    if session is not None and hasattr(session, "io_binding"):
+        shared = kv_buffer(session) == "shared"
+        max_len = ids.shape[1] + max_new_tokens if shared else None
+        stepper = _OrtStepper(session, meta, batch, max_len)
+    else:
+        stepper = _PlainStepper(engine.backend, meta)
     rng = np.random.default_rng(seed)
     done = np.zeros(batch, dtype=bool)
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)

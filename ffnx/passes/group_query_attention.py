@@ -1,0 +1,332 @@
+"""group_query_attention: a KV-cache decoder's attention -> one com.microsoft::GroupQueryAttention.
+
+Pattern (per layer, as `ffnx export hf:DIR` writes it from transformers' eager attention):
+
+    K = Concat(past_key, k, axis=2)  -> graph output present.N.key    [B, KV, P+S, D]
+    V = Concat(past_value, v, axis=2) -> graph output present.N.value [B, KV, P+S, D]
+    A = Softmax(scale * (q @ Transpose(rep(K), [0,1,3,2])) + M)       [B, H, S, P+S]
+    O = Transpose(A @ rep(V), [0,2,1,3])                               [B, S, H, D]
+
+with q, k, v in [B, heads, S, D] (rotary and Qwen3's q/k-norm already applied), rep the
+repeat_kv of transformers (Unsqueeze(2) -> Expand -> Reshape: query head h reads KV head
+h // (H/KV)), or absent when KV == H, and M the model's additive mask [B|1, 1|H, S, P+S]
+(0 or -3.4e38: causal, padding, sliding window, exactly transformers' own mask).
+
+Rewrite: GroupQueryAttention(query=[B,S,H*D], key, value [B,S,KV*D], past_key, past_value,
+seqlens_k = (P+S) - 1 for every row, total_sequence_length = P+S, attention_bias = M,
+query_seqlens = S for every row; num_heads=H, kv_num_heads=KV, scale) writing O (reshaped back
+to [B,S,H,D]) and the two presents, which stay the graph outputs: the input/output interface of
+the artifact is unchanged. P+S is read from M's last axis, so nothing new is fed. GQA computes
+O[b,s,h] = sum_j softmax_j(scale * q[b,h,s].K[b,h//(H/KV),j] + M[b,s,j] + C[s,j]) V[...,j] with
+its own causal mask C (key j <= P + s), which M already contains; all rows have seqlens_k + 1 =
+P+S keys in the padded cache layout, so left padding is the mask's business, as in transformers.
+
+Exactness: fp32 reordering of the same sums on every query row that has at least one unmasked
+key. A row whose keys are all masked (a left-padding position of the prompt) gets the uniform
+average of the causal keys instead of transformers' uniform average of all keys; neither is
+read (generation reads the last real position, and a masked key gets weight exp(-3.4e38) = 0 in
+every other row). Conditions, each a reason when it fails: the caches are Concats of graph
+inputs that feed only this attention; the scores are Q.K^T times a constant plus a rank-4 mask
+straight into Softmax (softcapping, attention sinks, ALiBi-in-the-graph do not match); key and
+value head dims equal (MLA: not) and a multiple of 8 (the CPU kernel's condition); H % KV == 0.
+Rotary stays as the exported standard ops before the node: GQA's fused rotary (do_rotary)
+takes positions from the cache length (or only the first position_ids of a prompt), which is
+wrong for left-padded rows, so fusing it would not be exact for batched prompts.
+
+Cache buffer: when every past input is read only by these nodes (and by Shape nodes, which are
+rewired to read past = total - seq from attention_mask and input_ids), the graph also runs with
+past and present bound to one preallocated [B, KV, max, D] buffer (GQA's past_present_share_
+buffer: the step writes its S new rows in place, nothing is copied). The runtime does that when
+the graph's doc_string says `ffnx.attention kv_buffer=shared` (ffnx.runtime.generate).
+
+Which form an artifact gets is measured (ffnx.passes.gqa_choice): the standard-ops graph, GQA
+with Concat-style caches and GQA with the shared buffer, one decode step timed at the options'
+threads; the standard graph is kept (byte-unchanged) unless GQA is faster. Target: ORT only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ffnx.graph.builder import Builder, i64
+from ffnx.graph.tensors import const, producer
+from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
+
+MS_DOMAIN = "com.microsoft"
+DOC_TAG = "ffnx.attention"
+
+
+def _consumers(t: gs.Tensor) -> list[gs.Node]:
+    return list(t.outputs)
+
+
+def _only(t: gs.Tensor, op: str | tuple) -> gs.Node | None:
+    """The sole node reading `t`, if it is `op`."""
+    users = _consumers(t)
+    if len(users) != 1:
+        return None
+    ops = (op,) if isinstance(op, str) else op
+    return users[0] if users[0].op in ops else None
+
+
+def _perm(n: gs.Node | None) -> list | None:
+    return list(n.attrs.get("perm", [])) if n is not None and n.op == "Transpose" else None
+
+
+def _is_cache_concat(n: gs.Node, graph: gs.Graph) -> bool:
+    return (
+        n.op == "Concat"
+        and n.attrs.get("axis") in (2, -2)
+        and len(n.inputs) == 2
+        and n.inputs[0] in graph.inputs
+        and n.outputs[0] in graph.outputs
+    )
+
+
+def _through_repeat(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None, str | None]:
+    """From a cache tensor, past transformers' repeat_kv (Unsqueeze(2), Expand, Reshape) if
+    there: -> (tensor the attention reads, the first node reading it, reason if unreadable)."""
+    users = _consumers(t)
+    if len(users) != 1:
+        return t, None, f"{t.name} is read by {len(users)} nodes, not one attention"
+    u = users[0]
+    if u.op == "Unsqueeze":
+        axes = const(u.inputs[1]) if len(u.inputs) > 1 else np.asarray(u.attrs.get("axes"))
+        ex = _only(u.outputs[0], "Expand")
+        rs = _only(ex.outputs[0], "Reshape") if ex is not None else None
+        if axes is None or list(np.atleast_1d(axes)) != [2] or rs is None:
+            return t, None, "the cache goes through an Unsqueeze that is not repeat_kv"
+        t = rs.outputs[0]
+        users = _consumers(t)
+        if len(users) != 1:
+            return t, None, "repeat_kv output read by several nodes"
+        u = users[0]
+    return t, u, None
+
+
+def _cache_source(graph: gs.Graph, t: gs.Tensor) -> gs.Node | None:
+    """The cache Concat `t` is, or is the repeat_kv (Reshape(Expand(Unsqueeze))) of."""
+    n = producer(t)
+    if n is not None and n.op == "Reshape":
+        ex = producer(n.inputs[0], "Expand")
+        un = producer(ex.inputs[0], "Unsqueeze") if ex is not None else None
+        n = producer(un.inputs[0]) if un is not None else None
+    return n if n is not None and _is_cache_concat(n, graph) else None
+
+
+def _is_key_cache(n: gs.Node, graph: gs.Graph) -> bool:
+    """A cache Concat read (through repeat_kv) by a Transpose: the keys of Q.K^T."""
+    if not _is_cache_concat(n, graph):
+        return False
+    _, first, _ = _through_repeat(n.outputs[0])
+    return first is not None and first.op == "Transpose"
+
+
+def parse_site(graph: gs.Graph, cat_k: gs.Node) -> tuple[dict | None, str | None]:
+    """-> (the site's tensors and sizes, None) or (None, why GQA does not fit it)."""
+    kx, first, why = _through_repeat(cat_k.outputs[0])
+    if why:
+        return None, why
+    if _perm(first) != [0, 1, 3, 2]:
+        return None, f"keys are read by {first.op}, not Transpose(0,1,3,2) into Q.K^T"
+    qk = _only(first.outputs[0], "MatMul")
+    if qk is None or qk.inputs[1] is not first.outputs[0]:
+        return None, "transposed keys are not the right operand of one MatMul"
+    q, t, scale = qk.inputs[0], qk.outputs[0], 1.0
+    sc = _only(t, ("Mul", "Div"))
+    if sc is not None:
+        other = sc.inputs[1] if sc.inputs[0] is t else sc.inputs[0]
+        c = const(other)
+        if c is None or c.size != 1 or (sc.op == "Div" and sc.inputs[0] is not t):
+            return None, f"the scores are scaled by {other.name}, not one constant"
+        scale = float(c.reshape(-1)[0]) if sc.op == "Mul" else 1.0 / float(c.reshape(-1)[0])
+        t = sc.outputs[0]
+    add = _only(t, "Add")
+    if add is None:
+        nxt = _consumers(t)
+        return None, f"the scores reach Softmax through {nxt[0].op if nxt else 'nothing'} " \
+            "(softcap / sinks / no additive mask)"  # fmt: skip
+    mask = add.inputs[1] if add.inputs[0] is t else add.inputs[0]
+    sm = _only(add.outputs[0], "Softmax")
+    if sm is None:
+        nxt = _consumers(add.outputs[0])
+        return None, f"masked scores go to {nxt[0].op if nxt else 'nothing'} before Softmax " \
+            "(attention sinks?)"  # fmt: skip
+    if sm.attrs.get("axis", -1) not in (-1, 3):
+        return None, "Softmax is not over the key axis"
+    av = _only(sm.outputs[0], "MatMul")
+    if av is None or av.inputs[0] is not sm.outputs[0]:
+        return None, "the probabilities are not the left operand of one MatMul"
+    cat_v = _cache_source(graph, av.inputs[1])
+    if cat_v is None:
+        return None, "values are not a cache Concat (through repeat_kv) of a past input"
+    _, vfirst, why = _through_repeat(cat_v.outputs[0])
+    if why or vfirst is not av:
+        return None, why or "the value cache feeds more than this attention"
+    tr = _only(av.outputs[0], "Transpose")
+    if _perm(tr) != [0, 2, 1, 3]:
+        return None, "the attention output is not transposed back to [B, S, H, D]"
+    k, v = cat_k.inputs[1], cat_v.inputs[1]
+    qs, ks, vs, ms = (getattr(x, "shape", None) for x in (q, k, v, mask))
+    if not (qs and ks and vs and len(qs) == len(ks) == len(vs) == 4):
+        return None, "unknown q/k/v ranks"
+    H, D, KV, Dk, Dv = qs[1], qs[3], ks[1], ks[3], vs[3]
+    if not all(isinstance(x, int) for x in (H, D, KV, Dk, Dv)):
+        return None, "head counts or head dims are not static"
+    if Dk != Dv:
+        return None, f"key dim {Dk} != value dim {Dv} (MLA): GQA needs one head size"
+    if D != Dk or H % KV:
+        return None, f"{H} query heads over {KV} KV heads of dims {D}/{Dk}"
+    if D % 8:
+        return None, f"head dim {D} is not a multiple of 8 (ORT's CPU GroupQueryAttention)"
+    if ms is None or len(ms) != 4 or ms[1] not in (1, H):
+        return None, "the mask is not [B|1, 1|H, S, total]"
+    if q.dtype is not None and np.dtype(q.dtype) not in (np.float32, np.float16):
+        return None, f"dtype {q.dtype}"
+    site = dict(q=q, k=k, v=v, past_k=cat_k.inputs[0], past_v=cat_v.inputs[0],
+                present_k=cat_k.outputs[0], present_v=cat_v.outputs[0], cat_k=cat_k,
+                cat_v=cat_v, mask=mask, out=tr.outputs[0], out_node=tr, H=H, KV=KV, D=D,
+                scale=scale)  # fmt: skip
+    return site, None
+
+
+def _heads_last(b: Builder, x: gs.Tensor, width: int) -> gs.Tensor:
+    """[B, heads, S, D] -> [B, S, heads*D]."""
+    return b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), i64(0, 0, width))
+
+
+def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> gs.Node:
+    """Replace one matched attention by a GroupQueryAttention node (see the module docstring);
+    `shared` caches the length tensors built once per mask tensor."""
+    b = Builder(graph, f"{s['cat_k'].name}/gqa")
+    H, KV, D = s["H"], s["KV"], s["D"]
+    key = s["mask"].name
+    if key not in shared:
+        total = b.op("Shape", s["mask"], start=3, end=4)  # [1] int64: P + S
+        batch = b.op("Shape", s["q"], start=0, end=1)
+        seq = b.op("Shape", s["q"], start=2, end=3)
+        seqlens = b.op("Expand", b.op("Cast", b.op("Sub", total, i64(1)), to=6), batch)
+        qlens = b.op("Expand", b.op("Cast", seq, to=6), batch)
+        total32 = b.op("Reshape", b.op("Cast", total, to=6), i64())
+        shared[key] = (seqlens, total32, qlens)
+    seqlens, total32, qlens = shared[key]
+    out3 = gs.Variable(b.name("gqa_out"), dtype=s["q"].dtype)
+    for cat in (s["cat_k"], s["cat_v"]):  # the presents are written by GQA now
+        cat.outputs.clear()
+        cat.inputs.clear()
+    b.op("GroupQueryAttention", _heads_last(b, s["q"], H * D), _heads_last(b, s["k"], KV * D),
+         _heads_last(b, s["v"], KV * D), s["past_k"], s["past_v"], seqlens, total32, None,
+         None, None, s["mask"], None, None, None, None, None, qlens,
+         outputs=[out3, s["present_k"], s["present_v"]], domain=MS_DOMAIN, num_heads=H,
+         kv_num_heads=KV, scale=float(s["scale"]))  # fmt: skip
+    s["out_node"].outputs.clear()
+    b.op("Reshape", out3, i64(0, 0, H, D), outputs=[s["out"]])
+    return graph.nodes[-2]
+
+
+def share_buffer(graph: gs.Graph, pasts: list[gs.Tensor], kv_dims: dict) -> str | None:
+    """Rewire every Shape of a past input to `total - seq` from attention_mask / input_ids, so
+    the pasts may be max-length buffers shared with the presents. -> reason when not possible
+    (the graph is left as it is then)."""
+    names = {t.name: t for t in graph.inputs}
+    if "attention_mask" not in names or "input_ids" not in names:
+        return "no attention_mask / input_ids inputs to take the past length from"
+    shapes = []
+    for p in pasts:
+        for u in _consumers(p):
+            if u.op == "Shape":
+                shapes.append((p, u))
+            elif u.op != "GroupQueryAttention":
+                return f"{p.name} is also read by {u.op} {u.name}"
+    if not shapes:
+        return None
+    b = Builder(graph, "group_query_attention/past_len")
+    ids, mask = names["input_ids"], names["attention_mask"]
+    past = b.op("Sub", b.op("Shape", mask, start=1, end=2), b.op("Shape", ids, start=1, end=2))
+    full = {}
+    for p, u in shapes:
+        if p.name not in full:
+            kv, d = kv_dims[p.name]
+            full[p.name] = b.op("Concat", b.op("Shape", ids, start=0, end=1), i64(kv), past,
+                                i64(d), axis=0)  # fmt: skip
+        start, end = int(u.attrs.get("start", 0)), u.attrs.get("end")
+        out = u.outputs[0]
+        u.outputs.clear()
+        b.op("Slice", full[p.name], i64(start), i64(4 if end is None else int(end)), i64(0),
+             outputs=[out])  # fmt: skip
+    return None
+
+
+class GroupQueryAttentionPass(GraphPass):
+    """Decoder attention with a KV cache -> com.microsoft::GroupQueryAttention (measured)."""
+
+    name = "group_query_attention"
+    targets = ("ort",)
+
+    def match(self, graph: gs.Graph) -> list[Match]:
+        return [Match([n]) for n in graph.nodes if _is_key_cache(n, graph)]
+
+    def check(self, graph: gs.Graph, m: Match) -> str | None:
+        site, why = parse_site(graph, m.nodes[0])
+        if site is not None:
+            m.info["site"] = site
+        return why
+
+    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        from ffnx.passes import gqa_choice
+
+        res = PassResult()
+        matches = self.match(graph)
+        ok = []
+        for m in matches:
+            res.matched += 1
+            why = self.check(graph, m)
+            if why:
+                res.skipped.append((m.describe(), why))
+            else:
+                ok.append(m)
+        if not ok:
+            return res
+        choice = gqa_choice.choose(graph, ctx.options, gqa_form)
+        res.notes = choice.notes()
+        if choice.form == "standard":
+            res.skipped += [(m.describe(), choice.why) for m in ok]
+            return res
+        # The matches were parsed on this graph: rewrite it (the choice timed a copy).
+        _, shared_why = gqa_form(graph, [m.info["site"] for m in ok])
+        kv = "shared" if choice.form == "gqa_shared" and shared_why is None else "concat"
+        res.notes["kv_buffer"] = kv
+        if choice.form == "gqa_shared" and shared_why:
+            res.notes["kv_buffer_why"] = shared_why
+        res.applied = len(ok)
+        doc = [ln for ln in (graph.doc_string or "").splitlines() if not ln.startswith(DOC_TAG)]
+        graph.doc_string = "\n".join([*doc, f"{DOC_TAG} kv_buffer={kv} layers={len(ok)}"])
+        return res
+
+
+def gqa_form(graph: gs.Graph, sites: list[dict] | None = None) -> tuple[dict, str | None]:
+    """Rewrite every site (parsed here when not given) in place, then make the pasts shareable.
+    -> ({past input: (kv_heads, head_dim)}, why the pasts cannot share a buffer or None)."""
+    from onnx import helper
+
+    if sites is None:
+        sites = []
+        for n in list(graph.nodes):
+            site = parse_site(graph, n)[0] if _is_key_cache(n, graph) else None
+            if site is not None:
+                sites.append(site)
+    shared: dict = {}
+    kv_dims = {}
+    for s in sites:
+        rewrite_site(graph, s, shared)
+        kv_dims[s["past_k"].name] = kv_dims[s["past_v"].name] = (s["KV"], s["D"])
+    domains = list(graph.import_domains or [])
+    if not any(d.domain == MS_DOMAIN for d in domains):
+        domains.append(helper.make_opsetid(MS_DOMAIN, 1))
+    graph.import_domains = domains
+    pasts = [t for t in graph.inputs if t.name in kv_dims]
+    return kv_dims, share_buffer(graph, pasts, kv_dims)
+
+
+PASS = GroupQueryAttentionPass()
