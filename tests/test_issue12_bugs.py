@@ -112,6 +112,8 @@ def test_optimize_after_moefy_keeps_the_moefied_graph(tmp_path, mlp_artifact):
     before = moe_nodes()
     assert before > 0
     r = runner.invoke(main, ["optimize", str(d)])
+    assert r.exit_code == 1 and "exists; give --force" in r.output  # never replaced silently
+    r = runner.invoke(main, ["optimize", str(d), "--force"])
     assert r.exit_code == 0, r.output
     assert moe_nodes() > 0
     assert "moefy" in artifact.read_manifest(d)

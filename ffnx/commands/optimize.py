@@ -7,21 +7,38 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ffnx.commands import ui
-from ffnx.commands.options import csv_list, dims_option
+from ffnx.commands import grammar, ui
+from ffnx.commands.feeds import sample_feeds
+from ffnx.commands.options import csv_list
+
+SPARSIFY = ("sparsity", "sparse_mode", "sparse_lowering")
 
 
-def _calib(path: str | None, model, manifest: dict, dims: dict) -> list[dict[str, np.ndarray]]:
-    """Calibration/verification feeds: --calib npz (arrays by input name, or name_0, name_1 …
-    for several samples), else random inputs within the declared dims (with a warning)."""
-    if path:
-        from ffnx.commands.feeds import npz_feeds
+def _check_usage(ctx: click.Context, src, out, passes, target, data, as_json) -> None:
+    """Usage errors for options that would do nothing in this invocation."""
+    p = ctx.params
+    if src and Path(src).is_dir():
+        grammar.unused(ctx, "with an .onnx SRC (a directory is updated in place)", "out")
+    elif src and not out:
+        raise click.UsageError("-o/--output is required when SRC is an .onnx file")
+    if data:
+        grammar.unused(ctx, "without --data (random inputs)", "dims")
+    if "sparsify_ffn" not in (passes or []):
+        grammar.unused(ctx, "with --passes sparsify_ffn", *SPARSIFY)
+    if target == "trt":
+        grammar.unused(ctx, "with --target ort (TensorRT keeps FfnxMoE for its plugin)",
+                       "quantize_experts")  # fmt: skip
+    from ffnx.passes import by_name
 
-        return npz_feeds(path, [i.name for i in model.graph.input], "--calib")
-    from ffnx.commands.feeds import random_feeds
-
-    ui.err.print("[yellow]no --calib given: verifying on random inputs within the declared dims[/]")
-    return random_feeds(model, manifest, dims, samples=2)
+    known = by_name()
+    approximate = p.get("quantize_experts") or any(
+        n in known and not known[n].exact for n in passes or []
+    )
+    if not approximate:
+        grammar.unused(ctx, "with an approximate pass (--passes) or --quantize-experts",
+                       "max_error")  # fmt: skip
+    if as_json:
+        grammar.unused(ctx, "without --json (the JSON report has every reason)", "explain")
 
 
 def _larger(model, manifest: dict, feeds: list[dict]) -> list[dict[str, np.ndarray]] | None:
@@ -88,19 +105,21 @@ def _explain(reports: list[dict]) -> None:
 
 @click.command("optimize", context_settings={"max_content_width": 100})
 @click.argument("src", type=click.Path(exists=True), required=False)
-@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Output .onnx (file input).")
+@click.option(
+    "-o", "--output", "--out", "out", type=click.Path(dir_okay=False),
+    help="Output .onnx (for an .onnx SRC; --out: alias).",
+)  # fmt: skip
+@grammar.force_option("Replace an existing -o file or the artifact's model.opt.onnx.")
+@grammar.json_option("Print the pass reports (or --list-passes) as JSON.")
 @click.option("--passes", callback=csv_list, help="Run only these passes, in registry order.")
 @click.option("--skip", callback=csv_list, help="Skip these passes.")
 @click.option("--list-passes", is_flag=True, help="Print the registered passes and exit.")
-@click.option(
-    "--calib",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Sample inputs (.npz) for verification and calibration.",
+@grammar.data_option(
+    "Sample inputs for verification and calibration: arrays named like the inputs, or name_0, "
+    "name_1, ... (else 2 random samples within the declared dims)."
 )
 @click.option("--max-error", type=float, help="Limit for approximate passes (max abs error).")
-@click.option(
-    "--dims", callback=dims_option, default=None, help="Dynamic dim sizes for random inputs."
-)
+@grammar.dims_option()
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option(
     "--quantize-experts",
@@ -138,13 +157,17 @@ def _explain(reports: list[dict]) -> None:
     default=None,
     help="ORT CPU threads the speed guard times at.",
 )
+@click.pass_context
 def optimize_cmd(
+    ctx,
     src,
     out,
+    force,
+    as_json,
     passes,
     skip,
     list_passes,
-    calib,
+    data,
     max_error,
     dims,
     target,
@@ -158,21 +181,28 @@ def optimize_cmd(
 ) -> None:
     """Rewrite an ONNX graph with ffnx's passes, each verified against the graph before it.
 
-    SRC is an artifact directory (model.onnx -> model.opt.onnx, manifest updated) or an .onnx
-    file (-o required).
+    SRC is an artifact directory (model.onnx -> model.opt.onnx, manifest updated; --force when
+    model.opt.onnx exists) or an .onnx file (-o required).
 
     \b
     Example:
-      ffnx optimize artifacts/vit-repa
-      ffnx optimize model.onnx -o model.opt.onnx --skip fuse_gate_up
+      ffnx export vit-repa -o artifacts/vit-repa --no-optimize
       ffnx optimize artifacts/vit-repa --threads 2 --no-guard
-      ffnx optimize artifacts/gpt-mlp --passes ffn_fusion --calib calib.npz --max-error 1e-2
-      ffnx optimize artifacts/gpt-relu --passes sparsify_ffn --sparsity 0.9 --max-error 0.05
+      ffnx optimize artifacts/vit-repa/model.onnx -o model.opt.onnx --skip fuse_gate_up --json
+      ffnx export gpt-mlp -o artifacts/gpt-mlp
+      ffnx optimize artifacts/gpt-mlp --passes ffn_fusion --data calib.npz --max-error 1 --force
+      ffnx optimize artifacts/gpt-mlp --passes sparsify_ffn --sparsity 0.5 --max-error 5 --force
       ffnx optimize --list-passes
     """
     from ffnx.passes import registry
 
     if list_passes:
+        if as_json:
+            grammar.echo_json(
+                [{"name": p.name, "exact": p.exact, "default": p.default,
+                  "targets": list(p.targets), "summary": p.summary} for p in registry()]
+            )  # fmt: skip
+            return
         rows = [
             [
                 p.name,
@@ -188,6 +218,7 @@ def optimize_cmd(
         return
     if not src:
         raise click.UsageError("SRC is required (or --list-passes)")
+    _check_usage(ctx, src, out, passes, target, data, as_json)
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
     from ffnx.passes import speed_guard
@@ -199,10 +230,9 @@ def optimize_cmd(
     # from it, so the MoE layers the manifest describes are kept (model.onnx would discard them).
     keep_moefied = p.is_dir() and "moefy" in manifest
     start = (artifact.MODEL_OPT if keep_moefied else artifact.MODEL) if p.is_dir() else ""
+    grammar.refuse_existing([p / artifact.MODEL_OPT if p.is_dir() else out], force)
     model = load_onnx(p / start if p.is_dir() else p)
-    if not p.is_dir() and not out:
-        raise click.UsageError("-o/--out is required when SRC is an .onnx file")
-    feeds = _calib(calib, model, manifest, dims)
+    feeds, _ = sample_feeds(data, model, manifest, dims, samples=2)
     opts = {
         k: v
         for k, v in {
@@ -225,7 +255,8 @@ def optimize_cmd(
             )
         else:
             new, reports = optimize_model(model, feeds, step=step, **kw)
-    _print_passes(reports)
+    if not as_json:
+        _print_passes(reports)
     if guarded:
         ui.err.print(speed_guard.summary(guard))
         if p.is_dir():
@@ -242,6 +273,10 @@ def optimize_cmd(
     else:
         artifact.write_bytes_atomic(out, new.SerializeToString())
         ui.err.print(f"wrote {out}")
+    if as_json:
+        written = str(p / artifact.MODEL_OPT) if p.is_dir() else out
+        grammar.echo_json({"output": written, "passes": reports,
+                           **({"speed_guard": guard} if guarded else {})})  # fmt: skip
 
 
 COMMANDS = [optimize_cmd]
