@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffnx.plugins import build  # noqa: E402
+from tests.gpu import launchers  # noqa: E402
 
 CALLS_PER_GRAPH, REPS = 10, 15
 
@@ -173,7 +174,7 @@ def moe_at(lib, T, w1, w2, k, gw, grouped_dtype, copy_gbs, g, only_ffnx):
     ws = torch.empty(lib.ffnx_moe_workspace_size(p), dtype=torch.uint8, device="cuda")
 
     def ours():
-        return build.moe_forward(lib, *args, num_experts=E, top_k=k, out=out, workspace=ws)
+        return launchers.moe_forward(lib, *args, num_experts=E, top_k=k, out=out, workspace=ws)
 
     ref = torch_loop(x, logits, w1, w2, k).float()
     err = (ours().float() - ref).abs().max().item() / ref.abs().max().item()
@@ -209,7 +210,7 @@ def bench_sparse(lib, D, H, Ts, sparsities, copy_gbs):
     wg = (torch.randn(H, D, device="cuda", generator=g) / D**0.5).half()
     wu = (torch.randn(H, D, device="cuda", generator=g) / D**0.5).half()
     wd = (torch.randn(D, H, device="cuda", generator=g) / H**0.5).half()
-    wdt = build.pack_down(lib, wd)
+    wdt = launchers.pack_down(lib, wd)
     return [r for T in Ts for r in sparse_at(lib, T, wg, wu, wd, wdt, sparsities, copy_gbs, g)]
 
 
@@ -224,7 +225,7 @@ def sparse_at(lib, T, wg, wu, wd, wdt, sparsities, copy_gbs, g):
                  gbs=3 * H * D * 2 / dense_ms / 1e6, union_active=1.0)]  # fmt: skip
     print(fmt_row(rows[-1]), flush=True)
     a = F.silu(x.float() @ wg.float().T).abs()
-    p = build.sparse_ffn_params(x, wg, wu, None, None, mode="threshold", k=0, activation="silu")
+    p = launchers.sparse_ffn_params(x, wg, wu, None, None, mode="threshold", k=0, activation="silu")
     ws = torch.empty(lib.ffnx_sparse_ffn_workspace_size(p), dtype=torch.uint8, device="cuda")
     for s in sparsities:
         cut = -1.0 if s == 0 else float(a.flatten().quantile(s))
@@ -233,7 +234,7 @@ def sparse_at(lib, T, wg, wu, wd, wdt, sparsities, copy_gbs, g):
         args = (x, wg, wu, None, wd, None, thr)
 
         def ours(args=args):
-            return build.sparse_ffn_forward(lib, *args, mode="threshold", activation="silu",
+            return launchers.sparse_ffn_forward(lib, *args, mode="threshold", activation="silu",
                                             w_down_t=wdt, out=out, workspace=ws)  # fmt: skip
 
         ref = sparse_ffn_reference(*args, mode="threshold", activation="silu").float()

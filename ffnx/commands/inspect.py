@@ -41,7 +41,8 @@ def _io(values) -> list[dict]:
 def describe(path: str | Path) -> dict:
     from ffnx import artifact
     from ffnx.compress.nm_sparsity import report as nm_report
-    from ffnx.graph.recognize import ffn_variants, lowering_notes
+    from ffnx.graph import lowering_meta
+    from ffnx.graph.recognize import ffn_variants
     from ffnx.graph.stats import graph_stats, op_histogram
 
     p = Path(path)
@@ -59,7 +60,7 @@ def describe(path: str | Path) -> dict:
         **graph_stats(model, dims),
         "ops": op_histogram(model),
         "ffn_variants": ffn_variants(model),
-        "lowerings": lowering_notes(model),
+        "lowerings": lowering_meta.read(model),
         "sparsity_2_4": [
             {k: w[k] for k in ("weight", "shape", "nm_fraction", "satisfies")}
             for w in nm_report(model)
@@ -124,9 +125,9 @@ def inspect_cmd(path, as_json) -> None:
             )
         )
     if info["lowerings"]:
-        o.print("lowerings (which lowering each layer got, and why):")
-    for note in info["lowerings"]:
-        o.print(f"  {note}", markup=False)
+        rows = [[e["pass"], e["layer"], e["choice"], e["why"]] for e in info["lowerings"]]
+        o.print(ui.table("lowerings (metadata ffnx.lowerings)", ["pass", "layer", "lowering",
+                                                                  "why"], rows))  # fmt: skip
     nm = info["sparsity_2_4"]
     ok = [w["weight"] for w in nm if w["satisfies"]]
     o.print(

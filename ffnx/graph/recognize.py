@@ -89,10 +89,3 @@ def ffn_variants(model: onnx.ModelProto) -> dict[str, int]:
     if rms:
         found["RMS-style normalisation (mean of squares)"] += rms
     return dict(found)
-
-
-def lowering_notes(model: onnx.ModelProto) -> list[str]:
-    """The lines lowering passes append to the graph doc_string, one per lowered layer:
-    `ffnx.lower_moe <node>: <lowering> (<why>)`, `ffnx.sparsify_ffn <node>: <form> (<why>)`."""
-    lines = model.graph.doc_string.splitlines()
-    return [ln for ln in lines if ln.startswith(("ffnx.lower_moe ", "ffnx.sparsify_ffn "))]

@@ -20,13 +20,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ffnx.graph import lowering_meta
 from ffnx.graph.builder import Builder, i64
 from ffnx.lowering.moe_common import LoweringError, MoESite, finish, flatten, route, shared
 from ffnx.lowering.moe_forms import FORMS
 from ffnx.plugins.schema import DOMAIN
 
 PLAIN = "sorted"  # decomposition used for verification: exact routed FLOPs, no contrib ops
-TAG = "ffnx.lower_moe"  # graph doc_string lines `ffnx.lower_moe <node>: <choice> (<why>)`
 
 
 def candidates() -> list[str]:
@@ -38,8 +38,8 @@ def candidates() -> list[str]:
 def lower_moe_node(graph: gs.Graph, node: gs.Node, choice: str = PLAIN, why: str = "") -> str:
     """Replace one FfnxMoE node in `graph` by the `choice` lowering; returns the choice.
 
-    The lowered nodes are named `<node>/<choice>/...`; with `why`, a line
-    `ffnx.lower_moe <node>: <choice> (<why>)` is appended to the graph doc_string."""
+    The lowered nodes are named `<node>/<choice>/...`; with `why`, the choice is recorded
+    (`ffnx.graph.lowering_meta`: the model's metadata_props once the graph is exported)."""
     s = MoESite.of(node)
     b = Builder(graph, f"{node.name}/{choice.replace('|', '_')}")
     x = flatten(b, s)
@@ -47,8 +47,7 @@ def lower_moe_node(graph: gs.Graph, node: gs.Node, choice: str = PLAIN, why: str
     y = b.add(y, shared(b, s, x))
     finish(b, s, y)
     if why:
-        line = f"{TAG} {node.name}: {choice} ({why})"
-        graph.doc_string = f"{graph.doc_string}\n{line}" if graph.doc_string else line
+        lowering_meta.record(graph, "lower_moe", node.name, choice, why)
     return choice
 
 
@@ -103,13 +102,12 @@ def decompose_ffnx_ops(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def lowering_report(model: onnx.ModelProto) -> dict[str, str]:
-    """{layer: "<lowering> (<why>)"} from the graph doc_string lines the lowering writes."""
-    out = {}
-    for line in model.graph.doc_string.splitlines():
-        if line.startswith(TAG + " ") and ": " in line:
-            layer, what = line[len(TAG) + 1 :].split(": ", 1)
-            out[layer] = what
-    return out
+    """{MoE layer: "<lowering> (<why>)"} from the model's lowering records (lowering_meta)."""
+    return {
+        e["layer"]: f"{e['choice']} ({e['why']})"
+        for e in lowering_meta.read(model)
+        if e["pass"] == "lower_moe"
+    }
 
 
 __all__ = [
@@ -118,7 +116,6 @@ __all__ = [
     "candidates",
     "LoweringError",
     "PLAIN",
-    "TAG",
     "lowering_report",
 ]
 

@@ -22,11 +22,13 @@ def lowered_model(model: onnx.ModelProto, choice: str, why: str = "") -> onnx.Mo
     """`model` with every FfnxMoE node lowered to `choice` (opset imports fixed up)."""
     from ffnx.lowering import lower_moe_node
 
+    from ffnx.graph.lowering_meta import finish
+
     graph = gs.import_onnx(model)
     for node in [n for n in graph.nodes if n.op == "FfnxMoE"]:
         lower_moe_node(graph, node, choice, why)
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
+    out = finish(gs.export_onnx(graph), model, graph)  # metadata kept, `why` recorded
     del out.opset_import[:]
     out.opset_import.extend([o for o in model.opset_import if o.domain != "ffnx"])
     if any(n.domain == "com.microsoft" for n in out.graph.node):

@@ -13,8 +13,8 @@ give each quantized layer's max abs error and cosine against its fp32 lowering (
 
 Target "trt" keeps every FfnxMoE node: TensorRT runs it as the ffnx plugin.
 The choice per layer goes to `PassResult.notes["layers"]`, to the lowered nodes' names
-(`<layer>/<lowering>/...`) and to a line `ffnx.lower_moe <layer>: <lowering> (<why>)` in the
-graph doc_string (`ffnx.lowering.lowering_report` reads them back).
+(`<layer>/<lowering>/...`) and to the model's metadata_props (`ffnx.graph.lowering_meta`;
+`ffnx inspect` shows them, `ffnx.lowering.lowering_report` reads them back).
 """
 
 from __future__ import annotations

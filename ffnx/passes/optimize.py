@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from ffnx import artifact
 from ffnx.errors import PassError, VerificationError
-from ffnx.graph import verify
+from ffnx.graph import lowering_meta, verify
 from ffnx.graph.stats import graph_stats
 from ffnx.lowering import run_model
 from ffnx.passes import PassContext, by_name, registry
@@ -119,7 +119,7 @@ def apply_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict], tol
         report.update(status="no_match" if res.matched == 0 else "skipped", after=before)
         return model, report
     try:
-        new = _finish(graph, model.opset_import)
+        new = lowering_meta.finish(_finish(graph, model.opset_import), model, graph)
         outs = run_model(new, ctx.feeds)
         checks = [verify.compare_outputs(r, o, tol, p.name) for r, o in zip(ref, outs)]
     except (

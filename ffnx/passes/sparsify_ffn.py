@@ -37,6 +37,7 @@ import onnx_graphsurgeon as gs
 
 from ffnx.compress.calibrate import Calibration, LayerStats, calibrate_model, ffn_sites
 from ffnx.errors import PassError
+from ffnx.graph import lowering_meta
 from ffnx.graph.ffn_match import FFN
 from ffnx.graph.ort import ort_session
 from ffnx.lowering.sparse import (
@@ -53,7 +54,6 @@ from ffnx.plugins.schema import GATED_ACTIVATION, SPARSE_FFN
 
 GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 MARGIN = 0.95  # headroom for the rounding of the exact passes the driver also counts
-TAG = "ffnx.sparsify_ffn"
 
 
 class SparsifyFFN(GraphPass):
@@ -244,8 +244,7 @@ def _lower(graph: gs.Graph, nodes: list[gs.Node], stats: list[LayerStats], form:
         pick, timing = chosen[key] if form == "auto" else (form, {})
         lower_sparse_ffn(graph, node, pick)
         why = "measured: " + ", ".join(f"{k} {v:.0f} us" for k, v in timing.items())
-        line = f"{TAG} {node.name}: {pick} ({why if timing else 'forced'})"
-        graph.doc_string = f"{graph.doc_string}\n{line}" if graph.doc_string else line
+        lowering_meta.record(graph, "sparsify_ffn", node.name, pick, why if timing else "forced")
         notes.append({"node": node.name, "form": pick, **({"us": timing} if timing else {})})
     graph.cleanup()
     return notes

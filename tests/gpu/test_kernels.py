@@ -27,6 +27,7 @@ from ffnx.plugins.reference import (  # noqa: E402
     moe_reference,
     sparse_ffn_reference,
 )
+from tests.gpu import launchers  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 E, D, H = 8, 256, 200  # H % 64 != 0: partial column tiles
@@ -90,7 +91,7 @@ def run_moe(lib, t, **attrs):
     ]
     want = moe_reference(*args, num_experts=E, **attrs)
     out = torch.full_like(t["hidden"], float("nan"))
-    got = build.moe_forward(lib, *args, num_experts=E, out=out, **attrs)
+    got = launchers.moe_forward(lib, *args, num_experts=E, out=out, **attrs)
     torch.cuda.synchronize()
     return got, want
 
@@ -153,7 +154,7 @@ def test_moe_deepseek_v3_routing(lib, dtype, T):
                  routed_scaling_factor=2.5)  # fmt: skip
     groups = dict(n_group=8, topk_group=4, group_scoring="top2_sum")
     want = moe_reference(*args, **attrs, **groups)
-    got = build.moe_forward(lib, *args, **attrs, **groups)
+    got = launchers.moe_forward(lib, *args, **attrs, **groups)
     torch.cuda.synchronize()
     close(got, want, dtype)
     if T > 1:
@@ -206,11 +207,11 @@ def test_moe_errors(lib):
     args = [t.get(n) for n in ("hidden", "router_logits", "fc1_weight", "fc1_bias", "fc2_weight",
                                "fc2_bias", "score_bias")] + [None] * 5  # fmt: skip
     with pytest.raises(BackendError, match="invalid argument"):
-        build.moe_forward(lib, *args, num_experts=E, top_k=E + 1)
+        launchers.moe_forward(lib, *args, num_experts=E, top_k=E + 1)
     for bad in (dict(n_group=3, topk_group=1), dict(n_group=4, topk_group=5),
                 dict(n_group=4, topk_group=1, top_k=3), dict(n_group=8, topk_group=2)):  # fmt: skip
         with pytest.raises(BackendError, match="invalid argument"):  # schema group_error
-            build.moe_forward(lib, *args, num_experts=E, **{"top_k": 2, **bad})
+            launchers.moe_forward(lib, *args, num_experts=E, **{"top_k": 2, **bad})
     p = build.MoEParams(4, D, H, E, 2, 0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 0)
     size = lib.ffnx_moe_workspace_size(p)
     assert size > 0
@@ -257,10 +258,10 @@ def sparse_inputs(T, dtype, gated, mode, seed, act="relu"):
 def run_sparse(lib, t, *, mode, k, act, packed):
     args = [t[n] for n in ("hidden", "w_gate", "w_up", "b_up", "w_down", "b_down", "thresholds")]
     want = sparse_ffn_reference(*args, mode=mode, k=k, activation=act)
-    w_down_t = build.pack_down(lib, t["w_down"]) if packed else None
+    w_down_t = launchers.pack_down(lib, t["w_down"]) if packed else None
     out = torch.full_like(t["hidden"], float("nan"))
-    got = build.sparse_ffn_forward(lib, *args, mode=mode, k=k, activation=act, w_down_t=w_down_t,
-                                   out=out)  # fmt: skip
+    got = launchers.sparse_ffn_forward(lib, *args, mode=mode, k=k, activation=act,
+                                       w_down_t=w_down_t, out=out)  # fmt: skip
     torch.cuda.synchronize()
     return got, want
 
@@ -283,4 +284,4 @@ def test_sparse_ffn_unpacked_down_and_activations(lib, act, mode):
 
 def test_pack_down_is_a_transpose(lib):
     w = torch.randn(96, 40, device="cuda", dtype=torch.float16)
-    assert torch.equal(build.pack_down(lib, w), w.T.contiguous())
+    assert torch.equal(launchers.pack_down(lib, w), w.T.contiguous())
