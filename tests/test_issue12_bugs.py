@@ -111,6 +111,9 @@ def test_optimize_after_moefy_keeps_the_moefied_graph(tmp_path, mlp_artifact):
 
     before = moe_nodes()
     assert before > 0
+    m = artifact.read_manifest(d)  # the MoEfied graph records what it was made from
+    want = {n: m["files"][n] for n in (artifact.MODEL, "calibration.npz")}
+    assert m["made_from"][artifact.MODEL_OPT] == want
     r = runner.invoke(main, ["optimize", str(d)])
     assert r.exit_code == 1 and "exists; give --force" in r.output  # never replaced silently
     r = runner.invoke(main, ["optimize", str(d), "--force"])

@@ -154,7 +154,8 @@ def moefy_cmd(
         raise PassError(f"moefy refused: max abs error {err:.3g} exceeds --max-error {max_error}")
     artifact.write_bytes_atomic(d / artifact.MODEL_OPT, new.SerializeToString())
     manifest["moefy"] = report
-    artifact.write_manifest(d, manifest)
+    made = {artifact.MODEL_OPT: [artifact.MODEL, FILE]}  # a plan built before is now stale
+    artifact.write_manifest(d, manifest, made)
     ui.err.print(f"wrote {d / artifact.MODEL_OPT} and the manifest")
     if as_json:
         grammar.echo_json(report)
