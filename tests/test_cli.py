@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 from click.testing import CliRunner
 
 from ffnx.cli import main
@@ -67,7 +68,9 @@ def test_run_bad_input_one_line(tmp_path, mlp_artifact):
     assert r.output.strip() == "error: input 'x' has dtype float64, expected x: float32[batch, 16]"
     np.savez(tmp_path / "y.npz", y=np.ones((3, 16), np.float32))
     r = run("run", mlp_artifact, "--data", tmp_path / "y.npz")
-    assert r.exit_code == 1 and r.output.startswith("error: --data ") and "expected ['x']" in r.output
+    assert (
+        r.exit_code == 1 and r.output.startswith("error: --data ") and "expected ['x']" in r.output
+    )
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     r = run("run", mlp_artifact, "--data", tmp_path / "bad.npz")
     assert r.exit_code == 1 and r.output.startswith("error: cannot read --data")
@@ -121,11 +124,14 @@ def test_inspect_says_which_lowering_each_moe_layer_got(tmp_path):
     assert r.exit_code == 0, r.output
     r = run("inspect", out)
     assert r.exit_code == 0, r.output
-    lines = [ln.strip() for ln in r.output.splitlines() if ln.strip().startswith("ffnx.lower_moe")]
-    assert len(lines) == 2  # the zoo's tiny gpt-moe has two MoE layers
-    assert all(": sorted (" in ln for ln in lines), lines
+    assert "lowerings (metadata ffnx.lowerings)" in r.output
+    lines = [ln for ln in r.output.splitlines() if "lower_moe" in ln and "sorted" in ln]
+    assert len(lines) == 2, r.output  # the zoo's tiny gpt-moe has two MoE layers
     info = json.loads(run("inspect", out, "--json").output)
-    assert len(info["lowerings"]) == 2
+    assert [(e["pass"], e["choice"]) for e in info["lowerings"]] == [("lower_moe", "sorted")] * 2
+    model = onnx.load(str(out / "model.opt.onnx"))
+    assert [p.key for p in model.metadata_props] == ["ffnx.lowerings"]
+    assert "lower_moe" not in model.graph.doc_string
 
 
 def test_inspect_corrupted_file(tmp_path):

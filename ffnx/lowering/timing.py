@@ -20,9 +20,8 @@ from ffnx.lowering.moe_model import MoEConfig, moe_feeds, moe_model, moe_weights
 
 def lowered_model(model: onnx.ModelProto, choice: str, why: str = "") -> onnx.ModelProto:
     """`model` with every FfnxMoE node lowered to `choice` (opset imports fixed up)."""
-    from ffnx.lowering import lower_moe_node
-
     from ffnx.graph.lowering_meta import finish
+    from ffnx.lowering import lower_moe_node
 
     graph = gs.import_onnx(model)
     for node in [n for n in graph.nodes if n.op == "FfnxMoE"]:

@@ -7,6 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
+from ffnx.graph import lowering_meta
 from ffnx.graph.ort import ort_session, run_session
 from ffnx.lowering import LoweringError, candidates, decompose_ffnx_ops, lower_moe_node
 from ffnx.lowering.moe_model import MoEConfig, moe_feeds, moe_model, moe_weights
@@ -93,7 +94,7 @@ def lowered(model: onnx.ModelProto, choice: str) -> onnx.ModelProto:
     for node in [n for n in graph.nodes if n.op == "FfnxMoE"]:
         lower_moe_node(graph, node, choice, why="test")
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
+    out = lowering_meta.finish(gs.export_onnx(graph), model, graph)
     del out.opset_import[:]
     out.opset_import.extend([o for o in model.opset_import if o.domain != "ffnx"])
     out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
@@ -195,9 +196,17 @@ def test_dynamic_weights_are_gathered_at_run_time():
 
 
 def test_lowered_layer_is_named_and_documented():
-    model = lowered(moe_model(C(), moe_weights(C())), "dense")
+    src = moe_model(C(), moe_weights(C()))
+    src.metadata_props.add(key="other", value="kept")
+    model = lowered(src, "dense")
     assert all(n.name.startswith("moe/dense/") for n in model.graph.node)
-    assert "ffnx.lower_moe moe: dense (test)" in model.graph.doc_string
+    assert lowering_meta.read(model) == [
+        {"pass": "lower_moe", "layer": "moe", "choice": "dense", "why": "test"}
+    ]
+    assert {p.key: p.value for p in model.metadata_props}["other"] == "kept"
+    assert not model.graph.doc_string  # structured metadata only
+    again = lowered(model, "dense")  # nothing left to lower: the record is carried, not doubled
+    assert lowering_meta.read(again) == lowering_meta.read(model)
 
 
 def test_candidates_are_listed():

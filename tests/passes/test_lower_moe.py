@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
+from ffnx.graph import lowering_meta
 from ffnx.graph.ort import ort_session, run_session
 from ffnx.lowering import choose as chooser
 from ffnx.lowering import decompose_ffnx_ops, lowering_report
@@ -39,7 +40,7 @@ def _apply(model, **ctx):
     graph = gs.import_onnx(model)
     res = PASS.apply(graph, PassContext(**ctx))
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
+    out = lowering_meta.finish(gs.export_onnx(graph), model, graph)
     return out, res
 
 

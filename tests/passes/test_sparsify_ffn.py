@@ -12,11 +12,12 @@ import pytest
 
 from ffnx.compress.calibrate import calibrate_model, run_with_outputs
 from ffnx.errors import PassError
+from ffnx.graph import lowering_meta
 from ffnx.lowering import run_model
 from ffnx.lowering.sparse import sparse_ffn_reference
 from ffnx.passes import PassContext
 from ffnx.passes.optimize import apply_pass, approximate_tolerance
-from ffnx.passes.sparsify_ffn import PASS, TAG
+from ffnx.passes.sparsify_ffn import PASS
 from ffnx.plugins.schema import SPARSE_FFN
 from tests.compress.test_calibrate import H, relu_feeds, trained_relu_model, trained_weights
 
@@ -64,7 +65,11 @@ def test_lowered_for_ort_by_measurement_and_tagged():
     assert not any(n.domain == "ffnx" for n in new.graph.node)
     lowering = rep["notes"]["lowering"]
     assert len(lowering) == 2 and {"dense", "gather", "compress"} == set(lowering[0]["us"])
-    assert new.graph.doc_string.count(TAG) == 2
+    records = lowering_meta.read(new)
+    assert [r["pass"] for r in records] == ["sparsify_ffn"] * 2
+    assert [(r["layer"], r["choice"]) for r in records] == [
+        (x["node"], x["form"]) for x in lowering
+    ]
     assert max_abs(m, new, feeds) <= 0.05
 
 
