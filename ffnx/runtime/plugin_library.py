@@ -14,6 +14,9 @@ from ffnx.errors import BackendError
 
 PLUGIN_NAMESPACE = "ffnx"
 PLUGIN_VERSION = "1"
+# The plugin creators the library registers: the op types of `ffnx.plugins.schema.OPS` (a test
+# checks they agree; the runtime cannot import the schema).
+PLUGIN_OPS = ("FfnxMoE", "FfnxSparseFFN")
 RTX_HEADER_MAJOR = 11  # TensorRT-RTX 1.x plugins use the 11.x plugin ABI
 EXPORTS = ("getCreators", "setLoggerFinder")
 ELF_MACHINES = {62: "x86_64", 183: "aarch64"}

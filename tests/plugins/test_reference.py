@@ -253,3 +253,11 @@ def test_sparse_ffn_rejects_gated_up_bias():
     with pytest.raises(ValueError, match="b_up"):
         sparse_ffn_reference(torch.randn(2, D), w, w, torch.randn(H), w.T, None, None, mode="topk",
                              k=3)  # fmt: skip
+
+
+def test_runtime_plugin_ops_are_the_schema_ops():
+    """The runtime names the plugin creators without importing the schema: they must agree."""
+    from ffnx.plugins import schema
+    from ffnx.runtime.plugin_library import PLUGIN_OPS
+
+    assert set(PLUGIN_OPS) == set(schema.OPS)

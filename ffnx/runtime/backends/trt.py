@@ -24,7 +24,7 @@ import ffnx.runtime.cuda as cuda
 from ffnx import artifact
 from ffnx.errors import ArtifactError, BackendError, InputError
 from ffnx.runtime.backends.base import TensorInfo
-from ffnx.runtime.plugin_library import load_plugin_library
+from ffnx.runtime.plugin_library import PLUGIN_OPS, load_plugin_library
 
 RUNTIMES = ("tensorrt", "tensorrt_lean")
 RTX_RUNTIME = "tensorrt_rtx"
@@ -158,17 +158,22 @@ class TrtBackend:
         declared = {
             d["name"]: d["shape"] for k in ("inputs", "outputs") for d in manifest.get(k, [])
         }
-        self.inputs, self.outputs, self._bounds = [], [], {}
+        self.inputs, self.outputs = [], []
+        n_profiles = max(int(getattr(engine, "num_optimization_profiles", 1) or 1), 1)
+        self._profiles: list[dict] = [{} for _ in range(n_profiles)]  # name -> (lo, hi)
+        self._profile = 0  # the context's current optimization profile
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             info = self._info(name, declared.get(name))
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 self.inputs.append(info)
                 if -1 in tuple(engine.get_tensor_shape(name)):
-                    lo, _, hi = engine.get_tensor_profile_shape(name, 0)
-                    self._bounds[name] = (tuple(lo), tuple(hi))
+                    for k, bounds in enumerate(self._profiles):
+                        lo, _, hi = engine.get_tensor_profile_shape(name, k)
+                        bounds[name] = (tuple(lo), tuple(hi))
             else:
                 self.outputs.append(info)
+        self._bounds = self._profiles[0]
 
     def _info(self, name: str, declared: list | None) -> TensorInfo:
         dt = self.engine.get_tensor_dtype(name)
@@ -201,7 +206,7 @@ class TrtBackend:
                     f"{p} needs the ffnx TensorRT plugins and no library is named: pass "
                     "plugin_library=, set FFNX_PLUGIN_LIBRARY or rebuild with `ffnx build`"
                 )
-            ops = manifest.get("plugins") or ["FfnxMoE", "FfnxSparseFFN"]
+            ops = manifest.get("plugins") or list(PLUGIN_OPS)
             load_plugin_library(trt, library, ops)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if section.get("version_compatible"):
@@ -221,8 +226,27 @@ class TrtBackend:
     def _buffer(self, name: str, nbytes: int) -> int:
         return self._buffers.setdefault(name, cuda.DeviceBuffer()).ensure(max(nbytes, 1))
 
+    def _select_profile(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Switch the context to the first optimization profile whose ranges hold `shapes`
+        (the current one when it does); profile 0's bounds error when none does."""
+
+        def fits(bounds: dict) -> bool:
+            for name, shape in shapes.items():
+                lo, hi = bounds.get(name, (shape, shape))
+                if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+                    return False
+            return True
+
+        order = [self._profile] + [k for k in range(len(self._profiles)) if k != self._profile]
+        k = next((k for k in order if fits(self._profiles[k])), self._profile)
+        if k != self._profile:
+            if not self.context.set_optimization_profile_async(k, self.stream.handle):
+                raise BackendError(f"TensorRT refused to switch to optimization profile {k}")
+            self._profile = k
+        self._bounds = self._profiles[k]
+
     def _bind_inputs(self, feeds: dict) -> list:
-        keep = []
+        keep, staged = [], []
         for info in self.inputs:
             if info.name not in feeds:
                 raise InputError(f"missing input {info.name!r} ({info.describe()})")
@@ -232,10 +256,15 @@ class TrtBackend:
                 host = np.ascontiguousarray(x)
                 ptr, shape, dtype = 0, host.shape, host.dtype.name
             else:
+                host = None
                 ptr, shape, dtype, capsule = view
                 keep.append(capsule)
             if dtype != info.dtype:
                 raise InputError(f"input {info.name!r} is {dtype}, the engine takes {info.dtype}")
+            staged.append((info, view, host, ptr, tuple(shape)))
+        if len(self._profiles) > 1:
+            self._select_profile({info.name: shape for info, _, _, _, shape in staged})
+        for info, view, host, ptr, shape in staged:
             self._check_bounds(info.name, tuple(shape))
             if not self.context.set_input_shape(info.name, tuple(shape)):
                 raise InputError(f"input {info.name!r}: TensorRT rejected shape {tuple(shape)}")
@@ -252,8 +281,9 @@ class TrtBackend:
         lo, hi = self._bounds[name]
         if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
             raise InputError(
-                f"input {name!r} shape {shape} is outside the engine's profile {lo}..{hi}; "
-                "rebuild with `ffnx build --profile LABEL:min,opt,max`"
+                f"input {name!r} shape {shape} is outside the engine's profile {lo}..{hi}"
+                + (f" (and its other {len(self._profiles) - 1})" if len(self._profiles) > 1 else "")
+                + "; rebuild with `ffnx build --profile LABEL:min,opt,max`"
             )
 
     def _bind_outputs(self, out: dict | None) -> dict[str, np.ndarray]:
