@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 import ffnx.build.flavour as flavour_mod
+import ffnx.build.plan_layers as plan_layers
+import ffnx.build.timing_cache as tc
 from ffnx import artifact
-from ffnx.build.profiles import DimRange, dim_ranges, input_shapes
-from ffnx.errors import ArtifactError, BackendError, PassError
+from ffnx.build.profiles import DimRange, add_profiles, input_shapes, profile_sets
+from ffnx.errors import BackendError, PassError
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 Progress = Callable[[str, int, int], None]  # (phase, step, steps)
@@ -127,29 +129,6 @@ def _parse(trt, network, logger, path: Path, warnings: list[str]) -> None:
     parse_network(trt, network, logger, path, hint)
 
 
-def _add_profile(trt, builder, network, config, shapes: dict) -> tuple[dict, object]:
-    """One optimization profile covering every dynamic network input; returns the shapes."""
-    used = {}
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        inp = network.get_input(i)
-        if -1 not in tuple(inp.shape):
-            continue
-        if inp.name not in shapes:
-            raise BackendError(
-                f"input {inp.name!r} has dynamic shape {tuple(inp.shape)} but the manifest "
-                "declares no dims for it; pass --profile LABEL:min,opt,max"
-            )
-        lo, opt, hi = shapes[inp.name]
-        if len(lo) != len(inp.shape):
-            raise BackendError(f"input {inp.name!r}: manifest rank {len(lo)} != graph rank")
-        profile.set_shape(inp.name, lo, opt, hi)
-        used[inp.name] = [list(lo), list(opt), list(hi)]
-    if used:
-        config.add_optimization_profile(profile)
-    return used, profile
-
-
 def _monitor(trt, progress: Progress | None):
     if progress is None or not hasattr(trt, "IProgressMonitor"):
         return None
@@ -243,6 +222,7 @@ def build_engine(
     workspace_gib: float | None = None,
     timing_cache: str | Path | None = None,
     profiles: list[DimRange | str] | None = None,
+    extra_profiles: list[list[DimRange | str] | str] | None = None,
     calib=None,
     progress: Progress | None = None,
     plugin_library: str | Path | None = None,
@@ -252,7 +232,9 @@ def build_engine(
 ) -> dict:
     """Build `artifact_dir/model.plan`; return the manifest's new "tensorrt" section.
 
-    profiles: "label:min,opt,max" overrides of the manifest's dims. calib: int8 calibration
+    profiles: "label:min,opt,max" overrides of the manifest's dims (profile 0); extra_profiles:
+    one more optimization profile per entry (its overrides). timing_cache: default
+    DIR/timing.cache, read before and written after the build. calib: int8 calibration
     batches (TensorRT 10.x only, see load_calibration). progress(phase, step, steps) is called
     from TensorRT's build threads. plugin_library: default plugin_library_path().
     """
@@ -263,14 +245,15 @@ def build_engine(
     d = Path(artifact_dir)
     manifest = artifact.read_manifest(d)
     onnx_path = artifact.model_path(d, manifest, target="trt")
-    ranges = dim_ranges(manifest, profiles)
-    shapes = input_shapes(manifest, ranges)
+    range_sets = profile_sets(manifest, profiles, extra_profiles)
+    shape_sets = [input_shapes(manifest, r) for r in range_sets]
     batches = load_calibration(calib)
     trt = import_tensorrt(flavour)
     major = flavour_mod.strongly_typed_major(trt)
     caps = flavour_mod.compute_capabilities(trt, compute_capability)
     if flavour_mod.flavour_of(trt) == "rtx" and batches:
         raise PassError("--calib: TensorRT-RTX has no int8 calibration; quantize to Q/DQ first")
+    cache_path = tc.path_for(trt, d, timing_cache)
     qdq = has_qdq(onnx.load(str(onnx_path), load_external_data=False))
     plan = precision_plan(major, precision, qdq, bool(batches))
     flags = list(plan.flags) + ["SPARSE_WEIGHTS"] * sparse_weights
@@ -278,13 +261,16 @@ def build_engine(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".trt-build.", dir=d) as work:
         graph, needs_plugins, warnings = _prepare_graph(onnx_path, plan, Path(work))
-        lib_info = _load_plugins(trt, plugin_library) if needs_plugins else {}
+        names = [c.name.removeprefix("SM") for c in caps]
+        lib_info = _load_plugins(trt, plugin_library, names) if needs_plugins else {}
         logger = _logger(trt)
         builder = trt.Builder(logger)
         network = builder.create_network(0)
         _parse(trt, network, logger, graph, warnings)
+        layers = plan_layers.network_plugin_layers(trt, network, onnx.load(str(graph)))
         config = builder.create_builder_config()
-        used, profile = _add_profile(trt, builder, network, config, shapes)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # for IEngineInspector
+        used_sets, profile = add_profiles(builder, network, config, shape_sets)
         _set_flags(trt, config, flags)
         targets = flavour_mod.set_compute_capabilities(config, caps)
         if optimization_level is not None:
@@ -293,22 +279,31 @@ def build_engine(
             config.plugins_to_serialize = [lib_info["plugin_library"]]
         if workspace_gib:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-        keep_alive = _attach(trt, config, plan, batches, d, profile if used else None, progress)
-        has_cache = _timing_cache(config, timing_cache)
+        keep_alive = _attach(trt, config, plan, batches, d, profile, progress)
+        cache_read = tc.attach(config, cache_path) if cache_path else None
         serialized = builder.build_serialized_network(network, config)
         del keep_alive
-        _save(d, serialized, logger, config if has_cache else None, timing_cache)
+        _save(d, serialized, logger)
+        cache_written = tc.save(config, cache_path) if cache_path else None
     section = {
         "version": str(trt.__version__),
         "flavour": flavour_mod.flavour_of(trt),
         "compute_capabilities": targets,
         "precision": precision,
         "strongly_typed": major >= 11,
+        "num_optimization_profiles": getattr(config, "num_optimization_profiles", len(used_sets)),
         "fp16_graph": plan.convert_fp16,
         "builder_flags": sorted(set(flags)),
         **_device(),
-        "profiles": {k: r.to_json() for k, r in ranges.items()},
-        "input_shapes": used,
+        "profiles": {k: r.to_json() for k, r in range_sets[0].items()},
+        "input_shapes": used_sets[0] if used_sets else {},
+        "optimization_profiles": [
+            {"profiles": {k: r.to_json() for k, r in rs.items()}, "input_shapes": u}
+            for rs, u in zip(range_sets, used_sets)
+        ],
+        "timing_cache": tc.record(d, cache_path, cache_read, cache_written),
+        "plugin_layers": layers,
+        "network_layers": network.num_layers,
         "sparse_weights": sparse_weights,
         "version_compatible": version_compatible,
         "workspace_gib": workspace_gib,
@@ -329,16 +324,13 @@ def _record(d: Path, section: dict) -> dict:
     return section
 
 
-def _save(d: Path, serialized, logger, config, timing_cache) -> None:
-    """model.plan (atomically) and the updated timing cache; the manifest comes after."""
+def _save(d: Path, serialized, logger) -> None:
+    """model.plan, atomically; the manifest comes after."""
     if serialized is None:
         detail = "; ".join(logger.errors[-3:]) or "no error was logged"
         raise BackendError(f"TensorRT failed to build the engine: {detail}")
     with artifact.atomic_path(d / artifact.PLAN) as tmp:
         tmp.write_bytes(memoryview(serialized))
-    if config is not None:
-        data = config.get_timing_cache().serialize()
-        artifact.write_bytes_atomic(timing_cache, bytes(memoryview(data)))
 
 
 def _attach(trt, config, plan: PrecisionPlan, batches, d: Path, profile, progress) -> list:
@@ -356,21 +348,22 @@ def _attach(trt, config, plan: PrecisionPlan, batches, d: Path, profile, progres
     return alive
 
 
-def _load_plugins(trt, path) -> dict:
+def _load_plugins(trt, path, targets: list[str]) -> dict:
+    """Load the plugin library; refuse one whose kernels cannot run on a build target (the
+    TensorRT-RTX --compute-capability list; Enterprise checks against this GPU on load)."""
+    import json
+
     from ffnx.plugins.trt_build import load_plugin_library
+    from ffnx.runtime.plugin_library import arch_runs
 
     lib = load_plugin_library(trt, path)
+    sidecar = lib.with_name(lib.name + ".json")
+    archs = json.loads(sidecar.read_text()).get("archs") if sidecar.is_file() else None
+    bad = [t for t in targets if archs and not arch_runs(archs, *divmod(int(t), 10))]
+    if bad:
+        raise BackendError(
+            f"{lib} holds code for sm_{', sm_'.join(archs)}, which cannot run on the build "
+            f"target sm_{', sm_'.join(bad)}: rebuild it with `ffnx plugins build --arch "
+            f"{','.join(sorted(set(archs) | set(bad)))}`"
+        )
     return {"plugin_library": str(lib), "plugin_library_sha256": artifact.sha256(lib)}
-
-
-def _timing_cache(config, path) -> bool:
-    """Attach the timing cache at `path` (created when absent); False when none is asked."""
-    if path is None:
-        return False
-    p = Path(path)
-    try:
-        data = p.read_bytes() if p.exists() else b""
-    except OSError as e:
-        raise ArtifactError(f"cannot read timing cache {p}: {e}") from e
-    config.set_timing_cache(config.create_timing_cache(data), False)
-    return True

@@ -6,6 +6,17 @@ and expands them onto every input axis carrying that label, so axes that share a
 bounds. Defaults from the manifest: min = its min (1), opt = its example size, max = its max;
 a label without a max gets max = DEFAULT_MAX_FACTOR * opt. `--profile name:min,opt,max`
 overrides one label.
+
+KV-cache decoders (a manifest with a "decoder" section, ffnx.models.hf_decoder): `past` starts
+at 0 (prefill feeds an empty cache; the graph takes it: TensorRT-RTX builds it and ORT verifies
+it), and `total` (the attention mask's length) is derived, `seq + past` at min, opt and max (so
+each of the three profile points is a shape the graph can run), unless `--profile total:...`
+names it.
+
+Several profiles: `profile_sets(manifest, overrides, extra)` returns profile 0 (the defaults
+with `overrides`) followed by one profile per entry of `extra`, each a list of overrides on
+top of the defaults (`--add-profile "seq:1,1,1 past:0,256,511"`). TensorRT picks, per call,
+a profile whose ranges hold the input shapes (ffnx.runtime.backends.trt).
 """
 
 from __future__ import annotations
@@ -56,6 +67,11 @@ def dim_ranges(
         hi = d.get("max")
         hi = int(hi) if hi is not None else max(opt, 1) * DEFAULT_MAX_FACTOR
         ranges[label] = DimRange(label, min(lo, opt), opt, max(hi, opt))
+    decoder = manifest.get("decoder") and {"seq", "past", "total"} <= set(ranges)
+    if decoder:
+        p = ranges["past"]
+        ranges["past"] = DimRange("past", 0, p.opt, p.max)
+    given = set()
     for o in overrides or []:
         r = parse_profile(o) if isinstance(o, str) else o
         if r.label not in ranges:
@@ -64,7 +80,31 @@ def dim_ranges(
                 f"--profile names {r.label!r}, which is no dynamic dim (known: {known})"
             )
         ranges[r.label] = r
+        given.add(r.label)
+    if decoder and "total" not in given:
+        s, p = ranges["seq"], ranges["past"]
+        ranges["total"] = DimRange("total", s.min + p.min, s.opt + p.opt, s.max + p.max)
     return ranges
+
+
+def split_profile(text: str) -> list[str]:
+    """'seq:1,1,1 past:0,64,512' (spaces or ';' between labels) -> one override per label."""
+    parts = [p for p in text.replace(";", " ").split() if p]
+    if not parts:
+        raise PassError("--add-profile needs at least one LABEL:MIN,OPT,MAX")
+    return parts
+
+
+def profile_sets(
+    manifest: dict,
+    overrides: list[DimRange | str] | None = None,
+    extra: list[list[DimRange | str] | str] | None = None,
+) -> list[dict[str, DimRange]]:
+    """Profile 0 (defaults + overrides), then one per `extra` entry (defaults + its overrides)."""
+    sets = [dim_ranges(manifest, overrides)]
+    for e in extra or []:
+        sets.append(dim_ranges(manifest, split_profile(e) if isinstance(e, str) else e))
+    return sets
 
 
 def input_shapes(
@@ -88,3 +128,33 @@ def input_shapes(
             for k in ("min", "opt", "max")
         )
     return out
+
+
+def add_profiles(builder, network, config, shape_sets: list[dict]) -> tuple[list[dict], object]:
+    """One TensorRT optimization profile per entry of `shape_sets` (input -> (min, opt, max)
+    shapes, see input_shapes) over every dynamic network input; returns the shapes each used
+    and profile 0 (the int8 calibration profile), None when no input is dynamic."""
+    from ffnx.errors import BackendError
+
+    dynamic = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic = [t for t in dynamic if -1 in tuple(t.shape)]
+    used_sets, first = [], None
+    for shapes in shape_sets:
+        used, profile = {}, builder.create_optimization_profile()
+        for inp in dynamic:
+            if inp.name not in shapes:
+                raise BackendError(
+                    f"input {inp.name!r} has dynamic shape {tuple(inp.shape)} but the manifest "
+                    "declares no dims for it; pass --profile LABEL:min,opt,max"
+                )
+            lo, opt, hi = shapes[inp.name]
+            if len(lo) != len(inp.shape):
+                raise BackendError(f"input {inp.name!r}: manifest rank {len(lo)} != graph rank")
+            profile.set_shape(inp.name, lo, opt, hi)
+            used[inp.name] = [list(lo), list(opt), list(hi)]
+        if used:
+            if config.add_optimization_profile(profile) < 0:
+                raise BackendError(f"TensorRT refused optimization profile {used}")
+            used_sets.append(used)
+            first = first or profile
+    return used_sets, first

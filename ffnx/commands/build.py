@@ -30,13 +30,25 @@ from ffnx.commands.options import trt_flavour_option
     help="Builder workspace limit in MiB (as trtexec --memPoolSize=workspace:N).",
 )
 @click.option("--workspace-gib", type=float, default=None, help="The same limit in GiB.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file.")
+@click.option(
+    "--timing-cache",
+    type=click.Path(dir_okay=False),
+    help="Timing cache file (default: PATH/timing.cache, reused by the next build; "
+    "TensorRT Enterprise only).",
+)
 @click.option(
     "--profile",
     "profiles",
     multiple=True,
     metavar="LABEL:MIN,OPT,MAX",
     help="Override a dynamic dim's range, e.g. seq:1,128,2048 (repeatable).",
+)
+@click.option(
+    "--add-profile",
+    "extra_profiles",
+    multiple=True,
+    metavar="'LABEL:MIN,OPT,MAX ...'",
+    help="One more optimization profile: the defaults with these ranges (repeatable).",
 )
 @click.option("--calib", type=click.Path(exists=True), help="int8 calibration inputs (.npz/dir).")
 @trt_flavour_option
@@ -65,6 +77,7 @@ def build_cmd(
     workspace_gib,
     timing_cache,
     profiles,
+    extra_profiles,
     calib,
     flavour,
     compute_capability,
@@ -81,6 +94,7 @@ def build_cmd(
       ffnx build artifacts/gpt-moe --precision fp16 --profile seq:1,128,2048
       ffnx build artifacts/vit-repa --precision int8 --calib calib.npz
       ffnx build artifacts/gpt-moe --trt rtx --compute-capability 86,89
+      ffnx build artifacts/gpt-moe --trt rtx --add-profile 'batch:1,1,1 seq:1,1,1'
     """
     from ffnx.build.engine import build_engine
 
@@ -97,6 +111,7 @@ def build_cmd(
             workspace_gib=workspace_gib,
             timing_cache=timing_cache,
             profiles=list(profiles) or None,
+            extra_profiles=list(extra_profiles) or None,
             calib=calib,
             plugin_library=plugin_library,
             flavour=flavour,
@@ -107,8 +122,15 @@ def build_cmd(
     ui.err.print(
         f"built {path}/model.plan with TensorRT{'-RTX' if section['flavour'] == 'rtx' else ''} "
         f"{section['version']} "
-        f"({precision}) in {section['build_seconds']} s"
+        f"({precision}, {len(section['optimization_profiles'])} optimization profile(s)) in "
+        f"{section['build_seconds']} s" + _cache_note(section["timing_cache"])
     )
+
+
+def _cache_note(cache: dict) -> str:
+    if not cache.get("file"):
+        return ""
+    return f"; timing cache {cache['file']} (read {cache['read_bytes']} B)"
 
 
 COMMANDS = [build_cmd]

@@ -73,7 +73,32 @@ def describe(path: str | Path) -> dict:
             for p in manifest.get("passes", [])
         ]
         info["plugins"] = manifest.get("plugins", [])
+        if (p / artifact.PLAN).is_file():
+            from ffnx.build.plan_layers import describe_plan
+
+            info["plan"] = describe_plan(p, manifest)
     return info
+
+
+def _print_plan(o, plan: dict) -> None:
+    """The TensorRT plan's plugin layers and where that list comes from."""
+    o.print(
+        f"TensorRT plan: {plan['plan_bytes']:,} bytes (TensorRT {plan.get('built_with')}); "
+        f"layers from: {plan['source']}",
+        markup=False,
+    )
+    if plan.get("note"):
+        o.print(f"  ({plan['note']})", markup=False)
+    rows = [
+        [x["name"], x.get("op") or x.get("layer_type", ""), str(x.get("in_plan", True)).lower()]
+        for x in plan.get("plugin_layers", [])
+    ]
+    if rows or plan["source"] != "none":
+        o.print(
+            ui.table(
+                "plan plugin layers", ["layer", "plugin", "in plan"], rows or [["(none)", "", ""]]
+            )
+        )
 
 
 @click.command("inspect", context_settings={"max_content_width": 100})
@@ -81,7 +106,8 @@ def describe(path: str | Path) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_cmd(path, as_json) -> None:
     """Show inputs/outputs, op histogram, params, FLOPs, recognised FFN variants, passes applied
-    and MoE lowerings of an artifact directory or an .onnx file.
+    and MoE lowerings of an artifact directory or an .onnx file, and the plugin layers of its
+    TensorRT plan (model.plan) when it has one.
 
     \b
     Example:
@@ -124,6 +150,8 @@ def inspect_cmd(path, as_json) -> None:
                 ],
             )
         )
+    if info.get("plan"):
+        _print_plan(o, info["plan"])
     if info["lowerings"]:
         rows = [[e["pass"], e["layer"], e["choice"], e["why"]] for e in info["lowerings"]]
         o.print(ui.table("lowerings (metadata ffnx.lowerings)", ["pass", "layer", "lowering",

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
@@ -204,6 +205,7 @@ def fake_tensorrt(version: str, *, parse_ok: bool = True, build_ok: bool = True)
 
     class Network:
         inputs = []
+        num_layers = 0  # no plugin layers recorded (network_plugin_layers)
 
         @property
         def num_inputs(self):
@@ -221,6 +223,7 @@ def fake_tensorrt(version: str, *, parse_ok: bool = True, build_ok: bool = True)
 
         def add_optimization_profile(self, p):
             rec.profile_added = True
+            return 0
 
         def create_timing_cache(self, data):
             rec.cache = bytearray(data) + b"+"
@@ -269,6 +272,7 @@ def fake_tensorrt(version: str, *, parse_ok: bool = True, build_ok: bool = True)
         __version__=version,
         BuilderFlag=types.SimpleNamespace(**{n: n for n in flag_names}),
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"),
+        ProfilingVerbosity=types.SimpleNamespace(DETAILED="detailed"),
         ILogger=ILogger,
         IProgressMonitor=IProgressMonitor,
         Builder=Builder,
@@ -628,3 +632,43 @@ def test_moe_plugin_engine_matches_the_reference(trt, tmp_path, groups):
         x, logits, w["fc1"], None, w["fc2"], *[None] * 6, num_experts=E, top_k=2, **groups
     )
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_timing_cache_defaults_to_the_artifact_and_the_rebuild_reads_it(tmp_path, monkeypatch):
+    """Enterprise builds keep DIR/timing.cache; the next build creates its cache from it."""
+    trt, rec = fake_tensorrt("10.3.0")
+    monkeypatch.setattr("ffnx.build.engine.import_tensorrt", lambda *a: trt)
+    mlp_artifact(tmp_path / "a")
+    first = build_engine(tmp_path / "a")["timing_cache"]
+    assert first == {"file": "timing.cache", "read_bytes": 0, "written_bytes": 1}
+    second = build_engine(tmp_path / "a")["timing_cache"]
+    assert second["read_bytes"] == first["written_bytes"]
+    assert bytes(rec.cache) == b"++"  # the fake appends "+" to the bytes it was created from
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert "timing.cache" in manifest["files"]
+
+
+def test_select_profile_switches_to_the_profile_holding_the_shapes():
+    """TrtBackend with two optimization profiles picks, per call, one whose ranges fit."""
+    from ffnx.errors import InputError
+    from ffnx.runtime.backends.trt import TrtBackend
+
+    switched = []
+    backend = TrtBackend.__new__(TrtBackend)
+    backend.context = types.SimpleNamespace(
+        set_optimization_profile_async=lambda k, s: switched.append(k) or True
+    )
+    backend.stream = types.SimpleNamespace(handle=0)
+    backend._profiles = [{"x": ((1, 2), (8, 64))}, {"x": ((1, 1), (1, 1))}]
+    backend._profile, backend._bounds = 0, backend._profiles[0]
+    backend._select_profile({"x": (4, 16)})
+    assert switched == [] and backend._profile == 0
+    backend._select_profile({"x": (1, 1)})  # only profile 1 takes seq 1
+    assert switched == [1] and backend._bounds == {"x": ((1, 1), (1, 1))}
+    backend._select_profile({"x": (1, 1)})  # stays
+    assert switched == [1]
+    backend._select_profile({"x": (2, 8)})
+    assert switched == [1, 0]
+    backend._select_profile({"x": (16, 8)})  # fits none: the current bounds report it
+    with pytest.raises(InputError, match="outside the engine's profile"):
+        backend._check_bounds("x", (16, 8))

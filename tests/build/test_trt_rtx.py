@@ -141,17 +141,27 @@ def test_rtx_engine_runs_and_matches_ort(moe_artifact, plugin_lib):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 
-def test_rtx_fp16_profile_and_timing_cache(moe_artifact, plugin_lib, tmp_path):
+def test_rtx_fp16_and_profile_override(moe_artifact, plugin_lib):
     from ffnx.build.engine import build_engine
 
-    cache = tmp_path / "timing.cache"
     section = build_engine(moe_artifact, precision="fp16", profiles=["seq:1,8,32"],
-                           timing_cache=cache, optimization_level=0, workspace_gib=0.25,
+                           optimization_level=0, workspace_gib=0.25,
                            plugin_library=plugin_lib)  # fmt: skip
     assert section["fp16_graph"] and section["strongly_typed"]  # the 11.x conversion path
     assert section["profiles"]["seq"] == [1, 8, 32]
     assert section["input_shapes"]["input_ids"][2][1] == 32  # max of the overridden range
-    assert cache.is_file() and cache.stat().st_size > 0
+    # TensorRT-RTX's timing-cache calls are no-ops: no cache file is written or claimed
+    assert section["timing_cache"]["file"] is None
+    assert not (moe_artifact / "timing.cache").exists()
+
+
+def test_rtx_refuses_a_timing_cache_it_would_ignore(moe_artifact, tmp_path):
+    from ffnx.build.engine import build_engine
+    from ffnx.errors import PassError
+
+    with pytest.raises(PassError, match="TensorRT-RTX has no timing cache"):
+        build_engine(moe_artifact, timing_cache=tmp_path / "t.cache", flavour="rtx")
+    assert not (tmp_path / "t.cache").exists()
 
 
 def test_rtx_refuses_int8_calibration(moe_artifact, tmp_path):
