@@ -10,6 +10,9 @@ Every rewrite keeps the block's numerics (tests compare swapped and original mod
 - JetMoE's output bias b is folded into every expert's fc2 bias: its top-k softmax weights sum
   to 1, so sum_j w_j (y_j + b) = sum_j w_j y_j + b.
 
+GPT-OSS (`GptOssMLP`: router bias, top-k then softmax, clamped SwiGLU with interleaved gate/up
+columns, expert biases) has its own rule in `ffnx.export.moe_gpt_oss`.
+
 Group-limited routing (DeepSeek-V2/V3, GLM-4.5 with n_group > 1) becomes the n_group /
 topk_group / group_scoring attributes when it restricts the choice (topk_group < n_group).
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffnx.errors import ExportError, RefusedError
+from ffnx.export.moe_gpt_oss import gpt_oss_block
 from ffnx.export.moe_op import MoEOpModule
 from ffnx.graph.onnx_schemas import register_onnx_schemas
 from ffnx.plugins.schema import BASE_ACTIVATION, GATED_ACTIVATION, group_error
@@ -180,8 +184,6 @@ HF_BLOCKS = {
 HF_REFUSED = {
     "PhimoeSparseMoeBlock": "sparsemixer routing (the second expert is picked after masking the "
     "first, weights from jitter-thresholded masked softmaxes) has no FfnxMoE scoring mode",
-    "GptOssMLP": "experts use a clamped SwiGLU (gate <= limit, |up| <= limit, "
-    "g*sigmoid(alpha*g)*(up+1)) that no FfnxMoE activation expresses",
     "Llama4TextMoe": "the router score scales each expert's input, FFN(s*x), while FfnxMoE "
     "weights expert outputs, s*FFN(x); they differ for gated experts",
 }
@@ -243,7 +245,7 @@ def _hf_jetmoe(block: nn.Module) -> MoEOpModule:
     return MoEOpModule(weights, attrs, router_weight=block.router.layer.weight, source="JetMoeMoE")
 
 
-HF_SPECIAL = {"DbrxFFN": _hf_dbrx, "JetMoeMoE": _hf_jetmoe}
+HF_SPECIAL = {"DbrxFFN": _hf_dbrx, "JetMoeMoE": _hf_jetmoe, "GptOssMLP": gpt_oss_block}
 
 
 def hf_block(module: nn.Module) -> MoEOpModule | None:
@@ -339,7 +341,7 @@ def capture_moe(name: str, module: nn.Module, target: str) -> nn.Module | None:
         new = hf_block(module)
         if new is None:
             new = zoo_block(module)
-    except Refused as e:
+    except RefusedError as e:  # Refused here, or from the per-architecture modules
         raise ExportError(
             f"cannot export MoE block {name} ({type(module).__qualname__}) as ffnx::FfnxMoE: {e}"
         ) from None

@@ -24,7 +24,8 @@ from ffnx.plugins.schema import MOE
 
 INPUTS = tuple(p.name for p in MOE.inputs)
 ROUTING_ATTRS = ("num_experts", "top_k", "routing_mode", "scoring", "normalize",
-                 "routed_scaling_factor", "activation", *schema.GROUP_ATTRS)  # fmt: skip
+                 "routed_scaling_factor", "activation", *schema.GROUP_ATTRS,
+                 *schema.CLAMPED_ATTRS)  # fmt: skip
 
 
 @torch.library.custom_op("ffnx::moe", mutates_args=())
@@ -51,6 +52,8 @@ def moe_op(
     n_group: int = 1,
     topk_group: int = 0,
     group_scoring: str = "top2_sum",
+    activation_alpha: float = schema.CLAMPED_DEFAULTS["activation_alpha"],
+    activation_limit: float = schema.CLAMPED_DEFAULTS["activation_limit"],
 ) -> torch.Tensor:
     """Eager `ffnx::moe`: the schema's math via the single torch reference."""
     from ffnx.plugins.reference import moe_reference
@@ -61,6 +64,7 @@ def moe_op(
         num_experts=num_experts, top_k=top_k, routing_mode=routing_mode, scoring=scoring,
         normalize=normalize, routed_scaling_factor=routed_scaling_factor, activation=activation,
         n_group=n_group, topk_group=topk_group, group_scoring=group_scoring,
+        activation_alpha=activation_alpha, activation_limit=activation_limit,
     ).contiguous()  # fmt: skip
 
 
@@ -81,11 +85,10 @@ def moe(inputs: dict[str, torch.Tensor | None], attrs: dict) -> torch.Tensor:
     full = {**MOE.defaults(), **attrs}
     hidden = args[0]
     if torch.onnx.is_in_onnx_export():
-        skip = () if int(full["n_group"]) > 1 else schema.GROUP_ATTRS  # defaults: not written
         return torch.onnx.ops.symbolic(
             f"{schema.DOMAIN}::{MOE.op_type}",
             args,
-            {a.name: full[a.name] for a in MOE.attributes if a.name not in skip},
+            {name: full[name] for name in schema.written_attrs(full)},
             dtype=hidden.dtype,
             shape=hidden.shape,
             version=schema.DOMAIN_VERSION,
@@ -96,11 +99,12 @@ def moe(inputs: dict[str, torch.Tensor | None], attrs: dict) -> torch.Tensor:
 class MoEOpModule(torch.nn.Module):
     """An MoE layer as one `ffnx::moe` call, with the weights laid out as the schema wants.
 
-    router_weight [E, D]: logits = hidden @ router_weight.T (a plain MatMul); None for hash
-    routing. Tensors in `weights` (schema input names) are registered as parameters (float)
-    or buffers (int64, score_bias); passing an existing Parameter shares it (no copy). `attrs`:
-    the routing attributes (schema defaults for missing ones), cast to the schema's kinds;
-    group attributes are checked against E (`schema.group_error`).
+    router_weight [E, D]: logits = hidden @ router_weight.T (+ router_bias [E] when given; a
+    plain MatMul and Add in the graph); None for hash routing. Tensors in `weights` (schema
+    input names) are registered as parameters (float) or buffers (int64, score_bias); passing
+    an existing Parameter shares it (no copy). `attrs`: the routing attributes (schema
+    defaults for missing ones), cast to the schema's kinds; group attributes are checked
+    against E (`schema.group_error`).
     """
 
     ffnx_op_type = MOE.op_type
@@ -111,12 +115,16 @@ class MoEOpModule(torch.nn.Module):
         attrs: dict,
         router_weight: torch.Tensor | None = None,
         source: str = "",
+        router_bias: torch.Tensor | None = None,
     ):
         super().__init__()
         bad = set(weights) - set(INPUTS[2:])
         if bad:
             raise ValueError(f"unknown MoE weight(s) {sorted(bad)}")
-        for name, t in [("router_weight", router_weight), *weights.items()]:
+        if router_bias is not None and router_weight is None:
+            raise ValueError("router_bias needs router_weight")
+        routers = [("router_weight", router_weight), ("router_bias", router_bias)]
+        for name, t in [*routers, *weights.items()]:
             if t is None:
                 continue
             if isinstance(t, torch.nn.Parameter) or (
@@ -141,7 +149,7 @@ class MoEOpModule(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None):
         logits = None
         if self._get("router_weight") is not None:
-            logits = F.linear(hidden, self.router_weight)
+            logits = F.linear(hidden, self.router_weight, self._get("router_bias"))
         inputs = {n: self._get(n) for n in INPUTS[2:]}
         inputs.update(hidden=hidden, router_logits=logits)
         if token_ids is not None:

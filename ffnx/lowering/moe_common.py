@@ -10,6 +10,8 @@ Math (schema `ffnx.plugins.schema.MOE`), on tokens flattened to x [T, D]:
                   the topk_group best groups masked to -inf (`group_mask`); w from unmasked p
   hash:    idx = hash_table[token_ids];  w = routed_scaling_factor / k
   output   y = sum_j w_j * FFN_{idx_j}(x) + shared(x)
+  clamped_swiglu (GPT-OSS): g = Min(gate, limit), u = Clip(up, -limit, limit),
+           act = g * Sigmoid(alpha * g) * (u + 1), the schema's formula op by op (exact in fp32)
 Lowerings compute in float32 (fp16/bf16 models are cast in and out: ORT's CPU kernels for the
 ops used here are float32).
 """
@@ -26,6 +28,8 @@ from ffnx.graph.builder import Builder, f32, i64
 from ffnx.graph.tensors import const
 from ffnx.plugins.schema import (
     BASE_ACTIVATION,
+    CLAMPED_DEFAULTS,
+    CLAMPED_SWIGLU,
     GATED_ACTIVATIONS,
     MOE,
     group_error,
@@ -102,11 +106,23 @@ class MoESite:
         return 4 * (self.H1 * self.D + self.D * self.H)
 
 
-def activate(b: Builder, h, act: str, axis: int, H: int):
-    """act(h); gated activations split h along `axis` into [gate; up] halves of width H."""
+def activate(b: Builder, h, act: str, axis: int, H: int, attrs: dict | None = None):
+    """act(h); gated activations split h along `axis` into [gate; up] halves of width H.
+    `attrs`: the node's attributes (clamped_swiglu reads activation_alpha / activation_limit)."""
     if act not in GATED_ACTIVATIONS:
         return plain_act(b, h, act)
     g, u = b.op("Split", h, i64(H, H), axis=axis, n_out=2)
+    return gated_act(b, g, u, act, attrs)
+
+
+def gated_act(b: Builder, g, u, act: str, attrs: dict | None = None):
+    """A gated activation of gate g and up u: base(g) * u, or clamped_swiglu (module docstring)."""
+    if act == CLAMPED_SWIGLU:
+        a = {**CLAMPED_DEFAULTS, **(attrs or {})}
+        alpha, limit = float(a["activation_alpha"]), float(a["activation_limit"])
+        g = b.op("Min", g, f32(limit))
+        u = b.op("Clip", u, f32(-limit), f32(limit))
+        return b.mul(b.mul(g, b.op("Sigmoid", b.mul(g, f32(alpha)))), b.add(u, f32(1.0)))
     return b.mul(plain_act(b, g, BASE_ACTIVATION[act]), u)
 
 
@@ -197,9 +213,9 @@ def group_mask(b: Builder, s: MoESite, sel):
     return b.reshape(masked, -1, s.E)
 
 
-def dense_ffn(b: Builder, x, w1, w2, act: str, H: int):
+def dense_ffn(b: Builder, x, w1, w2, act: str, H: int, attrs: dict | None = None):
     """act(x @ w1.T) @ w2.T for x [T, D], w1 [H1, D], w2 [D, H] (shared experts)."""
-    h = activate(b, b.op("Gemm", x, w1, transB=1), act, axis=1, H=H)
+    h = activate(b, b.op("Gemm", x, w1, transB=1), act, axis=1, H=H, attrs=attrs)
     return b.op("Gemm", h, w2, transB=1)
 
 
@@ -211,7 +227,8 @@ def shared(b: Builder, s: MoESite, x):
     shape = s.inputs["shared_fc2_weight"].shape
     if not shape or not isinstance(shape[-1], int):
         raise LoweringError(f"{s.node.name}: shared_fc2_weight needs a static shape")
-    y = dense_ffn(b, x, w1, s.tensor(b, "shared_fc2_weight"), s.activation, H=shape[-1])
+    w2 = s.tensor(b, "shared_fc2_weight")
+    y = dense_ffn(b, x, w1, w2, s.activation, H=shape[-1], attrs=s.attrs)
     gate = s.tensor(b, "shared_gate_weight")
     if gate is not None:
         y = b.mul(y, b.op("Sigmoid", b.op("Gemm", x, gate, transB=1)))

@@ -25,8 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ffnx.graph.builder import Builder, i64
-from ffnx.lowering.moe_common import MoESite, activate, plain_act
-from ffnx.plugins.schema import BASE_ACTIVATION
+from ffnx.lowering.moe_common import MoESite, activate, gated_act, plain_act
 
 
 def sorted_experts(b: Builder, s: MoESite, x, idx, w, linear=None):
@@ -34,7 +33,7 @@ def sorted_experts(b: Builder, s: MoESite, x, idx, w, linear=None):
     xs, ws, counts, perm = _group(b, s, x, idx, w)
     lin = linear or gemm_linear
     h = _per_expert(b, s, xs, counts, "fc1", lin)
-    h = activate(b, h, s.activation, axis=1, H=s.H)  # once for all experts' rows
+    h = activate(b, h, s.activation, axis=1, H=s.H, attrs=s.attrs)  # once for all experts' rows
     return _ungroup(b, s, _per_expert(b, s, h, counts, "fc2", lin), ws, perm)
 
 
@@ -56,7 +55,7 @@ def _expert_ffn(b: Builder, s: MoESite, rows, e: int):
         return b.op("Gemm", rows, w, _expert_param(b, s, "fc1_bias", e, (lo, hi)), transB=1)
 
     if s.gated:
-        h = b.mul(plain_act(b, fc1(0, s.H), BASE_ACTIVATION[s.activation]), fc1(s.H, 2 * s.H))
+        h = gated_act(b, fc1(0, s.H), fc1(s.H, 2 * s.H), s.activation, s.attrs)
     else:
         h = plain_act(b, fc1(0, s.H1), s.activation)
     w2, b2 = _expert_param(b, s, "fc2_weight", e), _expert_param(b, s, "fc2_bias", e)
@@ -115,7 +114,7 @@ def gather_weights(b: Builder, s: MoESite, x, idx, w):
     xc = b.reshape(x, -1, 1, D, 1)
     h = b.matmul(b.op("Gather", fc1, idx, axis=0), xc)  # [T, k, H1, 1]
     h = b.add(h, _gathered_bias(b, s, "fc1_bias", idx))
-    h = activate(b, h, s.activation, axis=2, H=s.H)
+    h = activate(b, h, s.activation, axis=2, H=s.H, attrs=s.attrs)
     y = b.matmul(b.op("Gather", fc2, idx, axis=0), h)  # [T, k, D, 1]
     y = b.add(y, _gathered_bias(b, s, "fc2_bias", idx))
     y = b.mul(y, b.reshape(w, -1, k, 1, 1))
@@ -134,7 +133,7 @@ def dense_experts(b: Builder, s: MoESite, x, idx, w):
     h = b.matmul(x, _wide(b, s, "fc1_weight", (2, 0, 1), (D, E * H1)))
     if s.inputs["fc1_bias"] is not None:
         h = b.add(h, b.reshape(s.tensor(b, "fc1_bias"), -1))
-    h = activate(b, b.reshape(h, -1, E, H1), s.activation, axis=2, H=H)  # [T, E, H]
+    h = activate(b, b.reshape(h, -1, E, H1), s.activation, axis=2, H=H, attrs=s.attrs)
     h = b.reshape(b.mul(h, b.unsqueeze(g, 2)), -1, E * H)
     y = b.matmul(h, _wide(b, s, "fc2_weight", (0, 2, 1), (E * H, D)))
     if s.inputs["fc2_bias"] is not None:

@@ -14,7 +14,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ffnx.plugins.schema import DOMAIN, DOMAIN_VERSION, GATED_ACTIVATIONS, GROUP_ATTRS, MOE
+from ffnx.plugins.schema import (
+    CLAMPED_ATTRS,
+    CLAMPED_DEFAULTS,
+    CLAMPED_SWIGLU,
+    DOMAIN,
+    DOMAIN_VERSION,
+    GATED_ACTIVATIONS,
+    GROUP_ATTRS,
+    MOE,
+)
 
 
 @dataclass(frozen=True)
@@ -36,16 +45,22 @@ class MoEConfig:
     n_group: int = 1  # group-limited routing when > 1 (schema MOE)
     topk_group: int = 0
     group_scoring: str = "top2_sum"
+    activation_alpha: float = CLAMPED_DEFAULTS["activation_alpha"]  # clamped_swiglu only
+    activation_limit: float = CLAMPED_DEFAULTS["activation_limit"]
 
     @property
     def H1(self) -> int:
         return 2 * self.H if self.activation in GATED_ACTIVATIONS else self.H
 
     def signature(self) -> dict:
-        """The fields as a dict; without the group ones when n_group = 1 (older cache keys)."""
+        """The fields as a dict; without the group ones when n_group = 1 and alpha / limit unless
+        clamped_swiglu (older cache keys)."""
         out = asdict(self)
         if self.n_group == 1:
             for name in GROUP_ATTRS:
+                del out[name]
+        if self.activation != CLAMPED_SWIGLU:
+            for name in CLAMPED_ATTRS:
                 del out[name]
         return out
 
@@ -100,6 +115,8 @@ def moe_model(
     present = feed_names | set(weights) - {"router_weight"}
     last = max(i for i, n in enumerate(order) if n in present)
     groups = {a: getattr(cfg, a) for a in GROUP_ATTRS} if cfg.n_group > 1 else {}
+    if cfg.activation == CLAMPED_SWIGLU:
+        groups.update({a: float(getattr(cfg, a)) for a in CLAMPED_ATTRS})
     node = helper.make_node(
         "FfnxMoE",
         [n if n in present else "" for n in order[: last + 1]],

@@ -20,8 +20,9 @@ MoE (x = hidden flattened to [T, D]):
   y = sum_j w_j * FFN_{idx_j}(x) + shared(x),  shared(x) = act(x @ Ws1.T) @ Ws2.T
       (times sigmoid(x @ shared_gate_weight.T) when the gate is given)
   Gated activations split fc1's output into [gate; up] halves: act(h) = base(gate) * up with
-  base = silu (swiglu), gelu-erf (geglu), relu (reglu). Expert ids outside [0, E) (a bad hash
-  table) select nothing.
+  base = silu (swiglu), gelu-erf (geglu), relu (reglu); clamped_swiglu (GPT-OSS):
+  g = min(gate, limit), u = clamp(up, -limit, limit), act(h) = g * sigmoid(alpha * g) * (u + 1).
+  Expert ids outside [0, E) (a bad hash table) select nothing.
 
 Sparse FFN:
   gated      a = base(x @ w_gate.T),  u = x @ w_up.T,  y = (keep * a * u) @ w_down.T + b_down
@@ -39,6 +40,8 @@ import torch.nn.functional as F
 from ffnx.plugins.schema import (
     ACTIVATIONS,
     BASE_ACTIVATION,
+    CLAMPED_DEFAULTS,
+    CLAMPED_SWIGLU,
     GATED_ACTIVATIONS,
     group_error,
     group_limited,
@@ -58,8 +61,24 @@ def base_activation(name: str):
     return _FUNCS[BASE_ACTIVATION.get(name, name)]
 
 
-def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(h) over the last dim; gated activations read h as [gate; up] halves (not interleaved)."""
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float):
+    """GPT-OSS's expert activation: g = min(gate, limit), u = clamp(up, -limit, limit),
+    g * sigmoid(alpha * g) * (u + 1)."""
+    g = gate.clamp(max=limit)
+    return g * torch.sigmoid(alpha * g) * (up.clamp(-limit, limit) + 1)
+
+
+def activate(
+    h: torch.Tensor,
+    activation: str,
+    activation_alpha: float = CLAMPED_DEFAULTS["activation_alpha"],
+    activation_limit: float = CLAMPED_DEFAULTS["activation_limit"],
+) -> torch.Tensor:
+    """act(h) over the last dim; gated activations read h as [gate; up] halves (not interleaved);
+    alpha and limit are read by clamped_swiglu only."""
+    if activation == CLAMPED_SWIGLU:
+        gate, up = h.chunk(2, dim=-1)
+        return clamped_swiglu(gate, up, activation_alpha, activation_limit)
     f = base_activation(activation)
     if activation in GATED_ACTIVATIONS:
         gate, up = h.chunk(2, dim=-1)
@@ -173,6 +192,8 @@ def moe_reference(
     n_group: int = 1,
     topk_group: int = 0,
     group_scoring: str = "top2_sum",
+    activation_alpha: float = CLAMPED_DEFAULTS["activation_alpha"],
+    activation_limit: float = CLAMPED_DEFAULTS["activation_limit"],
 ) -> torch.Tensor:
     """`ffnx::FfnxMoE` (module docstring): hidden [*, D] -> [*, D], same dtype as hidden.
 
@@ -185,6 +206,8 @@ def moe_reference(
                    top_k=top_k, routing_mode=routing_mode, scoring=scoring, normalize=normalize,
                    routed_scaling_factor=routed_scaling_factor, n_group=n_group,
                    topk_group=topk_group, group_scoring=group_scoring)  # fmt: skip
+    act = dict(activation=activation, activation_alpha=activation_alpha,
+               activation_limit=activation_limit)  # fmt: skip
     out = torch.zeros_like(x)
     for e in range(num_experts):
         tok, slot = (idx == e).nonzero(as_tuple=True)
@@ -192,11 +215,11 @@ def moe_reference(
             continue
         b1 = None if fc1_bias is None else fc1_bias[e].float()
         b2 = None if fc2_bias is None else fc2_bias[e].float()
-        h = activate(F.linear(x[tok], fc1_weight[e].float(), b1), activation)
+        h = activate(F.linear(x[tok], fc1_weight[e].float(), b1), **act)
         y = F.linear(h, fc2_weight[e].float(), b2)
         out.index_add_(0, tok, y * w[tok, slot].unsqueeze(-1))
     if shared_fc1_weight is not None:
-        ys = F.linear(activate(F.linear(x, shared_fc1_weight.float()), activation),
+        ys = F.linear(activate(F.linear(x, shared_fc1_weight.float()), **act),
                       _f32(shared_fc2_weight))  # fmt: skip
         if shared_gate_weight is not None:
             ys = ys * torch.sigmoid(F.linear(x, shared_gate_weight.float()))

@@ -62,11 +62,19 @@ PLUGIN_ATTRS = (
 
 # Activations. Gated ones read fc1 rows [0, H) as gate and [H, 2H) as up (not interleaved):
 #   swiglu: silu(g) * u   geglu: gelu(g) * u (erf)   reglu: relu(g) * u
+#   clamped_swiglu (GPT-OSS, FfnxMoE only): g' = min(g, limit), u' = clamp(u, -limit, limit),
+#     g' * sigmoid(alpha * g') * (u' + 1); alpha, limit = attributes activation_alpha /
+#     activation_limit. act(0, 0) = 0 * sigmoid(0) * 1 = 0 (for limit >= 0), so zero padding
+#     stays exact.
 # The one activation table: a gated activation -> the activation of its gate, and back.
 BASE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 GATED_ACTIVATION = {base: gated for gated, base in BASE_ACTIVATION.items()}
-GATED_ACTIVATIONS = tuple(BASE_ACTIVATION)
-ACTIVATIONS = GATED_ACTIVATIONS + ("gelu", "relu", "silu")
+CLAMPED_SWIGLU = "clamped_swiglu"
+CLAMPED_DEFAULTS = {"activation_alpha": 1.702, "activation_limit": 7.0}  # GPT-OSS's
+CLAMPED_ATTRS = tuple(CLAMPED_DEFAULTS)
+GATED_ACTIVATIONS = tuple(BASE_ACTIVATION) + (CLAMPED_SWIGLU,)
+ACTIVATIONS = tuple(BASE_ACTIVATION) + ("gelu", "relu", "silu")  # every op's (FfnxSparseFFN)
+MOE_ACTIVATIONS = ACTIVATIONS + (CLAMPED_SWIGLU,)  # FfnxMoE's
 GROUP_SCORINGS = ("top2_sum", "max")
 
 MOE = OpSchema(
@@ -95,7 +103,12 @@ MOE = OpSchema(
         "optionally scaled by sigmoid(x @ shared_gate_weight.T).\n"
         "Heterogeneous expert widths (Duo-LLM small/big, skip) are zero-padded to the widest "
         "expert: act(0) = 0 for every activation here, so padding is exact; a skip expert is "
-        "all-zero."
+        "all-zero.\n"
+        "activation='clamped_swiglu' (GPT-OSS): with gate g and up u the two halves of h,\n"
+        "  g' = min(g, limit), u' = min(max(u, -limit), limit), act = g' * sigmoid(alpha * g')"
+        " * (u' + 1)\n"
+        "(alpha = activation_alpha, limit = activation_limit; exporters write both only for this\n"
+        "activation)."
     ),
     inputs=(
         Port("hidden", "[*, D]", FLOAT, "token hidden states"),
@@ -119,14 +132,37 @@ MOE = OpSchema(
         Attr("scoring", "string", "softmax", "", ("softmax", "topk_softmax", "sigmoid")),
         Attr("normalize", "int", 0, "renormalise the top-k weights to sum 1", (0, 1)),
         Attr("routed_scaling_factor", "float", 1.0, "multiplies the routing weights"),
-        Attr("activation", "string", "swiglu", "", ACTIVATIONS),
+        Attr("activation", "string", "swiglu", "", MOE_ACTIVATIONS),
         Attr("n_group", "int", 1, "expert groups (group-limited routing when > 1)"),
         Attr("topk_group", "int", 0, "groups kept per token (0: all)"),
         Attr("group_scoring", "string", "top2_sum", "a group's score", GROUP_SCORINGS),
+        Attr(
+            "activation_alpha",
+            "float",
+            CLAMPED_DEFAULTS["activation_alpha"],
+            "clamped_swiglu: alpha in g * sigmoid(alpha * g)",
+        ),
+        Attr(
+            "activation_limit",
+            "float",
+            CLAMPED_DEFAULTS["activation_limit"],
+            "clamped_swiglu: gate <= limit, |up| <= limit",
+        ),
         *PLUGIN_ATTRS,
     ),
 )
 GROUP_ATTRS = ("n_group", "topk_group", "group_scoring")
+
+
+def written_attrs(attrs: dict) -> list[str]:
+    """The FfnxMoE attribute names an exporter writes for `attrs` (schema defaults for missing
+    ones): the group attributes only for n_group > 1, alpha / limit only for clamped_swiglu, so
+    every other node is as before they existed."""
+    a = {**MOE.defaults(), **attrs}
+    skip = set() if int(a["n_group"]) > 1 else set(GROUP_ATTRS)
+    if a["activation"] != CLAMPED_SWIGLU:
+        skip |= set(CLAMPED_ATTRS)
+    return [x.name for x in MOE.attributes if x.name not in skip]
 
 
 def group_limited(attrs: dict) -> bool:

@@ -63,11 +63,12 @@ HF_SUPPORTED = {
     "dbrx": ("DbrxConfig", dict(d_model=64, n_heads=4, n_layers=1, ffn_config=dict(
              ffn_hidden_size=96, moe_num_experts=4, moe_top_k=2)), "DbrxFFN"),
     "jetmoe": ("JetMoeConfig", dict(kv_channels=16, num_local_experts=4, **TWO), "JetMoeMoE"),
+    # limit 1.5: with weights ~N(0, 0.2) both clamps bind on some channels (checked below)
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, **TWO, swiglu_limit=1.5), "GptOssMLP"),
 }  # fmt: skip
 HF_REFUSED = {
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, **TWO), "PhimoeSparseMoeBlock",
                "sparsemixer"),
-    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, **TWO), "GptOssMLP", "clamped SwiGLU"),
     "llama4": ("Llama4TextConfig", dict(num_local_experts=4, num_experts_per_tok=1,
                intermediate_size_mlp=96), "Llama4TextMoe", "scales each expert's input"),
 }  # fmt: skip
@@ -117,7 +118,8 @@ def test_hf_block_swap_keeps_numerics(family):
         x = torch.randn(1, t, 64, generator=torch.Generator().manual_seed(t))
         with torch.no_grad():
             ref, got = block(x), new(x)
-        _close_to(ref[0] if isinstance(ref, tuple) else ref, got)
+        first = lambda t: t[0] if isinstance(t, tuple) else t  # noqa: E731 (GptOssMLP: 2-tuple)
+        _close_to(first(ref), first(got))
 
 
 def test_hf_fused_expert_weights_are_shared_not_copied():
@@ -312,3 +314,79 @@ def test_hf_transposed_biased_expert_layout_matches_transformers_kernel():
         )  # fmt: skip
     assert act == "swiglu" and weights["fc1_weight"].shape == (E, 2 * H, D)
     _close_to(ref, got)
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-OSS: clamped SwiGLU experts with biases, router with a bias, top-k then softmax
+
+
+def test_gpt_oss_activation_matches_transformers_gate():
+    """reference.activate(clamped_swiglu) on [gate; up] halves == GptOssExperts._apply_gate on
+    the interleaved columns, with values on both sides of +-limit (both clamps bind)."""
+    from ffnx.export.moe_gpt_oss import _deinterleave
+    from ffnx.plugins.reference import activate
+
+    experts = hf_block("gpt_oss", HF_SUPPORTED).experts
+    gu = torch.randn(64, 2 * 96, generator=torch.Generator().manual_seed(0)) * 3
+    assert (gu[:, ::2] > 1.5).any() and (gu[:, 1::2].abs() > 1.5).any()
+    with torch.no_grad():
+        ref = experts._apply_gate(gu)
+    got = activate(_deinterleave(gu, 1), "clamped_swiglu", experts.alpha, experts.limit)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    plain = activate(_deinterleave(gu, 1), "clamped_swiglu", experts.alpha, 1e9)
+    assert not torch.allclose(plain, ref, atol=1e-3), "the clamps changed nothing: untested"
+
+
+def test_gpt_oss_experts_match_transformers_experts():
+    """The captured node's reference == GptOssExperts.forward for given routing (op level)."""
+    from ffnx.plugins.reference import moe_reference
+
+    block = hf_block("gpt_oss", HF_SUPPORTED)
+    new = capture_moe("mlp", block, "ort")
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, scores, idx = block.router(x)
+        ref = block.experts(x, idx, scores)
+        w = [new.fc1_weight, new.fc1_bias, new.fc2_weight, new.fc2_bias]
+        got = moe_reference(x, logits, *w, None, None, None, None, None, None, **new.attrs)
+    _close_to(ref, got)
+    assert new.attrs == dict(num_experts=4, top_k=2, scoring="topk_softmax",
+                             activation="clamped_swiglu", activation_alpha=1.702,
+                             activation_limit=1.5)  # fmt: skip
+    assert new.router_bias is block.router.bias and new.fc2_bias is block.experts.down_proj_bias
+
+
+def test_gpt_oss_node_lowers_exactly_in_every_form(tmp_path):
+    """The exported node carries alpha/limit; every standard-ONNX form == the block."""
+    from ffnx.graph.ort import run_session
+    from ffnx.lowering.moe_forms import FORMS
+    from ffnx.lowering.moe_model import MoEConfig, moe_model
+    from tests.lowering.test_moe_lowering import lowered
+
+    block = hf_block("gpt_oss", HF_SUPPORTED)
+    new = capture_moe("mlp", block, "ort")
+    cfg = MoEConfig(D=64, H=96, E=4, k=2, activation="clamped_swiglu", scoring="topk_softmax",
+                    bias=True, activation_limit=1.5)  # fmt: skip
+    weights = {k: getattr(new, k).detach().numpy() for k in
+               ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")}  # fmt: skip
+    model = moe_model(cfg, weights)
+    attrs = {a.name: a for a in model.graph.node[-1].attribute}
+    assert attrs["activation_limit"].f == 1.5 and abs(attrs["activation_alpha"].f - 1.702) < 1e-6
+    for T in TOKENS:
+        x = torch.randn(T, 64, generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            ref = block(x[None])[0][0].numpy()
+            logits = block.router(x)[0].numpy()
+        for form in FORMS:
+            sess = ort_session(lowered(model, form))
+            got = run_session(sess, {"hidden": x.numpy(), "router_logits": logits})["output"]
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=f"{form} T={T}")
+
+
+def test_gpt_oss_unknown_router_is_refused_with_one_line():
+    block = hf_block("gpt_oss", HF_SUPPORTED)
+    block.router = torch.nn.Linear(64, 4)
+    with pytest.raises(ExportError) as info:
+        capture_moe("model.layers.1.mlp", block, "ort")
+    msg = str(info.value)
+    assert "\n" not in msg and "model.layers.1.mlp (GptOssMLP)" in msg and "GptOssTopKRouter" in msg
