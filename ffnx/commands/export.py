@@ -6,6 +6,7 @@ import click
 
 from ffnx.commands import ui
 from ffnx.commands.options import csv_list, trt_flavour_option
+from ffnx.commands.quantize import quantize_option
 
 
 @click.command("export", context_settings={"max_content_width": 100})
@@ -41,6 +42,7 @@ from ffnx.commands.options import csv_list, trt_flavour_option
 @click.option("--no-optimize", is_flag=True, help="Skip graph passes (no model.opt.onnx).")
 @click.option("--passes", callback=csv_list, help="Run only these passes (comma-separated).")
 @click.option("--skip", callback=csv_list, help="Skip these passes.")
+@quantize_option
 @click.option(
     "--no-guard",
     is_flag=True,
@@ -96,6 +98,7 @@ def export_cmd(
     no_build,
     flavour,
     no_cache,
+    quantize,
 ) -> None:
     """Export MODEL (zoo name, pkg.module:factory, file.py:factory or hf:PATH) to an artifact
     directory, verified against torch at two shapes.
@@ -108,6 +111,7 @@ def export_cmd(
       ffnx export hf:./bert-tiny --task masked-lm --out artifacts/bert-mlm
       ffnx export gpt-moe --out artifacts/gpt-moe --target trt --trt rtx --no-build --force
       ffnx export vit-repa --out artifacts/vit-repa --threads 2 --force
+      ffnx export hf:./qwen3-tiny --out artifacts/qwen3-int4 --quantize int4 --force
     """
     from ffnx.export.pipeline import export_artifact
     from ffnx.export.torch_export import DEFAULT_OPSET
@@ -136,13 +140,27 @@ def export_cmd(
         atol=verify.DEFAULT_ATOL if atol is None else atol,
         rtol=verify.DEFAULT_RTOL if rtol is None else rtol,
     )
-    with ui.steps(f"exporting {spec.name}") as step:
+    if quantize and (target != "ort" or no_optimize):
+        raise click.UsageError("--quantize needs the ORT graph passes (not --target trt, "
+                               "--no-optimize)")  # fmt: skip
+    if quantize and "decoder" not in getattr(spec, "manifest_extra", {}):
+        from ffnx.errors import PassError
+
+        raise PassError(f"--quantize: {spec.name} is not a KV-cache decoder (ffnx export hf:DIR "
+                        "of a causal LM, without --no-cache)")  # fmt: skip
+    from contextlib import nullcontext
+
+    from ffnx import artifact
+
+    # --quantize: export and quantize in one staging dir, so a failure leaves `out` as it was
+    staged = artifact.staged_dir(out, force) if quantize else nullcontext(None)
+    with ui.steps(f"exporting {spec.name}") as step, staged as stage:
         manifest = export_artifact(
             spec,
-            out,
+            stage or out,
             opset=opset or DEFAULT_OPSET,
             tol=tol,
-            force=force,
+            force=force or stage is not None,
             optimize=not no_optimize,
             passes=passes,
             skip=skip or [],
@@ -159,6 +177,11 @@ def export_cmd(
 
             step("building the TensorRT engine")
             build_engine(out, precision=precision, flavour=flavour)
+        if quantize:
+            from ffnx.commands.quantize import quantize_artifact
+
+            quantize_artifact(stage, quantize, passes, skip, step)
+            manifest = artifact.read_manifest(stage)
     v = manifest["export"]
     ui.err.print(
         f"exported {spec.name} ({manifest['model']['params']:,} params, opset {v['opset']}) to "
@@ -171,6 +194,10 @@ def export_cmd(
         from ffnx.passes.speed_guard import summary
 
         ui.err.print(summary(manifest["speed_guard"]))
+    if quantize:
+        from ffnx.compress.quantize_weights import summary
+
+        ui.err.print(summary(manifest["quantize"]))
 
 
 COMMANDS = [export_cmd]

@@ -10,6 +10,7 @@ import numpy as np
 from ffnx.commands import grammar, ui
 from ffnx.commands.feeds import sample_feeds
 from ffnx.commands.options import csv_list
+from ffnx.commands.quantize import quantize_option
 
 SPARSIFY = ("sparsity", "sparse_mode", "sparse_lowering")
 
@@ -31,8 +32,10 @@ def _check_usage(ctx: click.Context, src, out, passes, target, data, as_json) ->
     from ffnx.passes import by_name
 
     known = by_name()
-    approximate = p.get("quantize_experts") or any(
-        n in known and not known[n].exact for n in passes or []
+    approximate = (
+        p.get("quantize_experts")
+        or p.get("quantize")
+        or any(n in known and not known[n].exact for n in passes or [])
     )
     if not approximate:
         grammar.unused(ctx, "with an approximate pass (--passes) or --quantize-experts",
@@ -127,6 +130,7 @@ def _explain(reports: list[dict]) -> None:
     default=None,
     help="Weight-only low-bit MoE experts (accuracy reported).",
 )
+@quantize_option
 @click.option(
     "--sparsity",
     type=click.FloatRange(0, 1, max_open=True),
@@ -172,6 +176,7 @@ def optimize_cmd(
     dims,
     target,
     quantize_experts,
+    quantize,
     sparsity,
     sparse_mode,
     sparse_lowering,
@@ -193,6 +198,8 @@ def optimize_cmd(
       ffnx optimize artifacts/gpt-mlp --passes ffn_fusion --data calib.npz --max-error 1 --force
       ffnx optimize artifacts/gpt-mlp --passes sparsify_ffn --sparsity 0.5 --max-error 5 --force
       ffnx optimize --list-passes
+      ffnx export hf:./qwen3-tiny -o artifacts/qwen3 --force
+      ffnx optimize artifacts/qwen3 --quantize int4 --force
     """
     from ffnx.passes import registry
 
@@ -232,6 +239,13 @@ def optimize_cmd(
     start = (artifact.MODEL_OPT if keep_moefied else artifact.MODEL) if p.is_dir() else ""
     grammar.refuse_existing([p / artifact.MODEL_OPT if p.is_dir() else out], force)
     model = load_onnx(p / start if p.is_dir() else p)
+    if quantize:  # experts through lower_moe's quantized forms, linears after the passes
+        from ffnx.commands.quantize import check
+
+        max_error, quantize_experts = check(p, manifest, quantize, quantize_experts, target,
+                                            passes, max_error, model)  # fmt: skip
+        if not quantize_experts and max_error == float("inf"):
+            max_error = None  # no approximate pass left
     feeds, _ = sample_feeds(data, model, manifest, dims, samples=2)
     opts = {
         k: v
@@ -247,6 +261,7 @@ def optimize_cmd(
         opts["calibration"] = str(p / "calibration.npz")
     kw = dict(passes=passes, skip=skip or [], target=target, max_error=max_error, options=opts)
     guarded = target == "ort" and not passes and not no_guard and speed_guard.enabled()
+    guarded = guarded and not quantize  # the guard times fp32 forms, not MatMulNBits
     with ui.steps("optimizing") as step:
         if guarded:
             larger = _larger(model, manifest, feeds)
@@ -263,6 +278,14 @@ def optimize_cmd(
             manifest["speed_guard"] = guard
     if explain:
         _explain(reports)
+    if quantize:
+        from ffnx.compress.quantize_weights import quantize_decoder, summary
+
+        with ui.steps(f"quantizing linears to {quantize}, measuring token agreement"):
+            new, manifest["quantize"] = quantize_decoder(model, new, manifest, quantize)
+        ui.err.print(summary(manifest["quantize"]))
+    elif p.is_dir():
+        manifest.pop("quantize", None)
     if p.is_dir():
         artifact.write_bytes_atomic(p / artifact.MODEL_OPT, new.SerializeToString())
         manifest["passes"] = (manifest.get("passes", []) if keep_moefied else []) + reports

@@ -1,0 +1,83 @@
+"""`--quantize int4|int8` for KV-cache decoders, shared by `ffnx optimize` and `ffnx export`:
+every linear -> com.microsoft::MatMulNBits (`ffnx.compress.quantize_weights`), MoE experts
+through `lower_moe`'s quantized lowerings (QMoE / MatMulNBits experts), and the accuracy against
+the fp32 export (token agreement, logits cosine) in the CLI output and the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ffnx.errors import PassError
+
+
+def quantize_scheme(ctx, param, value: str | None) -> str | None:
+    """--quantize's parser: a bad value is one `error:` line (PassError), exit 1."""
+    from ffnx.compress.quantize_weights import SCHEMES
+
+    if value is not None and value not in SCHEMES:
+        raise PassError(f"--quantize {value!r}: choose one of {', '.join(SCHEMES)}")
+    return value
+
+
+QUANTIZE_HELP = (
+    "KV-cache decoders: every linear -> MatMulNBits int4/int8 (block 32), MoE experts "
+    "QMoE/MatMulNBits; token agreement and logits cosine vs fp32 reported."
+)
+
+
+def quantize_option(f):
+    return click.option("--quantize", callback=quantize_scheme, metavar="int4|int8",
+                        help=QUANTIZE_HELP)(f)  # fmt: skip
+
+
+def check(p: Path, manifest: dict, scheme: str, experts, target: str, passes, max_error, plain):
+    """--quantize applies to KV-cache decoder artifacts on ORT; -> (the max error lower_moe's
+    quantized experts are held to (none given: unbounded; the token agreement is the measure),
+    the experts' scheme: `scheme`, or None (fp32) when some layer's cannot be quantized)."""
+    from ffnx.compress.quantize_weights import expert_misfits
+    from ffnx.passes import registry
+
+    if not p.is_dir() or "decoder" not in manifest:
+        raise PassError(f"--quantize needs a KV-cache decoder artifact (ffnx export hf:DIR), not "
+                        f"{p}; for MoE experts alone use --quantize-experts")  # fmt: skip
+    if experts and experts != scheme:
+        raise click.UsageError(f"--quantize {scheme} and --quantize-experts {experts} disagree")
+    if target != "ort":
+        raise click.UsageError("--quantize makes com.microsoft::MatMulNBits: --target ort only")
+    approx = [q.name for q in registry() if not q.exact and q.name in (passes or [])]
+    if approx and max_error is None:
+        raise click.UsageError(f"--passes {','.join(approx)} is approximate: give --max-error")
+    bound = float("inf") if max_error is None else max_error
+    return bound, (None if expert_misfits(plain) else scheme)
+
+
+def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda s: None) -> dict:
+    """`ffnx export --quantize`: the just-exported fp32 artifact -> int4/int8 in place. Dense
+    decoders quantize model.opt.onnx; MoE ones rerun the passes from model.onnx with quantized
+    expert lowerings. Returns the `quantize` report (also written to the manifest)."""
+    from ffnx import artifact
+    from ffnx.commands.feeds import random_feeds
+    from ffnx.commands.inspect import load_onnx
+    from ffnx.compress.quantize_weights import quantize_decoder
+    from ffnx.passes.optimize import optimize_model
+
+    directory = Path(directory)
+    manifest = artifact.read_manifest(directory)
+    plain = load_onnx(directory / artifact.MODEL)
+    _, experts = check(directory, manifest, scheme, None, "ort", passes, None, plain)
+    if experts:
+        feeds = random_feeds(plain, manifest, {}, samples=2)
+        lowered, manifest["passes"] = optimize_model(
+            plain, feeds, passes=passes, skip=skip or [], max_error=float("inf"), step=step,
+            options={"quantize_experts": experts},
+        )  # fmt: skip
+        manifest.pop("speed_guard", None)  # the guard timed the fp32 lowering, not this one
+    else:
+        lowered = load_onnx(directory / artifact.MODEL_OPT)
+    step(f"quantizing linears to {scheme}, measuring token agreement")
+    new, manifest["quantize"] = quantize_decoder(plain, lowered, manifest, scheme)
+    artifact.write_bytes_atomic(directory / artifact.MODEL_OPT, new.SerializeToString())
+    artifact.write_manifest(directory, manifest, {artifact.MODEL_OPT: [artifact.MODEL]})
+    return manifest["quantize"]
