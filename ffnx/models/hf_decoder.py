@@ -50,8 +50,10 @@ def cache_geometry(config) -> list[tuple[int, int, int]]:
     kv = int(getattr(text, "num_key_value_heads", None) or heads)
     head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
     if getattr(text, "kv_lora_rank", None) and getattr(text, "qk_rope_head_dim", None):
-        k_dim = int(text.qk_nope_head_dim) + int(text.qk_rope_head_dim)  # MLA, decompressed
-        return [(kv, k_dim, int(text.v_head_dim))] * int(text.num_hidden_layers)
+        # MLA (transformers >= 5.2x caches the latents): key = the normed compressed kv
+        # [B, 1, S, kv_lora_rank], value = the shared rotary key [B, 1, S, qk_rope_head_dim]
+        latent = (1, int(text.kv_lora_rank), int(text.qk_rope_head_dim))
+        return [latent] * int(text.num_hidden_layers)
     return [(kv, int(head_dim), int(head_dim))] * int(text.num_hidden_layers)
 
 
