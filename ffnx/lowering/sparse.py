@@ -233,38 +233,3 @@ def act_numpy(h: np.ndarray, act: str) -> np.ndarray:
     if base == "gelu":
         return 0.5 * h * (1 + erf(h / np.sqrt(2.0)))
     raise SparseLoweringError(f"unknown activation {act!r}")
-
-
-def sparse_ffn_reference(
-    x: np.ndarray,
-    w_up: np.ndarray,
-    w_down: np.ndarray,
-    *,
-    activation: str,
-    mode: str = "threshold",
-    thresholds: np.ndarray | None = None,
-    k: int = 0,
-    w_gate: np.ndarray | None = None,
-    b_up: np.ndarray | None = None,
-    b_down: np.ndarray | None = None,
-) -> np.ndarray:
-    """FfnxSparseFFN in float64 for x [..., D]."""
-    x64 = np.asarray(x, np.float64).reshape(-1, w_up.shape[1])
-    gated = activation in GATED_ACTIVATIONS
-    pre = x64 @ (w_gate if gated else w_up).T.astype(np.float64)
-    if not gated and b_up is not None:
-        pre = pre + b_up
-    a = act_numpy(pre, activation)
-    mag = np.abs(a)
-    if mode == "threshold":
-        m = mag > thresholds
-    else:
-        kth = -np.sort(-mag, axis=1)[:, k - 1 : k]
-        m = mag >= kth
-    h = np.where(m, a, 0.0)
-    if gated:
-        h = h * (x64 @ w_up.T.astype(np.float64))
-    y = h @ w_down.T.astype(np.float64)
-    if b_down is not None:
-        y = y + b_down
-    return y.reshape(*np.shape(x)[:-1], w_down.shape[0])

@@ -232,7 +232,7 @@ def sparse_keep(a: torch.Tensor, thresholds: torch.Tensor | None, *, mode: str, 
     if mode == "threshold":
         if thresholds is None:
             raise ValueError("mode='threshold' needs thresholds")
-        return a.abs() > thresholds.float()
+        return a.abs() > thresholds.to(a.dtype)
     if mode != "topk":
         raise ValueError(f"unknown sparse mode {mode!r}")
     k = max(0, min(int(k), a.shape[-1]))
@@ -255,21 +255,25 @@ def sparse_ffn_reference(
 ) -> torch.Tensor:
     """`ffnx::FfnxSparseFFN` (module docstring): hidden [*, D] -> [*, D], same dtype as hidden.
 
-    w_gate, w_up [H, D], b_up [H], w_down [D, H], b_down [D], thresholds [H] (float32).
+    w_gate, w_up [H, D], b_up [H], w_down [D, H], b_down [D], thresholds [H] (float32). The
+    math runs in float32, or in float64 for a float64 `hidden` (the exact reference the ORT
+    lowering tests compare with).
     """
     shape, D = hidden.shape, hidden.shape[-1]
-    x = hidden.reshape(-1, D).float()
+    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    c = lambda t: None if t is None else t.to(ct)  # noqa: E731
+    x = c(hidden.reshape(-1, D))
     f = base_activation(activation)
     if w_gate is not None:
         if b_up is not None:
             raise ValueError("a gated sparse FFN takes no b_up (schema: u = x @ w_up.T)")
-        a = f(F.linear(x, w_gate.float()))
-        v = a * F.linear(x, w_up.float())
+        a = f(F.linear(x, c(w_gate)))
+        v = a * F.linear(x, c(w_up))
     else:
         if activation in GATED_ACTIVATIONS:
             raise ValueError(f"non-gated sparse FFN with gated activation {activation!r}")
-        a = f(F.linear(x, w_up.float(), _f32(b_up)))
+        a = f(F.linear(x, c(w_up), c(b_up)))
         v = a
-    v = v * sparse_keep(a, thresholds, mode=mode, k=k)
-    y = F.linear(v, w_down.float(), _f32(b_down))
+    v = v * sparse_keep(a, None if thresholds is None else c(thresholds), mode=mode, k=k)
+    y = F.linear(v, c(w_down), c(b_down))
     return y.to(hidden.dtype).reshape(shape)

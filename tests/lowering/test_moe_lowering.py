@@ -350,7 +350,8 @@ def test_quantize_round_trip():
 
 
 def test_decompose_handles_sparse_ffn_nodes():
-    from ffnx.lowering.sparse import sparse_ffn_model, sparse_ffn_reference
+    from ffnx.lowering.sparse import sparse_ffn_model
+    from tests.lowering.sparse_reference import sparse_ffn_np as sparse_ffn_reference
 
     rng = np.random.default_rng(0)
     w = {

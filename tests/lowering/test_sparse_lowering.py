@@ -15,9 +15,9 @@ from ffnx.lowering.sparse import (
     SparseLoweringError,
     lower_sparse_ffn_nodes,
     sparse_ffn_model,
-    sparse_ffn_reference,
 )
 from ffnx.plugins.schema import GATED_ACTIVATIONS
+from tests.lowering.sparse_reference import sparse_ffn_np as sparse_ffn_reference
 
 D, H, K = 16, 64, 7
 RTOL = 1e-5  # fp32 vs float64: the forms only reorder sums (relative to max |ref|)

@@ -14,12 +14,12 @@ from ffnx.compress.calibrate import calibrate_model, run_with_outputs
 from ffnx.errors import PassError
 from ffnx.graph import lowering_meta
 from ffnx.lowering import run_model
-from ffnx.lowering.sparse import sparse_ffn_reference
 from ffnx.passes import PassContext
 from ffnx.passes.optimize import apply_pass, approximate_tolerance
 from ffnx.passes.sparsify_ffn import PASS
 from ffnx.plugins.schema import SPARSE_FFN
 from tests.compress.test_calibrate import H, relu_feeds, trained_relu_model, trained_weights
+from tests.lowering.sparse_reference import sparse_ffn_np as sparse_ffn_reference
 
 from .helpers import model, rand
 
