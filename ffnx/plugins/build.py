@@ -1,6 +1,6 @@
 """Build and load `libffnx_kernels.so`, the CUDA kernels behind the C ABI in
-`cuda/ffnx_kernels.h`, with plain nvcc (no CMake needed; `cuda/CMakeLists.txt` builds the same
-target for projects that use CMake, such as the TensorRT plugin).
+`cuda/ffnx_kernels.h`, with plain nvcc (no CMake needed; target `ffnx_kernels` of the one
+`ffnx/plugins/CMakeLists.txt` builds the same library for projects that use CMake).
 
     lib = load_kernels()            # builds into the cache on first use, checks the ABI version
     lib.ffnx_moe_launch(byref(params), byref(tensors), workspace_ptr, size, stream_ptr)

@@ -1,5 +1,6 @@
 """The one CUDA toolchain for the kernels library (build.py), the TensorRT plugin library
-(trt_build.py) and CMake (CMakeLists.txt reads the same $CUDACXX / CMAKE_CUDA_ARCHITECTURES):
+(trt_build.py) and CMake (the one ffnx/plugins/CMakeLists.txt builds both libraries, from the
+same $CUDACXX, with DEFAULT_ARCHS as its default CMAKE_CUDA_ARCHITECTURES):
 the nvcc finder, SM architecture parsing (`sm_87`, `87`, `8.7`, `compute_90`, `90a`), the
 default architectures, -gencode flags, the cache directory, and running a compiler.
 """
