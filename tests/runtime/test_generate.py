@@ -1,6 +1,7 @@
 """`Engine.generate` / `Engine.stream` on KV-cache decoder artifacts: greedy tokens equal
 transformers' greedy `generate` over 32 steps (random tiny weights), at batch 1 and for a
-left-padded batch of 2; sampling, EOS and input errors."""
+left-padded batch of 2, with the standard-ops attention and with GroupQueryAttention (caches
+Concat-style or one shared buffer); sampling, EOS and input errors."""
 
 from __future__ import annotations
 
@@ -16,6 +17,33 @@ from tests.models.test_hf_decoder import ARCHS, FAST, write_config  # noqa: E402
 
 STEPS = 32
 PARAMS = [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
+GQA_FORMS = ("gqa", "gqa_shared")  # group_query_attention's forms (kv_buffer concat / shared)
+GQA_PARAMS = [
+    (a, f) if a in ("llama", "qwen3", "mistral") else pytest.param(a, f, marks=pytest.mark.slow)
+    for a in ARCHS
+    for f in GQA_FORMS
+]
+
+
+class _env:
+    """Set one environment variable inside a `with` (module fixtures have no monkeypatch)."""
+
+    def __init__(self, name: str, value: str):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        import os
+
+        self.old = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +61,42 @@ def artifacts(tmp_path_factory):
             src = write_config(root / "src", model_type)
             write_tokenizer(src / "tokenizer.json")
             spec = load_hf(str(src), cache=True)
-            export_artifact(spec, root / "art", source=f"hf:{src}")
+            with _env("FFNX_ATTENTION", "standard"):  # the exported ops; GQA below
+                export_artifact(spec, root / "art", source=f"hf:{src}")
             made[model_type] = (Engine.load(root / "art", backend="ort"), spec.module.model)
         return made[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def gqa_engines(artifacts, tmp_path_factory):
+    """(model_type, form) -> (Engine, transformers model, pass report): the artifact's
+    model.opt.onnx through group_query_attention with that form forced, run by an Engine with
+    the artifact's manifest."""
+    import onnx
+
+    from ffnx.models.hf_decoder import decoder_inputs
+    from ffnx.passes.optimize import optimize_model
+    from ffnx.runtime import Engine
+    from ffnx.runtime.backends.ort import OrtBackend
+
+    made = {}
+
+    def get(model_type: str, form: str):
+        if (model_type, form) not in made:
+            engine, model = artifacts(model_type)
+            src = onnx.load(engine.path + "/model.opt.onnx")
+            feeds = [{k: v.numpy() for k, v in decoder_inputs(model.config, b, t, p, 256,
+                                                              left_pad=1).items()}
+                     for b, t, p in ((2, 3, 5), (1, 2, 3))]  # fmt: skip
+            with _env("FFNX_ATTENTION", form):
+                new, (report,) = optimize_model(src, feeds, passes=["group_query_attention"])
+            path = tmp_path_factory.mktemp(f"{model_type}-{form}") / "model.gqa.onnx"
+            onnx.save(new, str(path))
+            gqa = Engine(OrtBackend.load(str(path)), engine.manifest, engine.path)
+            made[model_type, form] = (gqa, model, report)
+        return made[model_type, form]
 
     return get
 
@@ -76,6 +137,73 @@ def test_greedy_tokens_equal_transformers_generate(artifacts, model_type):
     np.testing.assert_array_equal(got, hf_greedy(model, two, STEPS))
     alone = engine.generate([two[1]], STEPS, ignore_eos=True)  # padding changes nothing
     np.testing.assert_array_equal(got[1:], alone)
+
+
+@pytest.mark.parametrize("model_type, form", GQA_PARAMS)
+def test_gqa_greedy_tokens_equal_transformers_generate(gqa_engines, model_type, form):
+    from ffnx.runtime.generate import kv_buffer
+
+    engine, model, report = gqa_engines(model_type, form)
+    layers = engine.manifest["decoder"]["layers"]
+    assert report["status"] == "applied" and report["applied"] == layers, report
+    assert report["notes"]["kv_buffer"] == ("shared" if form == "gqa_shared" else "concat")
+    assert kv_buffer(engine.backend.session) == report["notes"]["kv_buffer"]
+    rng = np.random.default_rng(1)
+    one = [rng.integers(3, 256, 6).tolist()]
+    np.testing.assert_array_equal(engine.generate(one, STEPS, ignore_eos=True),
+                                  hf_greedy(model, one, STEPS))  # fmt: skip
+    two = [rng.integers(3, 256, 7).tolist(), rng.integers(3, 256, 4).tolist()]  # left-padded
+    got = engine.generate(two, STEPS, ignore_eos=True)
+    np.testing.assert_array_equal(got, hf_greedy(model, two, STEPS))
+    np.testing.assert_array_equal(got[1:], engine.generate([two[1]], STEPS, ignore_eos=True))
+
+
+def test_gqa_shared_buffer_is_bound_once_and_written_in_place(gqa_engines):
+    """A step binds the same OrtValue as past and present: the buffer allocated before
+    generation holds the cache afterwards (rows past the last fed token stay zero)."""
+    from ffnx.runtime import generate as gen
+
+    engine, _, _ = gqa_engines("llama", "gqa_shared")
+    seen = []
+    real = gen._OrtStepper.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        seen.append(self)
+
+    gen._OrtStepper.__init__ = spy
+    try:
+        engine.generate([[5, 17, 99]], 6, ignore_eos=True)
+    finally:
+        gen._OrtStepper.__init__ = real
+    (stepper,) = seen
+    assert stepper.cache is None and len(stepper.buffers) == 2 * 2
+    host = stepper.host[0]  # [batch 1, kv 2, 3 + 6, dim 16]: 3 prompt + 5 fed tokens written
+    assert host.shape == (1, 2, 9, 16)
+    assert np.abs(host[:, :, :8]).min(axis=-1).max() > 0 and not host[:, :, 8:].any()
+
+
+def test_export_runs_group_query_attention_by_default(tmp_path):
+    """Through `export_artifact` with the default passes (FFNX_ATTENTION=rule: GQA, shared
+    buffer, no timing): the manifest reports it, and greedy tokens still equal transformers'."""
+    from ffnx import artifact
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models.hf import load_hf
+    from ffnx.runtime import Engine
+    from ffnx.runtime.generate import kv_buffer
+
+    spec = load_hf(str(write_config(tmp_path / "src", "qwen3", num_hidden_layers=1)), cache=True)
+    with _env("FFNX_ATTENTION", "rule"):
+        export_artifact(spec, tmp_path / "art", source=f"hf:{tmp_path / 'src'}")
+    report = {r["name"]: r for r in artifact.read_manifest(tmp_path / "art")["passes"]}
+    gqa = report["group_query_attention"]
+    assert gqa["status"] == "applied" and gqa["notes"]["kv_buffer"] == "shared", gqa
+    assert gqa["notes"]["why"].startswith("rule")
+    engine = Engine.load(tmp_path / "art", backend="ort")
+    assert kv_buffer(engine.backend.session) == "shared"
+    rows = [[9, 8, 7, 6, 5], [3, 4]]
+    got = engine.generate(rows, STEPS, ignore_eos=True)
+    np.testing.assert_array_equal(got, hf_greedy(spec.module.model, rows, STEPS))
 
 
 def test_stream_sampling_and_eos(artifacts):
