@@ -66,13 +66,13 @@ def precision_plan(major: int, precision: str, has_qdq: bool, has_calib: bool) -
         raise PassError(
             f"{precision} on TensorRT {major}.x needs a graph with Q/DQ nodes: TensorRT 11 "
             "builds strongly typed networks and has no calibrator; quantize the ONNX first "
-            "(e.g. NVIDIA ModelOpt) or build int8 on TensorRT 10.x with --calib"
+            "(e.g. NVIDIA ModelOpt) or build int8 on TensorRT 10.x with --data"
         )
     if precision == "fp8":
         raise PassError("fp8 needs a graph with Q/DQ nodes (TensorRT has no fp8 calibrator)")
     raise PassError(
-        "int8 needs calibration data: pass --calib FILE.npz|DIR (input arrays by name, one "
-        "batch per file) or a graph with Q/DQ nodes"
+        "int8 needs calibration data: pass --data FILE.npz (input arrays by name, or name_0, "
+        "name_1, ... one batch each) or a graph with Q/DQ nodes"
     )
 
 
@@ -252,7 +252,7 @@ def build_engine(
     major = flavour_mod.strongly_typed_major(trt)
     caps = flavour_mod.compute_capabilities(trt, compute_capability)
     if flavour_mod.flavour_of(trt) == "rtx" and batches:
-        raise PassError("--calib: TensorRT-RTX has no int8 calibration; quantize to Q/DQ first")
+        raise PassError("--data: TensorRT-RTX has no int8 calibration; quantize to Q/DQ first")
     cache_path = tc.path_for(trt, d, timing_cache)
     qdq = has_qdq(onnx.load(str(onnx_path), load_external_data=False))
     plan = precision_plan(major, precision, qdq, bool(batches))

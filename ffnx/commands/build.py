@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ffnx.commands import ui
+from ffnx.commands import grammar, ui
 from ffnx.commands.options import trt_flavour_option
 
 
@@ -50,7 +50,12 @@ from ffnx.commands.options import trt_flavour_option
     metavar="'LABEL:MIN,OPT,MAX ...'",
     help="One more optimization profile: the defaults with these ranges (repeatable).",
 )
-@click.option("--calib", type=click.Path(exists=True), help="int8 calibration inputs (.npz/dir).")
+@grammar.data_option(
+    "int8 calibration inputs (TensorRT 10.x without Q/DQ): arrays named like the inputs, or "
+    "name_0, name_1, ... (one batch each)."
+)
+@grammar.force_option("Replace an existing model.plan (refused without it).")
+@grammar.json_option("Print the manifest's new tensorrt section as JSON.")
 @trt_flavour_option
 @click.option(
     "--compute-capability",
@@ -78,7 +83,9 @@ def build_cmd(
     timing_cache,
     profiles,
     extra_profiles,
-    calib,
+    data,
+    force,
+    as_json,
     flavour,
     compute_capability,
     optimization_level,
@@ -92,16 +99,29 @@ def build_cmd(
     \b
     Example:
       ffnx build artifacts/gpt-moe --precision fp16 --profile seq:1,128,2048
-      ffnx build artifacts/vit-repa --precision int8 --calib calib.npz
-      ffnx build artifacts/gpt-moe --trt rtx --compute-capability 86,89
+      ffnx build artifacts/gpt-moe --precision fp16 --workspace 512 --force --json
+      ffnx build artifacts/gpt-moe --trt rtx --compute-capability 86,89 --force
       ffnx build artifacts/gpt-moe --trt rtx --add-profile 'batch:1,1,1 seq:1,1,1'
     """
-    from ffnx.build.engine import build_engine
+    from pathlib import Path
 
+    from ffnx import artifact
+    from ffnx.build.engine import build_engine
+    from ffnx.commands.feeds import read_data
+
+    ctx = click.get_current_context()
+    if precision != "int8":
+        grammar.unused(ctx, "with --precision int8 (calibration)", "data")
+    if flavour == "enterprise":
+        grammar.unused(ctx, "with TensorRT-RTX (--trt rtx|auto)", "compute_capability")
     if workspace_mib is not None and workspace_gib is not None:
         raise click.UsageError("give --workspace (MiB) or --workspace-gib, not both")
     if workspace_mib is not None:
         workspace_gib = workspace_mib / 1024
+    grammar.refuse_existing([Path(path) / artifact.PLAN], force, "from an earlier build")
+    calib = None
+    if data:
+        calib = read_data(data, [i["name"] for i in artifact.read_manifest(path)["inputs"]])
     with ui.bar("building TensorRT engine") as tick:
         section = build_engine(
             path,
@@ -125,6 +145,8 @@ def build_cmd(
         f"({precision}, {len(section['optimization_profiles'])} optimization profile(s)) in "
         f"{section['build_seconds']} s" + _cache_note(section["timing_cache"])
     )
+    if as_json:
+        grammar.echo_json(section)
 
 
 def _cache_note(cache: dict) -> str:

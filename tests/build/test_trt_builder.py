@@ -52,7 +52,7 @@ def test_precision_plan(major, precision, qdq, calib, plan):
 @pytest.mark.parametrize(
     "major,precision,calib,match",
     [
-        (10, "int8", False, "int8 needs calibration data: pass --calib"),
+        (10, "int8", False, "int8 needs calibration data: pass --data"),
         (11, "int8", True, "TensorRT 11.x needs a graph with Q/DQ nodes"),
         (10, "fp8", True, "fp8 needs a graph with Q/DQ nodes"),
         (10, "bf8", False, "choose one of fp32, fp16, int8, fp8"),
