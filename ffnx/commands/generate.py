@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ffnx.commands import ui
+from ffnx.commands import grammar, ui
 from ffnx.errors import ArtifactError, InputError
 
 
@@ -56,20 +56,24 @@ def load_tokenizer(engine):
 @click.option("--seed", type=int, default=None)
 @click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens.")
 @click.option("--threads", type=int, default=None, help="CPU threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def generate_cmd(path, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
+@grammar.json_option("Print one JSON object instead of text.")
+@click.pass_context
+def generate_cmd(ctx, path, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
                  ignore_eos, threads, as_json) -> None:  # fmt: skip
     """Generate tokens from a KV-cache decoder artifact, streaming them as they come.
 
     \b
     Example:
-      ffnx export hf:./qwen3-tiny --out artifacts/qwen3
+      ffnx export hf:./qwen3-tiny -o artifacts/qwen3
       ffnx generate artifacts/qwen3 --prompt-ids 1,2,3 --max-new-tokens 16 --json
+      ffnx generate artifacts/qwen3 --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 0
     """
     from ffnx.runtime import Engine
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if temperature == 0:
+        grammar.unused(ctx, "with --temperature > 0 (sampling)", "top_k", "top_p", "seed")
     engine = Engine.load(path, backend="ort", **({"threads": threads} if threads else {}))
     tok = load_tokenizer(engine)
     if prompt is not None:

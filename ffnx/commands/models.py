@@ -6,19 +6,19 @@ import json
 
 import click
 
-from ffnx.commands import ui
+from ffnx.commands import grammar, ui
 
 
 @click.command("models", context_settings={"max_content_width": 100})
 @click.option("--size", type=click.Choice(["tiny", "base"]), default="tiny", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (scripts).")
+@grammar.json_option("Print a JSON list (scripts).")
 def models_cmd(size: str, as_json: bool) -> None:
     """List the bundled model zoo: name, FFN variant, parameter count.
 
     \b
     Example:
       ffnx models --size base
-      ffnx models --json | jq -r '.[].name'
+      ffnx models --json
     """
     from ffnx.models import zoo
 
