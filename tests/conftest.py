@@ -11,6 +11,9 @@ import pytest
 # MoE lowering by the measured-and-cached rule costs 20-90 s per new layer shape; tests that
 # check the measurement force it themselves with a temp cache.
 os.environ.setdefault("FFNX_MOE_LOWERING", "rule")
+# The attention form (group_query_attention) is timed per decoder export; tests force it
+# (tests/passes/test_group_query_attention.py checks the measurement with a fake timer).
+os.environ.setdefault("FFNX_ATTENTION", "rule")
 # The speed guard times every export (seconds per model); tests/passes/test_speed_guard.py runs
 # it for real end to end.
 os.environ.setdefault("FFNX_SPEED_GUARD", "off")
