@@ -116,7 +116,8 @@ class MoEParams(ctypes.Structure):
                 ("routed_scaling_factor", _f32), ("dtype", _i32), ("has_fc1_bias", _i32),
                 ("has_fc2_bias", _i32), ("has_score_bias", _i32),
                 ("has_shared_gate", _i32), ("n_group", _i32), ("topk_group", _i32),
-                ("group_scoring", _i32)]  # fmt: skip
+                ("group_scoring", _i32), ("activation_alpha", _f32),
+                ("activation_limit", _f32)]  # fmt: skip
 
 
 class MoETensors(ctypes.Structure):
@@ -142,7 +143,8 @@ DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ROUTING = {"router": 0, "hash": 1}
 SCORING = {"softmax": 0, "topk_softmax": 1, "sigmoid": 2}
 GROUP_SCORING = {"top2_sum": 0, "max": 1}
-ACTIVATION = {"swiglu": 0, "geglu": 1, "reglu": 2, "gelu": 3, "relu": 4, "silu": 5}
+ACTIVATION = {"swiglu": 0, "geglu": 1, "reglu": 2, "gelu": 3, "relu": 4, "silu": 5,
+              "clamped_swiglu": 6}  # fmt: skip
 SPARSE_MODE = {"threshold": 0, "topk": 1}
 EXPORTS = ("ffnx_moe_workspace_size", "ffnx_moe_launch", "ffnx_sparse_ffn_workspace_size",
            "ffnx_sparse_ffn_launch", "ffnx_sparse_ffn_pack_down", "ffnx_status_string",

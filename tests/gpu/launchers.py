@@ -50,8 +50,8 @@ def moe_forward(lib, hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc
                 score_bias, token_ids, hash_table, shared_fc1_weight, shared_fc2_weight,
                 shared_gate_weight, *, num_experts, top_k, routing_mode="router",
                 scoring="softmax", normalize=0, routed_scaling_factor=1.0, activation="swiglu",
-                n_group=1, topk_group=0, group_scoring="top2_sum", out=None,
-                workspace=None):  # fmt: skip
+                n_group=1, topk_group=0, group_scoring="top2_sum", activation_alpha=1.702,
+                activation_limit=7.0, out=None, workspace=None):  # fmt: skip
     """`ffnx_moe_launch` on CUDA tensors, on the current stream; arguments as `moe_reference`."""
     import torch
 
@@ -62,7 +62,7 @@ def moe_forward(lib, hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc
         SCORING[scoring], int(normalize), ACTIVATION[activation], routed_scaling_factor,
         DTYPES[str(hidden.dtype).removeprefix("torch.")], fc1_bias is not None,
         fc2_bias is not None, score_bias is not None, shared_gate_weight is not None, n_group,
-        topk_group, GROUP_SCORING[group_scoring],
+        topk_group, GROUP_SCORING[group_scoring], activation_alpha, activation_limit,
     )  # fmt: skip
     out = torch.empty_like(hidden) if out is None else out
     t = MoETensors(*map(_ptr, (hidden, router_logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias,

@@ -55,7 +55,7 @@ def moe_inputs(T, dtype, *, act="swiglu", d=D, h=H, biases=True, shared=False, g
                seed=0):  # fmt: skip
     g = torch.Generator(device="cuda").manual_seed(seed)
     dev = dict(device="cuda", generator=g)
-    h1 = 2 * h if act in ("swiglu", "geglu", "reglu") else h
+    h1 = 2 * h if act in ("swiglu", "geglu", "reglu", "clamped_swiglu") else h
     r = lambda *s: (torch.randn(*s, **dev) / s[-1] ** 0.5).to(dtype)  # noqa: E731
     t = dict(hidden=torch.randn(T, d, **dev).to(dtype), fc1_weight=r(E, h1, d),
              fc1_bias=r(E, h1) if biases else None, fc2_weight=r(E, d, h),
@@ -161,11 +161,14 @@ def test_moe_deepseek_v3_routing(lib, dtype, T):
         assert not torch.allclose(want, moe_reference(*args, **attrs), atol=1e-3)
 
 
-@pytest.mark.parametrize("act", ["swiglu", "geglu", "reglu", "gelu", "relu", "silu"])
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "reglu", "gelu", "relu", "silu",
+                                 "clamped_swiglu"])  # fmt: skip
 @pytest.mark.parametrize("T", [5, 200])
 def test_moe_activations(lib, act, T):
     t = moe_inputs(T, torch.float16, act=act, seed=2)
-    close(*run_moe(lib, t, top_k=2, activation=act), torch.float16)
+    # clamped_swiglu (GPT-OSS) with a limit that binds on many of these O(1) pre-activations
+    clamp = dict(activation_alpha=1.702, activation_limit=0.5) if act == "clamped_swiglu" else {}
+    close(*run_moe(lib, t, top_k=2, activation=act, **clamp), torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -54,15 +54,22 @@ def test_both_architectures_are_embedded(library):
 
 def test_load_checks_abi_and_host_entry_points(library):
     lib = build.load_kernels(library)
-    assert lib.ffnx_kernels_abi_version() == build.abi_version() == 3
+    assert lib.ffnx_kernels_abi_version() == build.abi_version() == 4
     assert lib.ffnx_status_string(3) == b"workspace too small"
     p = build.MoEParams(16, 64, 32, 4, 2, 0, 0, 0, 0, 0, 1.0, 1, 0, 0, 0, 0)
     assert lib.ffnx_moe_workspace_size(p) >= 16 * 2 * (32 * 2 + 64 * 4)
-    p.top_k = 5  # more than E: invalid, size 0
+    p.activation = build.ACTIVATION["clamped_swiglu"]  # GPT-OSS (ABI 4): an MoE activation
+    p.activation_alpha, p.activation_limit = 1.702, 7.0
+    assert lib.ffnx_moe_workspace_size(p) > 0
+    p.activation = 7  # no such activation
+    assert lib.ffnx_moe_workspace_size(p) == 0
+    p.activation, p.top_k = 0, 5  # more than E: invalid, size 0
     assert lib.ffnx_moe_workspace_size(p) == 0
     s = build.SparseFFNParams(4, 64, 128, 8, 1, 1, 5, 1, 0, 0)
     assert lib.ffnx_sparse_ffn_workspace_size(s) > 0
-    s.has_b_up = 1  # gated FFNs take no b_up (schema)
+    s.activation = build.ACTIVATION["clamped_swiglu"]  # FfnxMoE only
+    assert lib.ffnx_sparse_ffn_workspace_size(s) == 0
+    s.activation, s.has_b_up = 5, 1  # gated FFNs take no b_up (schema)
     assert lib.ffnx_sparse_ffn_workspace_size(s) == 0
 
 

@@ -41,8 +41,24 @@ __device__ __forceinline__ float act_base(int act, float x) {
   }
 }
 
-inline bool act_valid(int a) { return a >= FFNX_ACT_SWIGLU && a <= FFNX_ACT_SILU; }
-inline bool act_gated(int a) { return a == FFNX_ACT_SWIGLU || a == FFNX_ACT_GEGLU || a == FFNX_ACT_REGLU; }
+// A gated activation of gate g and up u (schema GATED_ACTIVATIONS): base(g) * u, or GPT-OSS's
+// clamped SwiGLU min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, +-limit) + 1).
+__device__ __forceinline__ float act_gated_pair(int act, float g, float u, float alpha,
+                                                float limit) {
+  if (act == FFNX_ACT_CLAMPED_SWIGLU) {
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+    return g / (1.f + expf(-alpha * g)) * (u + 1.f);
+  }
+  return act_base(act, g) * u;
+}
+
+// FFNX_ACT_CLAMPED_SWIGLU is an FfnxMoE activation only (the sparse FFN refuses it).
+inline bool act_valid(int a) { return a >= FFNX_ACT_SWIGLU && a <= FFNX_ACT_CLAMPED_SWIGLU; }
+inline bool act_gated(int a) {
+  return a == FFNX_ACT_SWIGLU || a == FFNX_ACT_GEGLU || a == FFNX_ACT_REGLU ||
+         a == FFNX_ACT_CLAMPED_SWIGLU;
+}
 inline size_t dtype_size(int dt) { return dt == FFNX_F32 ? 4 : 2; }
 inline bool dtype_valid(int dt) { return dt == FFNX_F32 || dt == FFNX_F16 || dt == FFNX_BF16; }
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

@@ -16,8 +16,9 @@
 
 /* What ffnx_kernels_abi_version() returns for a library built from this header.
  * 1: initial ABI. 2: ffnx_sparse_ffn_tensors.w_down_t and ffnx_sparse_ffn_pack_down().
- * 3: ffnx_moe_params.n_group, topk_group, group_scoring (group-limited routing). */
-#define FFNX_KERNELS_ABI_VERSION 3
+ * 3: ffnx_moe_params.n_group, topk_group, group_scoring (group-limited routing).
+ * 4: FFNX_ACT_CLAMPED_SWIGLU, ffnx_moe_params.activation_alpha / activation_limit (GPT-OSS). */
+#define FFNX_KERNELS_ABI_VERSION 4
 
 #if defined(_WIN32)
 #define FFNX_API __declspec(dllexport)
@@ -44,7 +45,10 @@ typedef enum { FFNX_ROUTING_ROUTER = 0, FFNX_ROUTING_HASH = 1 } ffnx_routing_mod
 typedef enum { FFNX_SCORING_SOFTMAX = 0, FFNX_SCORING_TOPK_SOFTMAX = 1, FFNX_SCORING_SIGMOID = 2 } ffnx_scoring;
 typedef enum {
   FFNX_ACT_SWIGLU = 0, FFNX_ACT_GEGLU = 1, FFNX_ACT_REGLU = 2,
-  FFNX_ACT_GELU = 3, FFNX_ACT_RELU = 4, FFNX_ACT_SILU = 5
+  FFNX_ACT_GELU = 3, FFNX_ACT_RELU = 4, FFNX_ACT_SILU = 5,
+  /* ABI 4, FfnxMoE only: GPT-OSS's g = min(gate, limit), u = clamp(up, -limit, limit),
+   * g * sigmoid(alpha * g) * (u + 1); alpha, limit from ffnx_moe_params */
+  FFNX_ACT_CLAMPED_SWIGLU = 6
 } ffnx_activation;
 typedef enum { FFNX_GROUP_TOP2_SUM = 0, FFNX_GROUP_MAX = 1 } ffnx_group_scoring;
 typedef enum { FFNX_SPARSE_THRESHOLD = 0, FFNX_SPARSE_TOPK = 1 } ffnx_sparse_mode;
@@ -70,6 +74,10 @@ typedef struct {
   int32_t n_group;
   int32_t topk_group;
   int32_t group_scoring; /* ffnx_group_scoring */
+  /* ABI 4: FFNX_ACT_CLAMPED_SWIGLU's alpha and limit (schema activation_alpha /
+   * activation_limit: 1.702 and 7.0 for GPT-OSS); read for that activation only. */
+  float activation_alpha;
+  float activation_limit;
 } ffnx_moe_params;
 
 typedef struct {

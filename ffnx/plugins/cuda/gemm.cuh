@@ -23,7 +23,7 @@ namespace ffnx {
 
 enum EpiMode {
   EPI_STORE = 0,       // out = act(acc + bias)          (act may be ACT_NONE)
-  EPI_GATED = 1,       // out = base(acc_g + b_g) * (acc_u + b_u): gate row n, up row up_offset + n
+  EPI_GATED = 1,       // out = act_gated_pair(acc_g + b_g, acc_u + b_u): gate row n, up row up_offset + n
   EPI_SPARSE_MUL = 2,  // out = keep(a) ? a * acc : 0 with a = a_act[r, c], c = cols ? cols[n] : n
 };
 
@@ -33,6 +33,7 @@ struct Epi {
   const void* bias = nullptr;  // dtype of the GEMM; [G, bias_gstride]
   int64_t bias_gstride = 0;
   int64_t up_offset = 0;       // EPI_GATED: first up row in B (and in the bias)
+  float alpha = 1.f, limit = 0.f;  // EPI_GATED with FFNX_ACT_CLAMPED_SWIGLU
   void* out = nullptr;         // [rows, ldo], float when out_f32 else the GEMM's dtype
   int64_t ldo = 0;
   int out_f32 = 0;
@@ -67,7 +68,7 @@ __device__ __forceinline__ void epi_apply(const Epi& e, int g, int64_t r, int n,
   }
   float o;
   if (e.mode == EPI_GATED) {
-    o = act_base(e.act, v) * vu;
+    o = act_gated_pair(e.act, v, vu, e.alpha, e.limit);
   } else if (e.mode == EPI_SPARSE_MUL) {
     const int c = e.cols ? e.cols[n] : n;
     const float a = e.a_act[r * e.lda_act + c];

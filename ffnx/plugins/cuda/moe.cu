@@ -326,6 +326,7 @@ int run_ffn(const ffnx_moe_params& p, int G, const int* a_rows, const int* offse
   f1.M = static_cast<int>(rows); f1.G = G; f1.N = static_cast<int>(inter); f1.K = static_cast<int>(D);
   f1.epi.mode = gated ? EPI_GATED : EPI_STORE;
   f1.epi.act = p.activation;
+  f1.epi.alpha = p.activation_alpha; f1.epi.limit = p.activation_limit;
   f1.epi.bias = b1; f1.epi.bias_gstride = H1; f1.epi.up_offset = inter;
   f1.epi.out = h; f1.epi.ldo = inter;
   GemmArgs f2;

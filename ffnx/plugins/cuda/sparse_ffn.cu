@@ -283,7 +283,7 @@ size_t carve(const ffnx_sparse_ffn_params& p, char* base, SPlan& pl) {
 
 int validate(const ffnx_sparse_ffn_params* p, const ffnx_sparse_ffn_tensors* t) {
   if (!p || p->num_tokens < 0 || p->hidden <= 0 || p->inter <= 0 || !dtype_valid(p->dtype) ||
-      !act_valid(p->activation) || (p->mode != FFNX_SPARSE_THRESHOLD && p->mode != FFNX_SPARSE_TOPK) ||
+      !act_valid(p->activation) || p->activation == FFNX_ACT_CLAMPED_SWIGLU || (p->mode != FFNX_SPARSE_THRESHOLD && p->mode != FFNX_SPARSE_TOPK) ||
       (!p->gated && act_gated(p->activation)) || (p->gated && p->has_b_up))
     return FFNX_ERR_INVALID_ARGUMENT;
   if (p->num_tokens * p->inter > INT32_MAX || p->hidden > INT32_MAX / 2 ||

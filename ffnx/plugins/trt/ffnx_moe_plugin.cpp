@@ -39,12 +39,12 @@ bool has(IoView const& io, int32_t i) { return i < io.nbInputs && io.present[i];
 bool MoEAttrs::resolve(std::string* err) {
   routingCode = lookup(kROUTING, 2, routingMode);
   scoringCode = lookup(kSCORING, 3, scoring);
-  activationCode = lookup(kACTIVATIONS, 6, activation);
+  activationCode = lookup(kACTIVATIONS, 7, activation);
   groupScoringCode = lookup(kGROUP_SCORING, 2, groupScoring);
   if (routingCode < 0) *err = "routing_mode '" + routingMode + "' is not one of " + joined(kROUTING, 2);
   else if (scoringCode < 0) *err = "scoring '" + scoring + "' is not one of " + joined(kSCORING, 3);
   else if (activationCode < 0)
-    *err = "activation '" + activation + "' is not one of " + joined(kACTIVATIONS, 6);
+    *err = "activation '" + activation + "' is not one of " + joined(kACTIVATIONS, 7);
   else if (topK < 1) *err = "top_k must be >= 1, got " + std::to_string(topK);
   else if (numExperts < 0) *err = "num_experts must be >= 0, got " + std::to_string(numExperts);
   else if (normalize != 0 && normalize != 1) *err = "normalize must be 0 or 1";
@@ -66,6 +66,10 @@ MoEPlugin::MoEPlugin(MoEAttrs attrs, int32_t nbInputs) : mAttrs(std::move(attrs)
   mTimingCacheId = std::string(kNAME) + ":" + std::to_string(mAttrs.numExperts) + ":" +
                    std::to_string(mAttrs.topK) + ":" + mAttrs.routingMode + ":" + mAttrs.scoring +
                    ":" + std::to_string(mAttrs.normalize) + ":" + mAttrs.activation;
+  if (mAttrs.activationCode == FFNX_ACT_CLAMPED_SWIGLU) {
+    mTimingCacheId += ":" + std::to_string(mAttrs.activationAlpha) + ":" +
+                      std::to_string(mAttrs.activationLimit);
+  }
   if (mAttrs.nGroup > 1) {
     mTimingCacheId += ":" + std::to_string(mAttrs.nGroup) + ":" +
                       std::to_string(mAttrs.topkGroup) + ":" + mAttrs.groupScoring;
@@ -109,6 +113,8 @@ PluginFieldCollection const* MoEPlugin::getFieldsToSerialize() noexcept {
         PluginField("topk_group", &mAttrs.topkGroup, PluginFieldType::kINT32, 1),
         PluginField("group_scoring", mAttrs.groupScoring.c_str(), PluginFieldType::kCHAR,
                     text(mAttrs.groupScoring)),
+        PluginField("activation_alpha", &mAttrs.activationAlpha, PluginFieldType::kFLOAT32, 1),
+        PluginField("activation_limit", &mAttrs.activationLimit, PluginFieldType::kFLOAT32, 1),
         PluginField("ffnx_nb_inputs", &mNbInputs, PluginFieldType::kINT32, 1),
     };
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
@@ -138,6 +144,8 @@ bool MoEPlugin::parse(PluginFieldCollection const* fc, MoEAttrs* a, int32_t* nbI
       else if (name == "group_scoring") ok = fieldString(f, &a->groupScoring);
       else if (name == "ffnx_nb_inputs") ok = fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
       else if (name == "routed_scaling_factor") ok = fieldFloat(f, &a->routedScalingFactor);
+      else if (name == "activation_alpha") ok = fieldFloat(f, &a->activationAlpha);
+      else if (name == "activation_limit") ok = fieldFloat(f, &a->activationLimit);
       else if (name == "routing_mode") ok = fieldString(f, &a->routingMode);
       else if (name == "scoring") ok = fieldString(f, &a->scoring);
       else if (name == "activation") ok = fieldString(f, &a->activation);
@@ -254,6 +262,8 @@ bool MoEPlugin::params(IoView const& io, ffnx_moe_params* p, std::string* err) c
   p->n_group = mAttrs.nGroup;
   p->topk_group = mAttrs.topkGroup;
   p->group_scoring = mAttrs.groupScoringCode;
+  p->activation_alpha = mAttrs.activationAlpha;
+  p->activation_limit = mAttrs.activationLimit;
   return true;
 }
 
@@ -309,6 +319,8 @@ MoECreator::MoECreator() {
       PluginField("n_group", nullptr, PluginFieldType::kINT32, 1),
       PluginField("topk_group", nullptr, PluginFieldType::kINT32, 1),
       PluginField("group_scoring", nullptr, PluginFieldType::kCHAR, 0),
+      PluginField("activation_alpha", nullptr, PluginFieldType::kFLOAT32, 1),
+      PluginField("activation_limit", nullptr, PluginFieldType::kFLOAT32, 1),
   };
   mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
   mFieldCollection.fields = mFields.data();

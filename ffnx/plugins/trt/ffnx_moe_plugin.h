@@ -18,6 +18,8 @@ struct MoEAttrs {
   int32_t nGroup{1};     /* group-limited routing when > 1 */
   int32_t topkGroup{0};  /* 0: all groups */
   std::string groupScoring{"top2_sum"};
+  float activationAlpha{1.702F}; /* clamped_swiglu (schema activation_alpha / activation_limit) */
+  float activationLimit{7.0F};
   /* codes of the strings above (ffnx_kernels.h enums), set by resolve() */
   int32_t routingCode{FFNX_ROUTING_ROUTER};
   int32_t scoringCode{FFNX_SCORING_SOFTMAX};

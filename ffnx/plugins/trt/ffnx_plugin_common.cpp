@@ -91,11 +91,12 @@ std::string joined(char const* const* names, int32_t n) {
   return out;
 }
 
-char const* const kACTIVATIONS[6] = {"swiglu", "geglu", "reglu", "gelu", "relu", "silu"};
+char const* const kACTIVATIONS[7] = {"swiglu", "geglu", "reglu", "gelu", "relu", "silu",
+                                     "clamped_swiglu"};
 
 bool isGated(int32_t activation) noexcept {
   return activation == FFNX_ACT_SWIGLU || activation == FFNX_ACT_GEGLU ||
-         activation == FFNX_ACT_REGLU;
+         activation == FFNX_ACT_REGLU || activation == FFNX_ACT_CLAMPED_SWIGLU;
 }
 
 int64_t volume(Dims const& d) noexcept {

@@ -46,7 +46,7 @@ bool fieldString(PluginField const& f, std::string* out) noexcept;
 int32_t lookup(char const* const* names, int32_t n, std::string const& s) noexcept;
 std::string joined(char const* const* names, int32_t n);
 
-extern char const* const kACTIVATIONS[6]; /* ffnx_activation order */
+extern char const* const kACTIVATIONS[7]; /* ffnx_activation order; the sparse FFN takes the first 6 */
 bool isGated(int32_t activation) noexcept;
 
 /* ---- shapes and types ------------------------------------------------------------------- */
