@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from ffnx.errors import LoweringError
 from ffnx.graph.builder import Builder, f32, i64
+from ffnx.graph.opsets import set_opsets
 from ffnx.graph.tensors import const
 from ffnx.plugins.schema import (
     BASE_ACTIVATION,
@@ -59,10 +60,7 @@ def lower_sparse_ffn_nodes(model: onnx.ModelProto, variant: str | None = None) -
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
-    keep_domain = any(n.domain == DOMAIN for n in out.graph.node)
-    del out.opset_import[:]
-    out.opset_import.extend(o for o in model.opset_import if keep_domain or o.domain != DOMAIN)
-    return out
+    return set_opsets(out, model.opset_import)
 
 
 def lower_sparse_ffn(graph: gs.Graph, node: gs.Node, variant: str = PLAIN) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ffnx.graph.opsets import set_opsets
 from ffnx.graph.ort import ort_session  # sessions that stop spinning after a run
 from ffnx.lowering.moe_model import MoEConfig, moe_feeds, moe_model, moe_weights
 
@@ -28,11 +29,7 @@ def lowered_model(model: onnx.ModelProto, choice: str, why: str = "") -> onnx.Mo
         lower_moe_node(graph, node, choice, why)
     graph.cleanup().toposort()
     out = finish(gs.export_onnx(graph), model, graph)  # metadata kept, `why` recorded
-    del out.opset_import[:]
-    out.opset_import.extend([o for o in model.opset_import if o.domain != "ffnx"])
-    if any(n.domain == "com.microsoft" for n in out.graph.node):
-        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return out
+    return set_opsets(out, model.opset_import)
 
 
 TURNS = 4  # random token batches each timed lowering cycles through

@@ -9,7 +9,6 @@ the reason; it is never silently applied.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import onnx_graphsurgeon as gs
 from ffnx import artifact
 from ffnx.errors import PassError, VerificationError
 from ffnx.graph import lowering_meta, verify
+from ffnx.graph.opsets import set_opsets
 from ffnx.graph.stats import graph_stats
 from ffnx.lowering import run_model
 from ffnx.passes import PassContext, by_name, registry
@@ -51,46 +51,13 @@ def _example_dims(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
     return dims
 
 
-def _all_nodes(graph: onnx.GraphProto):
-    """Every node, including those inside If/Loop/Scan bodies."""
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_nodes(g)
-
-
-def merged_opsets(model: onnx.ModelProto, original) -> list:
-    """The original opset imports, plus one for each domain a pass introduced (e.g.
-    com.microsoft), minus custom domains no node uses any more (e.g. ffnx after lowering)."""
-    used = (
-        {n.domain for n in _all_nodes(model.graph)}
-        | {n.domain for f in model.functions for n in f.node}
-        | {f.domain for f in model.functions}
-    )
-    out = [copy.copy(o) for o in original if o.domain in ("", "ai.onnx") or o.domain in used]
-    have = {o.domain for o in out}
-    for o in model.opset_import:
-        if o.domain not in have and o.domain in used:
-            out.append(copy.copy(o))
-            have.add(o.domain)
-    for domain in sorted(used - have - {"ai.onnx"}):
-        out.append(onnx.helper.make_opsetid(domain, 1))
-    return out
-
-
 def _finish(graph: gs.Graph, opset_imports) -> onnx.ModelProto:
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     # graphsurgeon drops initializers from the inputs but keeps the IR version; IR < 4 requires
     # every initializer to be an input, so such a model would fail the checker.
     model.ir_version = max(model.ir_version, 4)
-    opsets = merged_opsets(model, opset_imports)
-    del model.opset_import[:]
-    model.opset_import.extend(opsets)
+    set_opsets(model, opset_imports)
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
     return model
