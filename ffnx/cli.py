@@ -14,6 +14,24 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 class FfnxGroup(click.Group):
     """Turns FfnxError (and anything unexpected) into one line on stderr and an exit code."""
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Usage and parameter errors too: one `error:` line (exit 2) instead of click's
+        three-line usage block."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            hint = ""
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                hint = f" (see `{e.ctx.command_path} --help`)"
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -46,9 +64,21 @@ def main(ctx: click.Context, debug: bool) -> None:
     and TensorRT.
 
     \b
+    One grammar for every command:
+      -o/--output PATH   every file or directory a command writes (--out: alias)
+      --force            replace an existing result (refused without it; nothing half-written)
+      --json             JSON on stdout instead of tables
+      --data FILE.npz    sample inputs: arrays named like the inputs, or name_0, name_1, ...
+      --dims label=N,... sizes of dynamic dims by their label, e.g. --dims batch=4,seq=128;
+                         labels come from the export (--dynamic input:axis=label) and are
+                         listed by `ffnx inspect`; build ranges: --profile label:min,opt,max
+    An option that does nothing in its context is a usage error (exit 2); any other failure
+    prints one `error:` line and exits 1 (--debug: the traceback).
+
+    \b
     Example:
-      ffnx export gpt-swiglu --out artifacts/gpt-swiglu
-      ffnx bench artifacts/gpt-swiglu --compare torch
+      ffnx export gpt-swiglu -o artifacts/gpt-swiglu
+      ffnx bench artifacts/gpt-swiglu --compare torch --iters 20
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
