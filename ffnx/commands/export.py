@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ffnx.commands import ui
+from ffnx.commands import grammar, ui
 from ffnx.commands.options import csv_list, trt_flavour_option
 from ffnx.commands.quantize import quantize_option
 
@@ -78,6 +78,7 @@ from ffnx.commands.quantize import quantize_option
     is_flag=True,
     help="hf: causal LMs: export input_ids -> logits without the KV cache (no past inputs).",
 )
+@grammar.json_option("Print the artifact's manifest as JSON.")
 def export_cmd(
     model,
     out,
@@ -99,19 +100,20 @@ def export_cmd(
     flavour,
     no_cache,
     quantize,
+    as_json,
 ) -> None:
     """Export MODEL (zoo name, pkg.module:factory, file.py:factory or hf:PATH) to an artifact
     directory, verified against torch at two shapes.
 
     \b
     Example:
-      ffnx export gpt-swiglu --out artifacts/gpt-swiglu
-      ffnx export my_model.py:build --dynamic x:0=batch --out artifacts/mine --force
-      ffnx export hf:./mixtral-tiny --out artifacts/mixtral --target trt --precision fp16
-      ffnx export hf:./bert-tiny --task masked-lm --out artifacts/bert-mlm
-      ffnx export gpt-moe --out artifacts/gpt-moe --target trt --trt rtx --no-build --force
-      ffnx export vit-repa --out artifacts/vit-repa --threads 2 --force
-      ffnx export hf:./qwen3-tiny --out artifacts/qwen3-int4 --quantize int4 --force
+      ffnx export gpt-swiglu -o artifacts/gpt-swiglu
+      ffnx export my_model.py:build --dynamic x:0=batch -o artifacts/mine --force --json
+      ffnx export hf:./mixtral-tiny -o artifacts/mixtral
+      ffnx export hf:./bert-tiny --task masked-lm -o artifacts/bert-mlm
+      ffnx export gpt-moe -o artifacts/gpt-moe --target trt --trt rtx --no-build --force
+      ffnx export vit-repa -o artifacts/vit-repa --threads 2 --force
+      ffnx export hf:./qwen3-tiny -o artifacts/qwen3-int4 --quantize int4 --force
     """
     from ffnx.export.pipeline import export_artifact
     from ffnx.export.torch_export import DEFAULT_OPSET
@@ -124,6 +126,18 @@ def export_cmd(
         for flag, given in given_flags:
             if given:
                 raise click.UsageError(f"{flag} applies only with --target trt")
+    ctx = click.get_current_context()
+    if no_optimize:
+        grammar.unused(ctx, "without --no-optimize", "passes", "skip", "no_guard", "threads")
+    if target == "trt" or passes:
+        grammar.unused(ctx, "with the speed guard (default passes, --target ort)", "no_guard",
+                       "threads")  # fmt: skip
+    if no_guard:
+        grammar.unused(ctx, "with the speed guard (it times at these threads)", "threads")
+    if not model.startswith("hf:"):
+        grammar.unused(ctx, "with hf:PATH causal LMs", "no_cache")
+    if ":" in model:
+        grammar.unused(ctx, "with zoo models", "size")
     precision = precision or "fp32"
     if task is not None and not model.startswith("hf:"):
         from ffnx.errors import ModelSpecError
@@ -198,6 +212,8 @@ def export_cmd(
         from ffnx.compress.quantize_weights import summary
 
         ui.err.print(summary(manifest["quantize"]))
+    if as_json:
+        grammar.echo_json(manifest)
 
 
 COMMANDS = [export_cmd]

@@ -111,8 +111,9 @@ def inspect_cmd(path, as_json) -> None:
 
     \b
     Example:
-      ffnx inspect artifacts/bert-postln
-      ffnx inspect model.onnx --json
+      ffnx export gpt-moe -o artifacts/gpt-moe
+      ffnx inspect artifacts/gpt-moe
+      ffnx inspect artifacts/gpt-moe/model.onnx --json
     """
     info = describe(path)
     if as_json:

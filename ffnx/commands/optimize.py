@@ -42,6 +42,11 @@ def _check_usage(ctx: click.Context, src, out, passes, target, data, as_json) ->
                        "max_error")  # fmt: skip
     if as_json:
         grammar.unused(ctx, "without --json (the JSON report has every reason)", "explain")
+    if target == "trt" or passes:
+        grammar.unused(ctx, "with the speed guard (default passes, --target ort)", "no_guard",
+                       "threads")  # fmt: skip
+    if p.get("no_guard"):
+        grammar.unused(ctx, "with the speed guard (it times at these threads)", "threads")
 
 
 def _larger(model, manifest: dict, feeds: list[dict]) -> list[dict[str, np.ndarray]] | None:
@@ -192,9 +197,9 @@ def optimize_cmd(
     \b
     Example:
       ffnx export vit-repa -o artifacts/vit-repa --no-optimize
-      ffnx optimize artifacts/vit-repa --threads 2 --no-guard
+      ffnx optimize artifacts/vit-repa --threads 2
       ffnx optimize artifacts/vit-repa/model.onnx -o model.opt.onnx --skip fuse_gate_up --json
-      ffnx export gpt-mlp -o artifacts/gpt-mlp
+      ffnx export gpt-mlp -o artifacts/gpt-mlp --no-optimize
       ffnx optimize artifacts/gpt-mlp --passes ffn_fusion --data calib.npz --max-error 1 --force
       ffnx optimize artifacts/gpt-mlp --passes sparsify_ffn --sparsity 0.5 --max-error 5 --force
       ffnx optimize --list-passes
