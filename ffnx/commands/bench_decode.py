@@ -1,19 +1,59 @@
-"""`ffnx bench DIR --decode`: token-by-token generation timing, optionally against transformers
-(torch eager, its own KV cache) on the checkpoint the artifact was exported from."""
+"""`ffnx bench DIR --decode [--compare torch,genai]`: token-by-token generation timing of the
+artifact, optionally against transformers (torch eager, its own KV cache) and onnxruntime-genai
+(its model builder's graph) on the checkpoint the artifact was exported from, the same prompt
+ids, new tokens and threads; plus the weight-bandwidth roofline measured in the same run.
+
+genai: `python -m onnxruntime_genai.models.builder -m HF -o OUT -p fp32|int4 -e cpu` on the
+checkpoint as ffnx loaded it (saved with `save_pretrained`, so random-weight configs get the same
+weights), cached in ~/.cache/ffnx/genai/<sha256 of the checkpoint files, precision, genai
+version> ($FFNX_CACHE overrides ~/.cache/ffnx). Quantized artifacts compare with genai at the
+same precision (its CPU defaults: MatMulNBits, block 32, symmetric, accuracy level 4). Where the
+builder refuses the architecture (Qwen3-MoE, Mixtral) the row says
+"genai does not support <model_type>".
+"""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import numpy as np
 
 from ffnx.commands import ui
-from ffnx.errors import ArtifactError
+from ffnx.errors import ArtifactError, BackendError
 
+COMPARE = ("torch", "genai")
 COLUMNS = ["runtime", "TTFT ms", "prefill tok/s", "decode tok/s", "ITL p50 ms", "ITL p99 ms",
-           "peak RSS MiB"]  # fmt: skip
+           "peak RSS MiB", "weight GB/s", "of roofline", "tokens = ffnx"]  # fmt: skip
+KEYS = ["ttft_ms", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib"]
 
 
-def torch_decode(source: str, prompt_len: int, new_tokens: int, batch: int, threads, seed=0):
+def parse_compare(value: str | None) -> list[str]:
+    """--compare torch | genai | torch,genai -> the list (a bad name: one `error:` line)."""
+    from ffnx.errors import InputError
+
+    names = [v.strip() for v in (value or "").split(",") if v.strip()]
+    bad = [n for n in names if n not in COMPARE]
+    if bad:
+        raise InputError(f"--compare {value!r}: choose from {', '.join(COMPARE)} (comma-separated)")
+    return names
+
+
+def hf_source(engine) -> str:
+    source = engine.manifest.get("model", {}).get("source", "")
+    if not source.startswith("hf:"):
+        raise ArtifactError(f"--compare torch/genai needs an hf: export; this is from {source!r}")
+    return source[3:]
+
+
+def torch_decode(source: str, prompt_len: int, new_tokens: int, batch: int, threads, seed=0,
+                 model=None) -> dict:  # fmt: skip
     """transformers eager: prefill, then greedy steps on its DynamicCache (same prompt ids)."""
     import torch
 
@@ -24,48 +64,304 @@ def torch_decode(source: str, prompt_len: int, new_tokens: int, batch: int, thre
         raise ArtifactError(f"--compare torch needs an hf: export; this artifact is from {source}")
     if threads:
         torch.set_num_threads(threads)
-    model = load_hf(source[3:]).module.model
+    model = model or load_hf(source[3:]).module.model
     arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     vocab = int(model.config.get_text_config().vocab_size)
     ids = torch.from_numpy(random_prompt(vocab, batch, prompt_len, seed))
 
-    def run(n: int) -> tuple[float, list[float]]:
+    def run(n: int) -> tuple[float, list[float], list]:
         with torch.no_grad():
             t0 = time.perf_counter()
             out = model(input_ids=ids, use_cache=True)
-            times = []
+            times, toks = [], []
             for _ in range(n):
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 times.append(time.perf_counter())
+                toks.append(tok[:, 0].numpy())
                 if len(times) == n:
                     break
                 past = getattr(out, "cache", None) or out.past_key_values
                 out = model(input_ids=tok, use_cache=True, **{arg: past})
-        return times[0] - t0, times
+        return times[0] - t0, times, toks
 
     run(min(4, new_tokens))
-    ttft, times = run(new_tokens)
-    return decode_stats(ttft, times, batch, prompt_len)
+    ttft, times, toks = run(new_tokens)
+    return {**decode_stats(ttft, times, batch, prompt_len), "tokens": np.stack(toks, axis=1)}
 
 
-def bench_decode(
-    engine, path, compare, prompt_len, new_tokens, batch, threads, table: bool = True
-) -> list[dict]:
+def _cache_root() -> Path:
+    return Path(os.environ.get("FFNX_CACHE") or Path.home() / ".cache" / "ffnx")
+
+
+def genai_model(source: str, model, precision: str) -> Path | str:
+    """The genai model directory for this checkpoint (built once, cached), or the one-line
+    reason the builder refused it ("genai does not support <model_type>")."""
+    import onnxruntime_genai as og
+
+    h = hashlib.sha256(f"{precision} {og.__version__}".encode())
+    src = Path(source).expanduser()
+    for p in sorted(src.iterdir()) if src.is_dir() else [src]:
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"):
+            h.update(p.name.encode() + p.read_bytes())
+    root = _cache_root() / "genai" / h.hexdigest()[:20]
+    out = root / "model"
+    if (out / "genai_config.json").exists():
+        return out
+    refused = root / "refused.txt"
+    if refused.exists():
+        return refused.read_text().strip()
+    import tempfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # its shard-writing progress bar
+            model.save_pretrained(Path(tmp) / "hf")
+        _tokenizer(src, Path(tmp) / "hf", int(model.config.get_text_config().vocab_size))
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", f"{tmp}/hf", "-o",
+               f"{tmp}/model", "-p", precision, "-e", "cpu", "-c", f"{tmp}/cache"]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        if r.returncode != 0:
+            if "not currently supported" in r.stderr + r.stdout:
+                why = f"genai does not support {model.config.model_type}"
+                refused.write_text(why + "\n")
+                return why
+            last = (r.stderr.strip() or r.stdout.strip() or "no output").splitlines()[-1]
+            raise BackendError(f"onnxruntime-genai's model builder failed: {last}")
+        os.replace(f"{tmp}/model", out)
+    return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
+
+
+def _tokenizer(src: Path, dst: Path, vocab: int) -> None:
+    """The builder needs a tokenizer: the checkpoint's, else a word-level one over the ids
+    (token i is `w{i}`; timing and token ids do not depend on it)."""
+    import shutil
+
+    found = [src / f for f in TOKENIZER_FILES if (src / f).is_file()] if src.is_dir() else []
+    for f in found:
+        shutil.copy(f, dst / f.name)
+    if found:
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(dst / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "w0"}
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def genai_decode(model_dir: Path, prompt: np.ndarray, new_tokens: int, threads) -> dict:
+    """onnxruntime-genai greedy generation (EOS ignored: min_length), timed like ffnx's."""
+    import onnxruntime_genai as og
+
+    from ffnx.runtime.decode_bench import decode_stats
+
+    cfg = og.Config(str(model_dir))
+    if threads:
+        opts = {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1}
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
+    model = og.Model(cfg)
+    batch, plen = prompt.shape
+
+    def run(n: int):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=plen + n, min_length=plen + n, do_sample=False,
+                                  batch_size=batch)  # fmt: skip
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt.astype(np.int32))
+        times, toks = [], []
+        while not gen.is_done():
+            gen.generate_next_token()
+            times.append(time.perf_counter())
+            toks.append(np.asarray(gen.get_next_tokens(), np.int64).reshape(batch))
+        return times[0] - t0, times, toks
+
+    run(min(4, new_tokens))
+    ttft, times, toks = run(new_tokens)
+    return {**decode_stats(ttft, times, batch, plen), "tokens": np.stack(toks, axis=1)}
+
+
+def _itemsize(data_type: int) -> int:
+    from onnx import helper
+
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+
+
+def _nbytes(t) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type)
+
+
+def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
+    """Weight bytes one decode step reads: every initializer of the graph ORT runs, less the
+    embedding table (a Gather reads `batch` rows), less the experts no token routes to: per MoE
+    layer (E experts, top-k, from model.onnx's FfnxMoE) the expected unread fraction under
+    uniform routing, (1 - k/E)^batch, of its expert bytes in the run graph (fp32, or int4/int8
+    bits + one fp32 scale per 32 with --quantize)."""
+    import onnx
+
+    from ffnx import artifact
+
+    d = Path(directory)
+    run = onnx.load(str(artifact.model_path(d, manifest)), load_external_data=False)
+    inits = {i.name: i for i in run.graph.initializer}
+    total = sum(_nbytes(i) for i in inits.values())
+    embed = 0
+    for n in run.graph.node:
+        if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
+            t = inits[n.input[0]]
+            embed += _nbytes(t) - batch * _nbytes(t) // int(t.dims[0])
+    q = manifest.get("quantize", {})
+    scheme = q.get("experts", {}).get("scheme", "fp32") if q else "fp32"
+    per_param = {"fp32": 4.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}[scheme]
+    unread = 0.0
+    plain = d / artifact.MODEL
+    if plain.exists():
+        p = onnx.load(str(plain), load_external_data=False)
+        pinit = {i.name: i for i in p.graph.initializer}
+        for n in p.graph.node:
+            if n.op_type != "FfnxMoE":
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            weights = [n.input[i] for i in (2, 4) if len(n.input) > i and n.input[i] in pinit]
+            params = sum(int(np.prod(pinit[w].dims)) for w in weights)
+            e = int(pinit[weights[0]].dims[0]) if weights else 1
+            k = int(attrs.get("top_k", 2))
+            unread += (1 - min(k, e) / e) ** batch * params * per_param
+    return {"weight_bytes_per_step": total - embed - unread, "weight_bytes_total": total,
+            "embedding_bytes_unread": embed, "expert_bytes_unread": unread}  # fmt: skip
+
+
+def _llc_bytes() -> int:
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        v = f.read_text().strip()
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(v[-1:], 1)
+        sizes.append(int(v.rstrip("KMG")) * mult)
+    return max(sizes, default=32 * 2**20)
+
+
+def gemv_models(bits: int | None, target_bytes: int | None = None) -> tuple[bytes, int, int]:
+    """(ONNX GEMV model, its weight bytes, K): y [1, N] = x [1, K] @ W with W >= 4x the
+    last-level cache (at least 64 MiB) - fp32 MatMul (bits None) or MatMulNBits int4/int8 (block
+    32, accuracy level 4, random codes: the bytes read are what counts)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    target = target_bytes or max(4 * _llc_bytes(), 64 * 2**20)
+    k = 4096
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    if bits is None:
+        n = max(1, target // (4 * k))
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        inits, nbytes = [numpy_helper.from_array(w, "w")], w.nbytes
+        opsets = [helper.make_opsetid("", 18)]
+    else:
+        n = max(1, int(target // (k * (bits / 8 + 4 / 32))))
+        codes = rng.integers(0, 256, (n, k // 32, 32 * bits // 8), dtype=np.uint8)
+        scales = (rng.random(n * k // 32, dtype=np.float32) * 0.01).astype(np.float32)
+        node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft",
+                                K=k, N=n, bits=bits, block_size=32, accuracy_level=4)  # fmt: skip
+        inits = [numpy_helper.from_array(codes, "b"), numpy_helper.from_array(scales, "s")]
+        nbytes = codes.nbytes + scales.nbytes
+        opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    g = helper.make_graph([node], "gemv", [x], [y], inits)
+    return helper.make_model(g, opset_imports=opsets).SerializeToString(), int(nbytes), k
+
+
+def measure_rooflines(manifest: dict, threads) -> dict:
+    """{"fp32": gemv_bandwidth, and "int4"/"int8" for quantized artifacts}."""
+    from ffnx.runtime.decode_bench import gemv_bandwidth
+
+    out = {"fp32": gemv_bandwidth(*gemv_models(None), threads=threads)}
+    bits = manifest.get("quantize", {}).get("bits")
+    if bits:
+        out[manifest["quantize"]["scheme"]] = gemv_bandwidth(*gemv_models(bits), threads=threads)
+    return out
+
+
+def bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads,
+                 table: bool = True) -> list[dict]:  # fmt: skip
+    """Every row's fields (and the roofline in the first, ffnx's); `table` off with
+    `ffnx bench --json` (JSON only on stdout)."""
     from ffnx.bench import peak_rss_mib
-    from ffnx.runtime.decode_bench import time_decode
+    from ffnx.runtime.decode_bench import random_prompt, roofline, time_decode
 
-    results = [{"runtime": f"ffnx ({engine.backend_name})",
-                **time_decode(engine, prompt_len, new_tokens, batch), "peak_rss_mib":
-                peak_rss_mib()}]  # fmt: skip
-    if compare == "torch":
+    compare = parse_compare(compare) if isinstance(compare, str | type(None)) else compare
+    ours = time_decode(engine, prompt_len, new_tokens, batch)
+    ref_tokens = ours.pop("tokens")
+    scheme = engine.manifest.get("quantize", {}).get("scheme", "fp32")
+    results = [{"runtime": f"ffnx ({engine.backend_name})", "precision": scheme, **ours,
+                "peak_rss_mib": peak_rss_mib()}]  # fmt: skip
+    model = None
+    if compare:
+        from ffnx.models.hf import load_hf
+
+        model = load_hf(hf_source(engine)).module.model
+    if "torch" in compare:
         source = engine.manifest.get("model", {}).get("source", "")
-        r = torch_decode(source, prompt_len, new_tokens, batch, threads)
-        results.append({"runtime": "transformers (torch eager)", **r,
+        r = torch_decode(source, prompt_len, new_tokens, batch, threads, model=model)
+        results.append({"runtime": "transformers (torch eager)", "precision": "fp32", **r,
                         "peak_rss_mib": peak_rss_mib()})  # fmt: skip
-    keys = ["ttft_ms", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib"]
-    rows = [[r["runtime"], *(r[k] for k in keys)] for r in results]
-    name = engine.manifest.get("model", {}).get("name", path)
-    title = f"{name}  decode: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, greedy"
-    if table:  # off with `ffnx bench --json` (JSON only on stdout)
-        ui.out.print(ui.table(title, COLUMNS, rows))
+    if "genai" in compare:
+        precision = scheme  # fp32, int4, int8: the builder's -p (int: block 32, symmetric, acc. 4)
+        with ui.steps("onnxruntime-genai: building its model (cached)"):
+            built = genai_model(hf_source(engine), model, precision)
+        if isinstance(built, str):
+            ui.err.print(built)
+            results.append({"runtime": "onnxruntime-genai", "precision": precision,
+                            "unsupported": built})  # fmt: skip
+        else:
+            vocab = int(engine.manifest["decoder"]["vocab"])
+            r = genai_decode(built, random_prompt(vocab, batch, prompt_len), new_tokens, threads)
+            results.append({"runtime": "onnxruntime-genai", "precision": precision, **r,
+                            "peak_rss_mib": peak_rss_mib(), "genai_model": str(built)})  # fmt: skip
+    for r in results[1:]:
+        if "tokens" in r:
+            toks = r.pop("tokens")
+            r["tokens_equal_ffnx"] = float((toks == ref_tokens).mean())
+            r["decode_speedup_of_ffnx"] = results[0]["decode_tok_s"] / r["decode_tok_s"]
+    with ui.steps("measuring the GEMV bandwidth roofline"):
+        gemv = measure_rooflines(engine.manifest, threads)
+    wb = weight_bytes_per_step(engine.path or path, engine.manifest, batch)
+    roof = gemv.get(scheme, gemv["fp32"])["gemv_gbs"]
+    itl = batch / results[0]["decode_tok_s"]
+    results[0].update(roofline(wb["weight_bytes_per_step"], itl, roof), **wb,
+                      roofline_kind=f"{scheme} GEMV" if scheme in gemv else "fp32 GEMV",
+                      gemv=gemv, threads=threads)  # fmt: skip
+    if table:
+        _print(engine, path, results, prompt_len, new_tokens, batch, threads)
     return results
+
+
+def _print(engine, path, results, prompt_len, new_tokens, batch, threads) -> None:
+    rows = []
+    for r in results:
+        if "unsupported" in r:
+            rows.append([f"{r['runtime']} ({r['precision']})", r["unsupported"],
+                         *[""] * (len(COLUMNS) - 2)])  # fmt: skip
+            continue
+        frac, same = r.get("roofline_fraction"), r.get("tokens_equal_ffnx")
+        rows.append([f"{r['runtime']} ({r['precision']})", *(r[k] for k in KEYS),
+                     f"{r['achieved_gbs']:.1f}" if "achieved_gbs" in r else "",
+                     f"{frac:.0%}" if frac is not None else "",
+                     f"{same:.0%}" if same is not None else ""])  # fmt: skip
+    name = engine.manifest.get("model", {}).get("name", path)
+    title = (f"{name}  decode: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, "
+             f"greedy, threads {threads or 'default'}")  # fmt: skip
+    ui.out.print(ui.table(title, COLUMNS, rows))
+    r = results[0]
+    g = ", ".join(f"{k} {v['gemv_gbs']:.1f} GB/s" for k, v in r["gemv"].items())
+    ui.out.print(f"roofline: GEMV {g} (weights {r['gemv']['fp32']['gemv_weight_bytes'] / 2**20:.0f}"
+                 f" MiB > last-level cache); decode reads {r['weight_bytes_per_step'] / 2**20:.1f} "
+                 f"MiB of weights per step -> {r['achieved_gbs']:.1f} GB/s = "
+                 f"{r['roofline_fraction']:.0%} of the {r['roofline_kind']} roofline")  # fmt: skip

@@ -100,9 +100,10 @@ def _save(path: Path, arr: np.ndarray) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @click.option(
     "--compare",
-    type=click.Choice(["torch"]),
+    metavar="torch[,genai]",
     default=None,
-    help="Also time the torch eager model in this invocation and print the ratio.",
+    help="Also time torch eager in this invocation and print the ratio; with --decode also "
+    "genai (onnxruntime-genai's model builder), comma-separated.",
 )
 @click.option("--iters", type=int, default=None, help="Timed iterations (default 100).")
 @click.option("--seconds", type=float, default=None, help="Time budget instead of --iters.")
@@ -135,6 +136,7 @@ def bench_cmd(ctx, path, compare, iters, seconds, warmup, as_json, output, force
       ffnx bench artifacts/gpt-moe --compare torch --threads 2 --iters 20
       ffnx bench artifacts/gpt-moe --dims batch=1,seq=1 --seconds 1 --json -o moe.json
       ffnx bench artifacts/qwen3 --decode --prompt-len 8 --new-tokens 8 --compare torch
+      ffnx bench artifacts/qwen3 --decode --prompt-len 8 --new-tokens 8 --compare torch,genai
     """
     from ffnx.bench import measure, peak_rss_mib, throughput
 
@@ -150,6 +152,8 @@ def bench_cmd(ctx, path, compare, iters, seconds, warmup, as_json, output, force
     _no_trt_threads(ctx)
     if output:
         grammar.refuse_existing([output], force)
+    if not decode and compare not in (None, "torch"):
+        raise click.UsageError(f"--compare {compare}: only torch without --decode")
     engine = _bench_engine(path, backend, threads, graph)
     if decode:  # ffnx bench DIR --decode [--prompt-len P] [--new-tokens N] [--batch B]
         from ffnx.commands.bench_decode import bench_decode
