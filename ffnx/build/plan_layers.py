@@ -42,7 +42,7 @@ def inspector_layers(trt, plan: bytes) -> tuple[list[dict] | None, str]:
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
-        why = logger.errors[-1] if logger.errors else "deserialize_cuda_engine returned None"
+        why = logger.errors[0] if logger.errors else "deserialize_cuda_engine returned None"
         return None, f"{trt.__name__} {trt.__version__} cannot deserialize the plan here: {why}"
     inspector = engine.create_engine_inspector()
     info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))

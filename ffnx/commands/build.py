@@ -101,7 +101,7 @@ def build_cmd(
       ffnx build artifacts/gpt-moe --precision fp16 --profile seq:1,128,2048
       ffnx build artifacts/gpt-moe --precision fp16 --workspace 512 --force --json
       ffnx build artifacts/gpt-moe --trt rtx --compute-capability 86,89 --force
-      ffnx build artifacts/gpt-moe --trt rtx --add-profile 'batch:1,1,1 seq:1,1,1'
+      ffnx build artifacts/gpt-swiglu --trt rtx --add-profile 'batch:1,1,1 seq:1,1,1'
     """
     from pathlib import Path
 

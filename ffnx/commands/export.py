@@ -201,6 +201,10 @@ def export_cmd(
         f"exported {spec.name} ({manifest['model']['params']:,} params, opset {v['opset']}) to "
         f"{out}; max abs error vs torch {v['max_abs_error']:.2e}"
     )
+    check = manifest.get("tensorrt_graph_check")
+    if check:  # which checker took the TensorRT graph (the real parser, or the op-list fallback)
+        why = f" ({check['fallback']})" if check.get("fallback") else ""
+        ui.err.print(f"TensorRT graph check: {check['checker']}{why}", markup=False)
     applied = [p for p in manifest.get("passes", []) if p["status"] == "applied"]
     if applied:
         ui.err.print("passes applied: " + ", ".join(f"{p['name']}×{p['applied']}" for p in applied))

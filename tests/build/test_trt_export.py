@@ -38,6 +38,7 @@ def test_export_moe_checked_by_the_real_rtx_parser(tmp_path, rtx, plugin_lib, mo
     res = _run("export", "gpt-moe", "--out", str(out), "--target", "trt", "--trt", "rtx",
                "--no-build")  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert f"TensorRT graph check: TensorRT-RTX {rtx.__version__} ONNX parser" in res.output
     check = json.loads((out / "manifest.json").read_text())["tensorrt_graph_check"]
     assert check["checker"] == f"TensorRT-RTX {rtx.__version__} ONNX parser", check
     assert check["flavour"] == "rtx" and check["ffnx_nodes"] == 2

@@ -1,7 +1,9 @@
 """Every zoo model (tiny) -> `--target trt` graph -> real TensorRT-RTX parse with the ffnx
 plugins -> real engine (CPU ahead-of-time build, SM86); MoE and sparse models keep their
-plugin layers in the plan. Set FFNX_RTX_TABLE=FILE to write build seconds, plan size, plugin
-layers and TensorRT warnings per model (JSON lines)."""
+plugin layers in the plan: the plugin layers of the parsed network (ffnx.build.plan_layers,
+what `ffnx inspect` shows without a GPU), each found in the plan bytes by its layer name and
+creator name. Set FFNX_RTX_TABLE=FILE to write build seconds, plan size, plugin layers and
+TensorRT warnings per model (JSON lines)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tests.build.test_trt_target_zoo import _trt_graph
 
 
 def _build(trt, lib, model, spec):
+    from ffnx.build.plan_layers import network_plugin_layers
     from ffnx.export.inputs import to_numpy
 
     warnings: list[str] = []
@@ -35,7 +38,9 @@ def _build(trt, lib, model, spec):
     parser = trt.OnnxParser(network, logger)
     ok = parser.parse(model.SerializeToString())
     assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    layers = network_plugin_layers(trt, network, model)
     config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # as `ffnx build`
     config.builder_optimization_level = 0
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 28)
     config.num_compute_capabilities = 1
@@ -48,7 +53,10 @@ def _build(trt, lib, model, spec):
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
     assert plan is not None, warnings
-    return bytes(memoryview(plan)), seconds, warnings
+    plan = bytes(memoryview(plan))
+    for layer in layers:  # every plugin layer of the network made it into the plan
+        assert layer["name"].encode() in plan and layer["op"].encode() in plan, layer
+    return plan, seconds, warnings, layers
 
 
 @pytest.mark.parametrize("name", zoo.names())
@@ -56,10 +64,10 @@ def test_zoo_model_builds_a_real_rtx_engine(tmp_path, rtx, plugin_lib, name):
     model, _ = _trt_graph(name, tmp_path)
     spec = zoo.build(name, "tiny")
     ffnx_ops = sorted({n.op_type for n in model.graph.node if n.domain == "ffnx"})
-    plan, seconds, warnings = _build(rtx, plugin_lib, model, spec)
-    layers = {op: plan.count(op.encode()) for op in ffnx_ops}
-    for op in ffnx_ops:  # each plugin op is serialized into the plan
-        assert layers[op] >= 1, (op, layers)
+    plan, seconds, warnings, found = _build(rtx, plugin_lib, model, spec)
+    layers = {op: sum(x["op"] == op for x in found) for op in ffnx_ops}
+    n_nodes = {op: sum(n.op_type == op for n in model.graph.node) for op in ffnx_ops}
+    assert layers == n_nodes  # one plugin layer per ffnx node
     if os.environ.get("FFNX_RTX_TABLE"):
         row = {"model": name, "build_s": round(seconds, 2), "plan_bytes": len(plan),
                "plugins": layers, "warnings": sorted(set(warnings))}  # fmt: skip
@@ -93,8 +101,8 @@ def test_transformers_mixtral_builds_with_moe_plugin_layers(tmp_path, rtx, plugi
     cfg = write_config(tmp_path / "cfg", "mixtral", num_hidden_layers=2)
     spec = resolve(f"hf:{cfg}")
     model = _graph_of(spec, tmp_path)
-    plan, _, _ = _build(rtx, plugin_lib, model, spec)
-    assert plan.count(b"FfnxMoE") >= 2
+    _, _, _, found = _build(rtx, plugin_lib, model, spec)
+    assert [x["op"] for x in found] == ["FfnxMoE", "FfnxMoE"]
 
 
 def test_sparsified_model_builds_with_sparse_plugin_layers(tmp_path, rtx, plugin_lib):
@@ -102,5 +110,5 @@ def test_sparsified_model_builds_with_sparse_plugin_layers(tmp_path, rtx, plugin
     model = _graph_of(spec, tmp_path, passes=["sparsify_ffn"], max_error=10.0,
                       options={"sparsity": 0.5})  # fmt: skip
     assert sum(n.op_type == "FfnxSparseFFN" for n in model.graph.node) == 2
-    plan, _, _ = _build(rtx, plugin_lib, model, spec)
-    assert plan.count(b"FfnxSparseFFN") >= 2
+    _, _, _, found = _build(rtx, plugin_lib, model, spec)
+    assert [x["op"] for x in found] == ["FfnxSparseFFN", "FfnxSparseFFN"]
