@@ -192,8 +192,27 @@ def parse_site(graph: gs.Graph, cat_k: gs.Node) -> tuple[dict | None, str | None
 
 
 def _heads_last(b: Builder, x: gs.Tensor, width: int) -> gs.Tensor:
-    """[B, heads, S, D] -> [B, S, heads*D]."""
+    """[B, heads, S, D] -> [B, S, heads*D]; where x is itself Transpose(0,2,1,3) of a split
+    [B, S, heads, D] (the values: no rotary), the tensor before it, so nothing is copied."""
+    tr = producer(x, "Transpose")
+    if _perm(tr) == [0, 2, 1, 3]:
+        y = tr.inputs[0]
+        rs = producer(y, "Reshape")
+        z = rs.inputs[0] if rs is not None else None
+        zs = getattr(z, "shape", None)
+        if zs is not None and len(zs) == 3 and zs[2] == width:
+            return z  # the projection's own [B, S, heads*D] output
+        return b.op("Reshape", y, i64(0, 0, width))
     return b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), i64(0, 0, width))
+
+
+def _flat_reader(t: gs.Tensor, width: int) -> gs.Tensor | None:
+    """The output of the one Reshape reading `t` [B, S, H, D] into [B, S, H*D], if that is all
+    that reads it (the attention module's own reshape before o_proj)."""
+    rs = _only(t, "Reshape")
+    out = rs.outputs[0] if rs is not None else None
+    shape = getattr(out, "shape", None)
+    return out if shape is not None and len(shape) == 3 and shape[2] == width else None
 
 
 def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> gs.Node:
@@ -211,7 +230,8 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> gs.Node:
         total32 = b.op("Reshape", b.op("Cast", total, to=6), i64())
         shared[key] = (seqlens, total32, qlens)
     seqlens, total32, qlens = shared[key]
-    out3 = gs.Variable(b.name("gqa_out"), dtype=s["q"].dtype)
+    flat = _flat_reader(s["out"], H * D)
+    out3 = flat if flat is not None else gs.Variable(b.name("gqa_out"), dtype=s["q"].dtype)
     for cat in (s["cat_k"], s["cat_v"]):  # the presents are written by GQA now
         cat.outputs.clear()
         cat.inputs.clear()
@@ -221,7 +241,10 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> gs.Node:
          outputs=[out3, s["present_k"], s["present_v"]], domain=MS_DOMAIN, num_heads=H,
          kv_num_heads=KV, scale=float(s["scale"]))  # fmt: skip
     s["out_node"].outputs.clear()
-    b.op("Reshape", out3, i64(0, 0, H, D), outputs=[s["out"]])
+    if flat is not None:  # GQA writes the [B, S, H*D] tensor o_proj reads
+        flat.inputs[0].outputs.clear()
+    else:
+        b.op("Reshape", out3, i64(0, 0, H, D), outputs=[s["out"]])
     return graph.nodes[-2]
 
 
