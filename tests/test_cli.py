@@ -145,3 +145,92 @@ def test_missing_manifest_is_one_line(tmp_path):
     r = run("bench", tmp_path)
     assert r.exit_code == 1
     assert r.output.strip().startswith("error:") and "incomplete" in r.output
+
+
+def _one_error_line(r, code: int, text: str) -> None:
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == code and len(lines) == 1, r.output
+    assert lines[0].startswith("error: ") and text in lines[0], lines[0]
+
+
+USAGE_ERRORS = """
+run {a} --data {d} --dims batch=2                  | --dims applies only without --data
+run {a} --force                                    | --force applies only with -o/--output
+run {a} --backend trt --threads 2                  | --threads applies only with ONNX Runtime
+bench {a} --prompt-len 8                           | --prompt-len applies only with --decode
+bench {a} --decode --dims batch=1                  | --dims applies only without --decode
+optimize {a} -o {t}/m.onnx                         | --output applies only with an .onnx SRC
+optimize {a} --sparsity 0.5                        | --sparsity applies only with --passes sparsify
+optimize {a} --max-error 0.1                       | --max-error applies only with an approximate
+optimize {a} --target trt --quantize-experts int4  | --quantize-experts applies only with --target
+optimize {a} --no-guard --threads 2                | --threads applies only with the speed guard
+optimize {a} --passes cleanup --no-guard           | --no-guard applies only with the speed guard
+optimize {a} --json --explain                      | --explain applies only without --json
+optimize {a}/model.onnx                            | -o/--output is required
+export {u}:build -o {t}/a --size base              | --size applies only with zoo models
+export gpt-mlp -o {t}/a --no-cache                 | --no-cache applies only with hf:PATH
+export gpt-mlp -o {t}/a --no-optimize --skip cleanup | --skip applies only without --no-optimize
+export gpt-mlp -o {t}/a --precision fp16           | --precision applies only with --target trt
+calibrate {a} --data {d} --samples 4               | --samples applies only without --data
+build {a} --data {d}                               | --data applies only with --precision int8
+build {a} --trt enterprise --compute-capability 86 | --compute-capability applies only with TensorRT
+generate {a} --prompt-ids 1 --top-k 5              | --top-k applies only with --temperature > 0
+plugins build --kernels-only --trt-include {t}     | --trt-include applies only without --kernels
+plugins --json path                                | --json applies only without a subcommand
+run {a} --dims batch                               | 'batch': expected label=N
+run {a} --bogus                                    | No such option '--bogus'
+"""
+
+
+def test_options_that_do_nothing_are_usage_errors(tmp_path, mlp_artifact, user_model_file):
+    """One `error:` line naming the option and where it applies, exit 2, nothing written."""
+    import shlex
+
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 16), np.float32))
+    where = {"a": mlp_artifact, "d": tmp_path / "x.npz", "t": tmp_path, "u": user_model_file}
+    for case in USAGE_ERRORS.strip().splitlines():
+        line, text = (part.strip() for part in case.rsplit(" | ", 1))
+        r = run(*shlex.split(line.format(**where)))
+        _one_error_line(r, 2, text)
+        assert "(see `" in r.output and " --help`)" in r.output, r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_force_guards_every_replaced_result(tmp_path, mlp_artifact):
+    import shutil
+
+    d = tmp_path / "a"
+    shutil.copytree(mlp_artifact, d)
+    r = run("calibrate", d, "--samples", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["file"] == "calibration.npz"
+    calib = (d / "calibration.npz").read_bytes()
+    _one_error_line(run("calibrate", d, "--samples", "1"), 1, "calibration.npz exists")
+    assert (d / "calibration.npz").read_bytes() == calib
+    assert run("calibrate", d, "--samples", "2", "--force").exit_code == 0
+    out = tmp_path / "m.onnx"
+    r = run("optimize", d / "model.onnx", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["output"] == str(out) and report["passes"][0]["name"] == "cleanup"
+    before = out.read_bytes()
+    _one_error_line(run("optimize", d / "model.onnx", "-o", out), 1, "m.onnx exists")
+    assert out.read_bytes() == before
+    assert run("optimize", d / "model.onnx", "-o", out, "--force").exit_code == 0
+    (d / "model.plan").write_bytes(b"an earlier plan")
+    _one_error_line(run("build", d), 1, "model.plan exists (from an earlier build)")
+    assert (d / "model.plan").read_bytes() == b"an earlier plan"
+
+
+def test_json_flags_print_json_on_stdout(mlp_artifact):
+    for args, key in (
+        (["models", "--json"], None),
+        (["optimize", "--list-passes", "--json"], None),
+        (["plugins", "--json"], "ops"),
+        (["inspect", mlp_artifact, "--json"], "params"),
+        (["run", mlp_artifact, "--json"], "outputs"),
+    ):
+        r = run(*args)
+        assert r.exit_code == 0, (args, r.output)
+        obj = json.loads(r.stdout)
+        assert obj and (key is None or key in obj), args
