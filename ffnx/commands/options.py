@@ -11,19 +11,6 @@ def csv_list(ctx, param, value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def dims_option(ctx, param, value: str | None) -> dict[str, int]:
-    """`batch=1,seq=128` -> {"batch": 1, "seq": 128}."""
-    out: dict[str, int] = {}
-    for part in (value or "").split(","):
-        if not part.strip():
-            continue
-        name, _, n = part.partition("=")
-        if not n.strip().isdigit():
-            raise click.BadParameter(f"{part!r}: expected label=int, e.g. batch=1,seq=128")
-        out[name.strip()] = int(n)
-    return out
-
-
 TRT_FLAVOURS = ("auto", "enterprise", "rtx")
 
 
