@@ -11,7 +11,10 @@ ort_moe      com.microsoft::MoE. ORT 1.32 CPU: softmax over all E logits, top-k,
                                             softmax(log p) = p / sum(p) keeps the top-k order;
                                             (normalize 0: see `_router`)
              routed_scaling_factor multiplies the output. Hash routing, score_bias and
-             group-limited routing (n_group > 1) do not fit.
+             group-limited routing (n_group > 1) do not fit. clamped_swiglu (GPT-OSS) is its
+             swiglu with activation_alpha = alpha, activation_beta = 1 (the up + 1) and
+             swiglu_limit = limit: min(g, limit) * sigmoid(alpha * min(g, limit)) *
+             (clamp(u, -limit, limit) + beta), the schema's formula.
 qmoe_int4/8  com.microsoft::QMoE: the same, with block-wise symmetric int4/int8 expert weights.
 sorted_int4/8  the `sorted` decomposition with com.microsoft::MatMulNBits expert projections.
 """
@@ -24,10 +27,10 @@ from ffnx.graph.builder import Builder, f32, i64
 from ffnx.lowering.moe_common import LoweringError, MoESite, route
 from ffnx.lowering.moe_forms import sorted_experts
 from ffnx.lowering.quantize import BITS, pick_block, quantize
-from ffnx.plugins.schema import group_limited
+from ffnx.plugins.schema import CLAMPED_SWIGLU, group_limited
 
 MS = "com.microsoft"
-ORT_ACTIVATIONS = ("relu", "silu", "swiglu")
+ORT_ACTIVATIONS = ("relu", "silu", "swiglu", CLAMPED_SWIGLU)
 # int8 activations in the quantized expert GEMMs: 4.3x (int4) / 2.2x (int8) over fp32 at T=1 on
 # AVX2 (Mixtral-like layer, benchmarks/moe.py); with fp32 activations (0) int4 ran no faster than
 # fp32 and MatMulNBits int8 fell back to a slow path (~50x slower).
@@ -95,6 +98,9 @@ def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
     probs, factor = _router(b, s)
     act = "swiglu" if s.gated else s.activation
     fusion = {"swiglu_fusion": 1} if s.gated else {}
+    if s.activation == CLAMPED_SWIGLU:
+        fusion.update(activation_alpha=float(s.attrs["activation_alpha"]), activation_beta=1.0,
+                      swiglu_limit=float(s.attrs["activation_limit"]))  # fmt: skip
     y = b.op(
         op,
         x,

@@ -357,7 +357,8 @@ def test_gpt_oss_experts_match_transformers_experts():
 
 
 def test_gpt_oss_node_lowers_exactly_in_every_form(tmp_path):
-    """The exported node carries alpha/limit; every standard-ONNX form == the block."""
+    """The exported node carries alpha/limit; every standard-ONNX form and com.microsoft::MoE
+    (swiglu with activation_alpha, activation_beta=1, swiglu_limit) == the block."""
     from ffnx.graph.ort import run_session
     from ffnx.lowering.moe_forms import FORMS
     from ffnx.lowering.moe_model import MoEConfig, moe_model
@@ -377,7 +378,7 @@ def test_gpt_oss_node_lowers_exactly_in_every_form(tmp_path):
         with torch.no_grad():
             ref = block(x[None])[0][0].numpy()
             logits = block.router(x)[0].numpy()
-        for form in FORMS:
+        for form in [*FORMS, "ort_moe"]:
             sess = ort_session(lowered(model, form))
             got = run_session(sess, {"hidden": x.numpy(), "router_logits": logits})["output"]
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=f"{form} T={T}")
