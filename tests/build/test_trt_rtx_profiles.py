@@ -37,7 +37,7 @@ def test_two_optimization_profiles_built_for_real(moe, plugin_lib):
 def test_cli_add_profile_and_inspect_shows_plugin_layers(moe, plugin_lib):
     args = ["build", str(moe), "--trt", "rtx", "--compute-capability", "86",
             "--optimization-level", "0", "--workspace", "256", "--plugin-library",
-            str(plugin_lib), "--add-profile", "batch:1,1,1 seq:1,1,1"]  # fmt: skip
+            str(plugin_lib), "--add-profile", "batch:1,1,1 seq:1,1,1", "--force"]  # fmt: skip
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "2 optimization profile(s)" in res.output
