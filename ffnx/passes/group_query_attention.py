@@ -116,11 +116,29 @@ def _cache_source(graph: gs.Graph, t: gs.Tensor) -> gs.Node | None:
 
 
 def _is_key_cache(n: gs.Node, graph: gs.Graph) -> bool:
-    """A cache Concat read (through repeat_kv) by a Transpose: the keys of Q.K^T."""
+    """A cache Concat read (through repeat_kv) by a Transpose: the keys of Q.K^T; or one read
+    in a way this pass cannot follow (a site to report, with the reason, by `check`)."""
     if not _is_cache_concat(n, graph):
         return False
-    _, first, _ = _through_repeat(n.outputs[0])
-    return first is not None and first.op == "Transpose"
+    _, first, why = _through_repeat(n.outputs[0])
+    return why is not None or (first is not None and first.op == "Transpose")
+
+
+def _dim(n: gs.Node, i: int):
+    """Axis i of what Expand/Reshape `n` makes: from the inferred shape, else from its shape
+    input (a constant, or a Concat of pieces whose i-th is a 1-element constant)."""
+    shape = getattr(n.outputs[0], "shape", None)
+    if shape is not None and len(shape) > i and isinstance(shape[i], int):
+        return shape[i]
+    target = n.inputs[1]
+    c = const(target)
+    if c is not None:
+        return int(c.reshape(-1)[i]) if c.size > i else None
+    cat = producer(target, "Concat")
+    if cat is not None and len(cat.inputs) > i:
+        piece = const(cat.inputs[i])
+        return int(piece.reshape(-1)[0]) if piece is not None and piece.size == 1 else None
+    return None
 
 
 def parse_site(graph: gs.Graph, cat_k: gs.Node) -> tuple[dict | None, str | None]:
@@ -178,6 +196,11 @@ def parse_site(graph: gs.Graph, cat_k: gs.Node) -> tuple[dict | None, str | None
         return None, f"key dim {Dk} != value dim {Dv} (MLA): GQA needs one head size"
     if D != Dk or H % KV:
         return None, f"{H} query heads over {KV} KV heads of dims {D}/{Dk}"
+    if kx is not cat_k.outputs[0]:  # repeat_kv: [B, KV, 1, T, D] -> [B, KV, H/KV, T, D] -> H
+        rs = producer(kx)
+        ex = producer(rs.inputs[0])
+        if (_dim(ex, 1), _dim(ex, 2), _dim(rs, 1)) != (KV, H // KV, H):
+            return None, "the cache is expanded other than repeat_kv's [B, KV, H/KV, T, D]"
     if D % 8:
         return None, f"head dim {D} is not a multiple of 8 (ORT's CPU GroupQueryAttention)"
     if ms is None or len(ms) != 4 or ms[1] not in (1, H):

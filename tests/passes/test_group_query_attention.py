@@ -23,9 +23,10 @@ MIN = np.finfo(np.float32).min
 
 
 def attention_graph(D: int = 16, Dv: int | None = None, softcap: bool = False, rep: bool = True,
-                    kv: int = KV) -> onnx.ModelProto:  # fmt: skip
+                    kv: int = KV, tile: bool = False) -> onnx.ModelProto:  # fmt: skip
     """One cached attention layer: inputs q [B,H,S,D], k/v [B,kv,S,D], past_key/value
-    [B,kv,P,D], mask [B,1,S,P+S]; outputs o [B,S,H*D] and present_key/value."""
+    [B,kv,P,D], mask [B,1,S,P+S]; outputs o [B,S,H*D] and present_key/value. tile: the heads
+    repeated as a tile (head h reads KV head h % kv), not repeat_kv's h // (H/kv)."""
     Dv = Dv or D
     f = TensorProto.FLOAT
     vi = helper.make_tensor_value_info
@@ -46,6 +47,7 @@ def attention_graph(D: int = 16, Dv: int | None = None, softcap: bool = False, r
     inits = [
         c("scale", np.float32(1 / np.sqrt(D))),
         c("ax2", np.array([2], np.int64)),
+        c("ax1", np.array([1], np.int64)),
         c("cap", np.float32(5.0)),
         c("flat", np.array([0, 0, H * Dv], np.int64)),
     ]
@@ -60,11 +62,11 @@ def attention_graph(D: int = 16, Dv: int | None = None, softcap: bool = False, r
         nodes.extend([
             helper.make_node("Shape", ["q"], [f"{x}_qshape"]),  # the exporter reads B and T
             helper.make_node("Shape", ["mask"], [f"{x}_mshape"]),  # off other tensors too
-            helper.make_node("Unsqueeze", [x, "ax2"], [f"{x}_u"]),
+            helper.make_node("Unsqueeze", [x, "ax1" if tile else "ax2"], [f"{x}_u"]),
             helper.make_node("Gather", [f"{x}_qshape", "i0"], [f"{x}_b"], axis=0),
             helper.make_node("Gather", [f"{x}_mshape", "i3"], [f"{x}_t"], axis=0),
-            helper.make_node("Concat", [f"{x}_b", "kvc", "repc", f"{x}_t", f"d{d}"],
-                             [f"{x}_eshape"], axis=0),
+            helper.make_node("Concat", [f"{x}_b", *(("repc", "kvc") if tile else ("kvc", "repc")),
+                                        f"{x}_t", f"d{d}"], [f"{x}_eshape"], axis=0),
             helper.make_node("Expand", [f"{x}_u", f"{x}_eshape"], [f"{x}_e"]),
             helper.make_node("Concat", [f"{x}_b", "hc", f"{x}_t", f"d{d}"], [f"{x}_rshape"],
                              axis=0),
@@ -155,6 +157,7 @@ def test_padding_query_rows_are_the_only_difference():
         (dict(softcap=True), "scores reach Softmax through Div"),
         (dict(D=12), "head dim 12 is not a multiple of 8"),
         (dict(D=16, Dv=8), "key dim 16 != value dim 8 (MLA)"),
+        (dict(tile=True), "an Unsqueeze that is not repeat_kv"),
     ],
 )
 def test_unfit_attention_is_left_byte_unchanged_with_the_reason(kwargs, reason):
