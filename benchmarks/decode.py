@@ -1,16 +1,30 @@
-"""Token-by-token decode: ffnx's KV-cache decoder on ONNX Runtime against transformers eager.
+"""Token-by-token decode: ffnx's KV-cache decoder (fp32 and int4) on ONNX Runtime against
+transformers eager and onnxruntime-genai, with the weight-bandwidth roofline.
 
     python benchmarks/decode.py [--size tiny|qwen3] [--arch qwen3 qwen3_moe mixtral]
+                                [--precision fp32 int4] [--runtimes ffnx transformers genai]
                                 [--prompt-len 64] [--new-tokens 64] [--batch 1] [--threads 2]
-                                [--work DIR] [--json out.json]
+                                [--work DIR] [--json out.json] [--plot out.png]
 
 Per architecture: a random-weight checkpoint config is written to --work (`tiny`: hidden 64,
 2 layers, vocab 256, for a smoke run; `qwen3`: the issue-14 shape, hidden 512, 8 layers, 8 heads
-/ 4 KV heads, vocab 32000), exported with `ffnx export hf:DIR` (KV cache, default passes), and
-timed with `ffnx.runtime.decode_bench.time_decode` (greedy, EOS ignored, one warm-up run) and
-`ffnx.commands.bench_decode.torch_decode` (transformers with its DynamicCache, same prompt ids),
-in one process, torch and ORT each with --threads threads. Reported: TTFT, prefill tokens/s,
-decode tokens/s, inter-token p50/p99, and ffnx decode tok/s over transformers'.
+/ 4 KV heads, vocab 32000; MoE: Qwen3-MoE 16 experts top-2, Mixtral 8 experts top-2), exported
+with `ffnx export hf:DIR` (KV cache, default passes) and, for int4, quantized as `ffnx export
+--quantize int4` does (`ffnx.commands.quantize.quantize_artifact`: MatMulNBits block 32, int4
+experts where they fit; its token agreement and logits cosine against fp32 are reported). Timed
+in one process, every runtime with --threads threads, the same random prompt ids, greedy, EOS
+ignored, one warm-up generation each:
+
+  ffnx          `ffnx.runtime.decode_bench.time_decode`
+  transformers  `ffnx.commands.bench_decode.torch_decode` (eager, its DynamicCache; fp32 only)
+  genai         onnxruntime-genai's model builder at the same precision (`-p fp32|int4 -e cpu`),
+                `bench_decode.genai_decode`; "genai does not support <arch>" where it refuses
+
+Reported per row: TTFT, prefill tokens/s, decode tokens/s, inter-token p50/p99, greedy tokens
+equal to ffnx's at the same precision, and for ffnx the weight bytes read per step, the achieved
+weight bandwidth and its fraction of the GEMV roofline measured in the same run (fp32 MatMul /
+int4 MatMulNBits with a weight larger than the last-level cache). JSON (--json), a table, and a
+bar plot of decode tokens/s (--plot, matplotlib).
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,13 +46,14 @@ MOE = {
     "qwen3_moe": dict(num_experts=16, num_experts_per_tok=2, norm_topk_prob=True),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
 }
+RUNTIMES = ("ffnx", "transformers", "genai")
 
 
 def write_config(directory: Path, arch: str, size: str) -> Path:
     cfg = {"model_type": arch, **SIZES[size], "max_position_embeddings": 4096,
            "tie_word_embeddings": False, **MOE.get(arch, {})}  # fmt: skip
-    if arch == "qwen3_moe":
-        cfg["moe_intermediate_size"] = cfg["intermediate_size"] // 4
+    if arch == "qwen3_moe":  # a multiple of 32, so the experts quantize block-wise
+        cfg["moe_intermediate_size"] = max(32, cfg["intermediate_size"] // 4 // 32 * 32)
     if arch == "mixtral":
         cfg.pop("head_dim")
     directory.mkdir(parents=True, exist_ok=True)
@@ -45,48 +61,172 @@ def write_config(directory: Path, arch: str, size: str) -> Path:
     return directory
 
 
+def artifacts(src: Path, work: Path, name: str, precisions) -> dict[str, Path]:
+    """{precision: artifact dir}: the fp32 export, and a quantized copy per int precision."""
+    from ffnx.commands.quantize import quantize_artifact
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models.hf import load_hf
+
+    fp32 = work / f"{name}-fp32"
+    export_artifact(load_hf(str(src), cache=True), fp32, force=True, source=f"hf:{src}")
+    out = {"fp32": fp32}
+    for p in precisions:
+        if p != "fp32":
+            out[p] = work / f"{name}-{p}"
+            shutil.rmtree(out[p], ignore_errors=True)
+            shutil.copytree(fp32, out[p])
+            quantize_artifact(out[p], p)
+    return out
+
+
+def bench_arch(arch: str, a) -> list[dict]:
+    from ffnx import artifact
+    from ffnx.commands import bench_decode as bd
+    from ffnx.models.hf import load_hf
+    from ffnx.runtime import Engine
+    from ffnx.runtime.decode_bench import random_prompt, roofline, time_decode
+
+    src = write_config(a.work / f"{arch}-{a.size}-src", arch, a.size)
+    arts = artifacts(src, a.work, f"{arch}-{a.size}", a.precision)
+    model = load_hf(str(src)).module.model
+    base = {"arch": arch, "size": a.size}
+    rows, gemv = [], {}
+    for prec, art in arts.items():
+        manifest = artifact.read_manifest(art)
+        vocab = int(manifest["decoder"]["vocab"])
+        prompt = random_prompt(vocab, a.batch, a.prompt_len)
+        engine = Engine.load(art, backend="ort", threads=a.threads)
+        ours = time_decode(engine, a.prompt_len, a.new_tokens, a.batch)
+        tokens = ours.pop("tokens")
+        for k, v in bd.measure_rooflines(manifest, a.threads).items():
+            gemv.setdefault(k, v)
+        wb = bd.weight_bytes_per_step(str(art), manifest, a.batch)
+        row = {**base, "precision": prec, "runtime": "ffnx (ort)", **ours, **wb,
+               **roofline(wb["weight_bytes_per_step"], a.batch / ours["decode_tok_s"],
+                          gemv[prec if prec in gemv else "fp32"]["gemv_gbs"])}  # fmt: skip
+        if "quantize" in manifest:
+            row["accuracy_vs_fp32"] = manifest["quantize"]["accuracy"]
+        if "ffnx" in a.runtimes:  # (ffnx always runs: its tokens are the reference)
+            rows.append(row)
+        if "transformers" in a.runtimes and prec == "fp32":
+            r = bd.torch_decode(f"hf:{src}", a.prompt_len, a.new_tokens, a.batch, a.threads,
+                                model=model)  # fmt: skip
+            same = float((r.pop("tokens") == tokens).mean())
+            rows.append({**base, "precision": "fp32", "runtime": "transformers eager", **r,
+                         "tokens_equal_ffnx": same})  # fmt: skip
+        if "genai" in a.runtimes:
+            built = bd.genai_model(str(src), model, prec)
+            if isinstance(built, str):
+                rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai",
+                             "unsupported": built})  # fmt: skip
+                continue
+            r = bd.genai_decode(built, prompt, a.new_tokens, a.threads)
+            same = float((r.pop("tokens") == tokens).mean())
+            rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai", **r,
+                         "tokens_equal_ffnx": same})  # fmt: skip
+    ref = {(r["runtime"], r["precision"]): r for r in rows if "decode_tok_s" in r}
+    tf = ref.get(("transformers eager", "fp32"))
+    for r in rows:
+        if "decode_tok_s" not in r:
+            continue
+        if tf:
+            r["x_transformers"] = r["decode_tok_s"] / tf["decode_tok_s"]
+        fp = ref.get((r["runtime"], "fp32"))
+        if fp and r["precision"] != "fp32":
+            r["x_fp32"] = r["decode_tok_s"] / fp["decode_tok_s"]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'arch':<10} {'prec':<5} {'runtime':<18} {'TTFT ms':>8} {'prefill':>8} "
+            f"{'decode':>8} {'p50 ms':>7} {'p99 ms':>7} {'x tf':>5} {'x fp32':>6} {'GB/s':>6} "
+            f"{'roof':>5} {'tok=':>5}")  # fmt: skip
+    print(head)
+    for r in rows:
+        lead = f"{r['arch']:<10} {r['precision']:<5} {r['runtime']:<18}"
+        if "unsupported" in r:
+            print(f"{lead} {r['unsupported']}")
+            continue
+
+        def f(key, fmt, r=r):
+            return format(r[key], fmt) if key in r else ""
+
+        print(f"{lead} {f('ttft_ms', '8.2f'):>8} {f('prefill_tok_s', '8.0f'):>8} "
+              f"{f('decode_tok_s', '8.1f'):>8} {f('itl_p50_ms', '7.2f'):>7} "
+              f"{f('itl_p99_ms', '7.2f'):>7} {f('x_transformers', '5.2f'):>5} "
+              f"{f('x_fp32', '6.2f'):>6} {f('achieved_gbs', '6.1f'):>6} "
+              f"{f('roofline_fraction', '5.0%'):>5} "
+              f"{f('tokens_equal_ffnx', '5.0%'):>5}")  # fmt: skip
+    for r in rows:
+        if "accuracy_vs_fp32" in r:
+            acc = r["accuracy_vs_fp32"]
+            print(f"{r['arch']} {r['precision']} vs fp32: token agreement "
+                  f"{acc['token_agreement']:.3f} over {acc['steps']} steps, logits cosine "
+                  f"{acc['logits_cosine']:.5f}")  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if "decode_tok_s" in r]
+    archs = list(dict.fromkeys(r["arch"] for r in timed))
+    series = list(dict.fromkeys((r["runtime"], r["precision"]) for r in timed))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(archs)), 4))
+    for i, (rt, prec) in enumerate(series):
+        xs, ys = [], []
+        for j, arch in enumerate(archs):
+            key = (arch, rt, prec)
+            hit = [r for r in timed if (r["arch"], r["runtime"], r["precision"]) == key]
+            if hit:
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                ys.append(hit[0]["decode_tok_s"])
+        ax.bar(xs, ys, width, label=f"{rt} {prec}")
+    ax.set_xticks(range(len(archs)), archs)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="tiny")
     ap.add_argument("--arch", nargs="+", default=["qwen3", "qwen3_moe", "mixtral"])
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "int4", "int8"],
+                    default=["fp32", "int4"])  # fmt: skip
+    ap.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("artifacts/decode-bench"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of decode tokens/s")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
-    from ffnx.commands.bench_decode import torch_decode
-    from ffnx.export.pipeline import export_artifact
-    from ffnx.models.hf import load_hf
-    from ffnx.runtime import Engine
-    from ffnx.runtime.decode_bench import time_decode
-
+    if "fp32" not in a.precision:
+        a.precision = ["fp32", *a.precision]  # the reference of tokens and speedups
     rows = []
     for arch in a.arch:
-        src = write_config(a.work / f"{arch}-{a.size}-src", arch, a.size)
-        art = a.work / f"{arch}-{a.size}"
-        export_artifact(load_hf(str(src), cache=True), art, force=True, source=f"hf:{src}")
-        engine = Engine.load(art, backend="ort", threads=a.threads)
-        ours = time_decode(engine, a.prompt_len, a.new_tokens, a.batch)
-        ref = torch_decode(f"hf:{src}", a.prompt_len, a.new_tokens, a.batch, a.threads)
-        for name, r in (("ffnx (ort)", ours), ("transformers eager", ref)):
-            rows.append({"arch": arch, "size": a.size, "runtime": name, **r})
-        rows[-2]["speedup_vs_transformers"] = ours["decode_tok_s"] / ref["decode_tok_s"]
-    head = f"{'arch':<11} {'runtime':<19} {'TTFT ms':>8} {'prefill t/s':>11} {'decode t/s':>10} "
-    print(head + f"{'ITL p50':>8} {'ITL p99':>8} {'x tf':>6}")
-    for r in rows:
-        x = f"{r['speedup_vs_transformers']:.2f}" if "speedup_vs_transformers" in r else ""
-        print(f"{r['arch']:<11} {r['runtime']:<19} {r['ttft_ms']:>8.2f} "
-              f"{r['prefill_tok_s']:>11.0f} {r['decode_tok_s']:>10.1f} {r['itl_p50_ms']:>8.2f} "
-              f"{r['itl_p99_ms']:>8.2f} {x:>6}")  # fmt: skip
+        rows += bench_arch(arch, a)
+    print_table(rows)
+    meta = {"size": a.size, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+            "batch": a.batch, "threads": a.threads, "python": sys.version.split()[0]}  # fmt: skip
     if a.json:
-        meta = {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "batch": a.batch,
-                "threads": a.threads, "python": sys.version.split()[0]}  # fmt: skip
         from ffnx.artifact import write_json_atomic
 
         write_json_atomic(a.json, {"meta": meta, "rows": rows})
+    if a.plot:
+        plot(rows, a.plot, f"decode, {a.size}: batch {a.batch}, prompt {a.prompt_len}, "
+             f"{a.new_tokens} new tokens, {a.threads} threads")  # fmt: skip
     return 0
 
 

@@ -119,7 +119,7 @@ def genai_model(source: str, model, precision: str) -> Path | str:
 
         with contextlib.redirect_stderr(io.StringIO()):  # its shard-writing progress bar
             model.save_pretrained(Path(tmp) / "hf")
-        _tokenizer(src, Path(tmp) / "hf", int(model.config.get_text_config().vocab_size))
+        _tokenizer(src, Path(tmp) / "hf", model.config.get_text_config())
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", f"{tmp}/hf", "-o",
                f"{tmp}/model", "-p", precision, "-e", "cpu", "-c", f"{tmp}/cache"]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
@@ -138,9 +138,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
 
 
-def _tokenizer(src: Path, dst: Path, vocab: int) -> None:
+def _tokenizer(src: Path, dst: Path, config) -> None:
     """The builder needs a tokenizer: the checkpoint's, else a word-level one over the ids
-    (token i is `w{i}`; timing and token ids do not depend on it)."""
+    (token i is `w{i}`, EOS the config's or 0; timing and token ids do not depend on it)."""
     import shutil
 
     found = [src / f for f in TOKENIZER_FILES if (src / f).is_file()] if src.is_dir() else []
@@ -150,10 +150,13 @@ def _tokenizer(src: Path, dst: Path, vocab: int) -> None:
         return
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    vocab = int(config.vocab_size)
+    eos = config.eos_token_id
+    eos = int((eos if isinstance(eos, int) else (eos or [0])[0]) or 0)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(dst / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "w0"}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "w0", "eos_token": f"w{eos}"}
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
