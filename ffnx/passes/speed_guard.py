@@ -5,11 +5,12 @@ Greedy, in registry order: for each applied pass p that may be dropped (not `REQ
 passes are run again from the input graph without p (and without those already dropped). The
 input graph, the current graph and that candidate are timed side by side (ONNX Runtime CPU at
 the requested threads, one session each, round-robin rounds as in `ffnx.lowering.timing`), on
-the example feeds and on one larger shape set. A candidate replaces the current graph when the
-median over rounds of its paired per-round ratio candidate/current is below 1 - MARGIN averaged
-over the shape sets and above 1 + MARGIN on none (MARGIN = 2 %: two timings of one graph on a
-quiet machine differ by less). After the loop, if the kept graph is still slower than the input
-graph by more than MARGIN, every droppable pass is dropped (the input graph is returned).
+the example feeds and on one larger shape set. A candidate replaces the current graph when it is
+`faster`: the median over rounds of its paired per-round ratio candidate/current is below
+1 - MARGIN averaged over the shape sets and above 1 + MARGIN on none (MARGIN = 2 %), and it won
+at least MIN_WINS (75 %) of the rounds, a sign test that keeps the noise of a loaded machine
+from dropping passes. After the loop, if the input graph is `faster` than the kept one, every
+droppable pass is dropped (the input graph is returned). The report lists every trial.
 
 The decisions are cached by the sha256 of the input graph, the passes, the shapes, threads, ORT
 version and CPU (JSON in $FFNX_CACHE_DIR or ~/.cache/ffnx, like the MoE lowering choice).
@@ -30,6 +31,7 @@ import numpy as np
 import onnx
 
 MARGIN = 0.02
+MIN_WINS = 0.75  # share of paired rounds a graph must win to count as faster (see `faster`)
 # lower_moe turns ffnx ops into forms ORT runs (the runtime has no decomposition of its own);
 # cleanup only removes nodes. Neither is a candidate for dropping.
 REQUIRED = ("cleanup", "lower_moe")
@@ -57,7 +59,7 @@ def ort_timer(threads: int | None = None) -> Timer:
             k: _turns(feeds, lambda f, s=s, w=wanted[k]: s.run(None, {n: f[n] for n in w}))
             for k, s in sessions.items()
         }
-        return round_robin(runs, rounds=7, max_rounds=15)
+        return round_robin(runs, rounds=12, max_rounds=20)
 
     return timer
 
@@ -67,6 +69,27 @@ def paired_ratio(samples: dict, num: str, den: str) -> float:
     a, b = np.atleast_1d(samples[num]), np.atleast_1d(samples[den])
     n = min(len(a), len(b))
     return float(np.median(a[:n] / b[:n]))
+
+
+def faster(per: list[dict], a: str, b: str) -> dict:
+    """Whether `a` is faster than `b`, from the timings of each shape set: the paired per-round
+    ratios a/b have a median below 1 - MARGIN averaged over the sets and above 1 + MARGIN in
+    none, and `a` won at least MIN_WINS of all rounds (a sign test: on a loaded machine one
+    slow round moves a median, not a majority). -> {faster, ratio per set, wins}."""
+    ratios, wins, n = [], 0, 0
+    for p in per:
+        x, y = np.atleast_1d(p[a]), np.atleast_1d(p[b])
+        k = min(len(x), len(y))
+        r = x[:k] / y[:k]
+        ratios.append(float(np.median(r)))
+        wins, n = wins + int((r < 1).sum()), n + k
+    ok = np.mean(ratios) < 1 - MARGIN and max(ratios) < 1 + MARGIN and wins >= MIN_WINS * n
+    return {"faster": bool(ok), "ratio": [round(r, 4) for r in ratios], "wins": f"{wins}/{n}"}
+
+
+def _label(feed_shapes: dict[str, list[int]]) -> str:
+    """The distinct input shapes of one feed, e.g. '2x8' (three [2, 8] token inputs)."""
+    return ",".join(dict.fromkeys("x".join(map(str, s)) for s in feed_shapes.values()))
 
 
 def cache_file() -> Path:
@@ -109,49 +132,45 @@ def guard(
     timer = timer or ort_timer(threads)
     applied = [r["name"] for r in reports if r.get("status") == "applied"]
     shapes = [[{k: list(v.shape) for k, v in f.items()} for f in fs[:1]] for fs in feed_sets]
-    labels = ["x".join("x".join(map(str, v)) for v in s[0].values()) for s in shapes]
-    labels = [f"set{i}:{lbl}" for i, lbl in enumerate(labels)]
+    labels = [_label(s[0]) for s in shapes]
     key = cache_key(original, applied, shapes, threads) if use_cache else None
     cache = _read_cache() if key else {}
     hit = cache.get(key) if key else None
-    base = {"shapes": labels, "threads": threads, "margin": MARGIN}
+    base = {"shapes": labels, "threads": threads, "margin": MARGIN, "min_wins": MIN_WINS}
 
     def timed(models: dict[str, onnx.ModelProto]) -> list[dict]:
         return [timer({"input": original, **models}, fs) for fs in feed_sets]
 
-    def rel(per: list[dict], num: str, den: str) -> list[float]:
-        return [paired_ratio(p, num, den) for p in per]
+    def speed(per: list[dict], name: str) -> dict[str, float]:
+        return {lbl: round(1 / paired_ratio(p, name, "input"), 4) for lbl, p in zip(labels, per)}
 
     model, out = optimized, reports
     if hit is None and not [p for p in applied if p not in REQUIRED]:
-        hit, cached = {"dropped": [], "speedup": None}, False  # nothing to drop, nothing timed
+        hit, cached = {"dropped": [], "speedup": None, "trials": []}, False  # nothing timed
     elif hit is None:
-        dropped, keep = [], list(applied)
-        speed = [1 / r for r in rel(timed({"current": model}), "current", "input")]
+        dropped, keep, trials = [], list(applied), []
+        per = timed({"current": model})
+        now = speed(per, "current")
         for name in [p for p in applied if p not in REQUIRED]:
             trial = [p for p in keep if p != name]
             cand, cand_reports = rerun(trial)
             per = timed({"current": model, "candidate": cand})
-            r = rel(per, "candidate", "current")
-            if np.mean(r) < 1 - MARGIN and max(r) < 1 + MARGIN:
+            verdict = faster(per, "candidate", "current")
+            trials.append({"without": name, **verdict})
+            if verdict["faster"]:
                 dropped.append(name)
                 keep, model, out = trial, cand, cand_reports
-                speed = [1 / x for x in rel(per, "candidate", "input")]
-            else:
-                speed = [1 / x for x in rel(per, "current", "input")]
+            now = speed(per, "candidate" if verdict["faster"] else "current")
         droppable = [p for p in keep if p not in REQUIRED]
-        if droppable and np.mean(speed) < 1 - MARGIN:
+        back = faster(per, "input", "candidate" if trials and trials[-1]["faster"] else "current")
+        if droppable and back["faster"]:
             # Still slower than the graph it started from: keep only the required passes.
             trial = [p for p in keep if p in REQUIRED]
-            cand, cand_reports = rerun(trial)
+            trials.append({"without": "+".join(droppable), **back})
+            model, out = rerun(trial)
             dropped += droppable
-            model, out = cand, cand_reports
-            speed = (
-                [1 / x for x in rel(timed({"current": model}), "current", "input")]
-                if trial
-                else [1.0] * len(feed_sets)  # the input graph itself
-            )
-        hit = {"dropped": dropped, "speedup": dict(zip(labels, map(float, speed)))}
+            now = speed(timed({"current": model}), "current") if trial else {k: 1.0 for k in labels}
+        hit = {"dropped": dropped, "speedup": now, "trials": trials}
         if key:
             from ffnx import artifact
 
@@ -170,8 +189,8 @@ def guard(
          "reason": "the graph without it ran faster on ONNX Runtime (speed guard)"}
         for n in hit["dropped"] if n in first
     ]  # fmt: skip
-    return model, out, {**base, "dropped": list(hit["dropped"]),
-                        "speedup": hit["speedup"], "cached": cached}  # fmt: skip
+    return model, out, {**base, "dropped": list(hit["dropped"]), "speedup": hit["speedup"],
+                        "trials": hit.get("trials", []), "cached": cached}  # fmt: skip
 
 
 def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
