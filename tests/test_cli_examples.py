@@ -27,7 +27,8 @@ from tests.conftest import USER_MODEL
 QWEN3 = dict(model_type="qwen3", head_dim=16)
 MIXTRAL = dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=1, vocab_size=256, max_position_embeddings=128)  # fmt: skip
+               num_key_value_heads=1, vocab_size=256, max_position_embeddings=128,
+               bos_token_id=1, eos_token_id=2)  # fmt: skip
 BERT = dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, vocab_size=128, max_position_embeddings=64, type_vocab_size=2,
             architectures=["BertForMaskedLM"])  # fmt: skip

@@ -135,7 +135,6 @@ def bench_cmd(ctx, path, compare, iters, seconds, warmup, as_json, output, force
       ffnx export gpt-moe -o artifacts/gpt-moe
       ffnx bench artifacts/gpt-moe --compare torch --threads 2 --iters 20
       ffnx bench artifacts/gpt-moe --dims batch=1,seq=1 --seconds 1 --json -o moe.json
-      ffnx bench artifacts/qwen3 --decode --prompt-len 8 --new-tokens 8 --compare torch
       ffnx bench artifacts/qwen3 --decode --prompt-len 8 --new-tokens 8 --compare torch,genai
     """
     from ffnx.bench import measure, peak_rss_mib, throughput

@@ -45,7 +45,7 @@ def calibrate_cmd(ctx, directory, data, dims, as_json, force, samples, max_token
 
     \b
     Example:
-      ffnx export gpt-relu -o artifacts/gpt-relu
+      ffnx export gpt-relu -o artifacts/gpt-relu --no-optimize
       ffnx calibrate artifacts/gpt-relu --samples 16 --dims batch=4,seq=32
       ffnx calibrate artifacts/gpt-relu --data calib.npz --force --json
     """
