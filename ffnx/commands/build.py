@@ -41,7 +41,8 @@ from ffnx.commands.options import trt_flavour_option
     "profiles",
     multiple=True,
     metavar="LABEL:MIN,OPT,MAX",
-    help="Override a dynamic dim's range, e.g. seq:1,128,2048 (repeatable).",
+    help="Override a dynamic dim's range by its label, e.g. seq:1,128,2048 (repeatable; "
+    "labels: README 'Dims', `ffnx --help`).",
 )
 @click.option(
     "--add-profile",

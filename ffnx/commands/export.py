@@ -26,7 +26,8 @@ from ffnx.commands.quantize import quantize_option
     "--dynamic",
     multiple=True,
     metavar="NAME:AXIS=LABEL",
-    help="Dynamic dims, e.g. input_ids:0=batch,1=seq (repeatable).",
+    help="Dynamic dims, e.g. input_ids:0=batch,1=seq (repeatable): the labels --dims sizes "
+    "(README 'Dims', `ffnx --help`).",
 )
 @click.option(
     "--task",
