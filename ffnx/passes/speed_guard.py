@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 MARGIN = 0.02
+RULE = 2  # bump when the decision rule changes: older cached decisions are not reused
 MIN_WINS = 0.75  # share of paired rounds a graph must win to count as faster (see `faster`)
 # lower_moe turns ffnx ops into forms ORT runs (the runtime has no decomposition of its own);
 # cleanup only removes nodes. Neither is a candidate for dropping.
@@ -104,7 +105,8 @@ def cache_key(model: onnx.ModelProto, passes: list[str], shapes, threads) -> str
 
     sig = {"model": hashlib.sha256(model.SerializeToString()).hexdigest(), "passes": passes,
            "shapes": shapes, "threads": threads, "ort": onnxruntime.__version__,
-           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}  # fmt: skip
+           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "rule": RULE}  # fmt: skip
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:20]
 
 
