@@ -22,9 +22,10 @@ CaptureRule = Callable[[str, torch.nn.Module, str], torch.nn.Module | None]
 def default_rules() -> tuple[CaptureRule, ...]:
     """The capture rules, in the order they are tried (imported here, when an export runs, to
     keep `capture` import-light)."""
+    from ffnx.export.hf_refusals import refuse_unexportable
     from ffnx.export.moe_capture import capture_moe
 
-    return (capture_moe,)
+    return (capture_moe, refuse_unexportable)
 
 
 def _plan(

@@ -160,6 +160,7 @@ HF_ROUTERS = {
     "GraniteMoeHybridTopKRouter": _TOPK_SOFTMAX,
     "DeepseekV3TopkRouter": _deepseek_v3,
     "Glm4MoeTopkRouter": _deepseek_v3,
+    "Glm4MoeLiteTopkRouter": _deepseek_v3,  # GLM-4.7-Flash: DeepSeek-V3's router, MLA attention
     "DeepseekV2TopkRouter": _deepseek_v2,
 }
 
@@ -178,6 +179,7 @@ HF_BLOCKS = {
     "GraniteMoeHybridMoE": {"router", "experts"},
     "DeepseekV3MoE": {"gate", "experts", "shared_experts"},
     "Glm4MoeMoE": {"gate", "experts", "shared_experts"},
+    "Glm4MoeLiteMoE": {"gate", "experts", "shared_experts"},
     "DeepseekV2Moe": {"gate", "experts", "shared_experts"},
 }
 

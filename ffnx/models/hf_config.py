@@ -54,7 +54,9 @@ def build_model(auto, config, model_dir: Path, weights: bool, what: str) -> torc
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(SEED)
                 model = auto.from_config(config, trust_remote_code=False, **kwargs)
-    except (ValueError, KeyError, OSError, TypeError) as e:
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
+        # AttributeError: a config transformers' own model code cannot read (e.g. DBRX's
+        # attn_config without rope_theta), reported as one line, not an internal error
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSpecError(
             f"hf:{model_dir}: cannot build {what} for model_type "

@@ -58,6 +58,8 @@ HF_SUPPORTED = {
                     n_group=2, topk_group=2, routed_scaling_factor=2.5), "DeepseekV3MoE"),
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1),
                  "Glm4MoeMoE"),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1,
+                      n_group=4, topk_group=2), "Glm4MoeLiteMoE"),
     "deepseek_v2": ("DeepseekV2Config", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1,
                     routed_scaling_factor=1.5), "DeepseekV2Moe"),
     "dbrx": ("DbrxConfig", dict(d_model=64, n_heads=4, n_layers=1, ffn_config=dict(

@@ -46,9 +46,39 @@ ARCHS = {
     "granitemoeshared": (dict(num_local_experts=4, **TWO, shared_intermediate_size=32), 2),
     "glm4_moe": (dict(n_routed_experts=8, **ROUTED, n_shared_experts=1,
                       first_k_dense_replace=1, head_dim=16), 1),
+    # GLM-4.7-Flash: DeepSeek-V3's MLA and grouped sigmoid routing; first layer dense
+    "glm4_moe_lite": (dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, n_group=4,
+                           topk_group=2, **MLA), 1),
+    "jetmoe": (dict(kv_channels=16, num_local_experts=4, **TWO), 2),  # the FFN MoE only
 }  # fmt: skip
 FAST = ("gpt_oss", "deepseek_v3")
 PARAMS = [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
+
+# model_type -> (config overrides, the one error line export gives)
+REFUSED = {
+    "deepseek_v2": (
+        dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, **MLA),
+        "cannot export model.model.layers.0.self_attn (DeepseekV2Attention): its "
+        "rotary embedding multiplies complex tensors",
+    ),
+    "phimoe": (
+        dict(num_local_experts=4, **TWO),
+        "cannot export MoE block model.model.layers.0.mlp "
+        "(PhimoeSparseMoeBlock) as ffnx::FfnxMoE: sparsemixer routing",
+    ),
+    "qwen3_next": (
+        dict(num_experts=4, **ROUTED),
+        "Qwen3NextConfig: layer types ['linear_attention'] keep recurrent state",
+    ),
+    "minimax": (
+        dict(num_local_experts=4, **TWO),
+        "MiniMaxConfig: layer types ['linear_attention'] keep recurrent state",
+    ),
+    "jamba": (
+        dict(num_experts=4, **TWO),
+        "JambaConfig: layer types ['linear_attention'] keep recurrent state",
+    ),
+}
 
 
 def write_config(directory, model_type: str, overrides: dict):
@@ -131,3 +161,21 @@ def test_deepseek_v3_decoder_caches_mla_latents(exported):
     engine, model, _ = exported("deepseek_v3")
     dec = engine.manifest["decoder"]
     assert dec["kv_heads"] == [1, 1] and dec["key_dim"] == [16, 16] and dec["value_dim"] == [8, 8]
+
+
+@pytest.mark.parametrize("model_type", REFUSED)
+def test_unsupported_architectures_fail_with_one_error_line(tmp_path, model_type):
+    """`ffnx export hf:DIR`: exit 1, one `error:` line naming the module (or config) and why,
+    and no artifact directory left behind."""
+    from click.testing import CliRunner
+
+    from ffnx.cli import main
+
+    overrides, want = REFUSED[model_type]
+    src = write_config(tmp_path / "src", model_type, overrides)
+    out = tmp_path / "art"
+    r = CliRunner().invoke(main, ["export", f"hf:{src}", "--out", str(out)])
+    lines = [ln for ln in r.output.strip().splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith("error: ") and want in lines[0], lines[0]
+    assert not (out / "manifest.json").exists()

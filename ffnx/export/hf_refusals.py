@@ -1,0 +1,30 @@
+"""Capture rule that refuses transformers modules torch's ONNX exporter cannot lower, before the
+export runs: one line naming the module path, its class and why, instead of an exporter
+traceback about some aten op deep inside it.
+
+Each entry was found by exporting the architecture (tiny random config, `ffnx export hf:DIR`,
+transformers 5.24, torch 2.13 dynamo exporter); the reason says what in the module fails.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ffnx.errors import ExportError
+
+HF_UNEXPORTABLE = {
+    # DeepseekV2RotaryEmbedding returns torch.polar(...) and apply_rotary_emb multiplies
+    # view_as_complex(q/k) by it: "No decompositions registered for the complex-valued input"
+    "DeepseekV2Attention": "its rotary embedding multiplies complex tensors (torch.polar, "
+    "torch.view_as_complex), which torch's ONNX exporter cannot lower (DeepSeek-V3's "
+    "real-valued rotary exports)",
+}
+
+
+def refuse_unexportable(name: str, module: nn.Module, target: str) -> None:
+    """Capture rule (listed in `capture.default_rules`): raise ExportError for a module in
+    HF_UNEXPORTABLE, else None (it never replaces anything)."""
+    cls = type(module).__name__
+    if type(module).__module__.startswith("transformers.") and cls in HF_UNEXPORTABLE:
+        raise ExportError(f"cannot export {name} ({cls}): {HF_UNEXPORTABLE[cls]}")
+    return None
