@@ -145,7 +145,7 @@ def bench_cmd(ctx, path, compare, iters, seconds, warmup, as_json, output, force
         grammar.unused(ctx, "with --decode", "prompt_len", "new_tokens", "batch")
     else:
         grammar.unused(ctx, "without --decode", "dims", "iters", "seconds", "graph")
-    if graph == "plain":
+    if graph == "plain" and backend == "trt":
         grammar.unused(ctx, "with --graph opt (the plain export runs on ONNX Runtime)", "backend")
     grammar.unused(ctx, "with -o/--output", *([] if output else ["force"]))
     _no_trt_threads(ctx)
