@@ -94,7 +94,7 @@ def _normalized(model: onnx.ModelProto):
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
-    for n in g.node:
+    for n in _all_nodes(g):  # If branches (lowered MoE) read outer tensors by name
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     nodes, targets, kept, made = [], [], [], {}
