@@ -672,3 +672,39 @@ def test_select_profile_switches_to_the_profile_holding_the_shapes():
     backend._select_profile({"x": (16, 8)})  # fits none: the current bounds report it
     with pytest.raises(InputError, match="outside the engine's profile"):
         backend._check_bounds("x", (16, 8))
+
+
+def _inspector_trt(engine_json: str | None):
+    """A stand-in TensorRT whose runtime deserializes (or, with None, fails like CPU-only RTX)."""
+
+    class ILogger:
+        Severity = types.SimpleNamespace(ERROR=1, WARNING=2)
+
+        def __init__(self):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, plan):
+            if engine_json is None:
+                self.logger.log(1, "IRuntime::deserializeCudaEngine: Error Code 1: cudaError 35")
+                return None
+            inspector = types.SimpleNamespace(get_engine_information=lambda fmt: engine_json)
+            return types.SimpleNamespace(create_engine_inspector=lambda: inspector)
+
+    formats = types.SimpleNamespace(JSON="json")
+    return types.SimpleNamespace(__name__="tensorrt", __version__="10.3.0", ILogger=ILogger,
+                                 Runtime=Runtime, LayerInformationFormat=formats)  # fmt: skip
+
+
+def test_inspector_layers_reads_the_engine_inspector_json():
+    from ffnx.build.plan_layers import inspector_layers
+
+    info = {"Layers": [{"Name": "node__symbolic", "LayerType": "PluginV3", "Plugin": "FfnxMoE"},
+                       {"Name": "mm", "LayerType": "CaskGemmMatrixMultiply"}]}  # fmt: skip
+    layers, why = inspector_layers(_inspector_trt(json.dumps(info)), b"plan")
+    assert why == "" and [x["plugin"] for x in layers] == [True, False]
+    layers, why = inspector_layers(_inspector_trt(None), b"plan")
+    assert layers is None and "cannot deserialize" in why and "cudaError 35" in why

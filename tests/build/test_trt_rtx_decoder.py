@@ -59,3 +59,8 @@ def test_decoder_trt_graph_builds_with_past_zero(tmp_path, rtx, model_type):
     assert decode["input_shapes"]["attention_mask"] == [[1, 1], [2, 65], [8, 256]]
     assert section["num_optimization_profiles"] == 2
     assert (out / "model.plan").stat().st_size > 0
+    if model_type == "llama":  # the defaults: past from 0, total = seq + past
+        section = build_engine(out, flavour="rtx", compute_capability="86",
+                               optimization_level=0, workspace_gib=0.25)  # fmt: skip
+        r = section["profiles"]
+        assert r["past"][0] == 0 and r["total"] == [a + b for a, b in zip(r["seq"], r["past"])]
