@@ -203,7 +203,7 @@ def parse_site(graph: gs.Graph, cat_k: gs.Node) -> tuple[dict | None, str | None
             return None, "the cache is expanded other than repeat_kv's [B, KV, H/KV, T, D]"
     if D % 8:
         return None, f"head dim {D} is not a multiple of 8 (ORT's CPU GroupQueryAttention)"
-    if ms is None or len(ms) != 4 or ms[1] not in (1, H):
+    if ms is None or len(ms) != 4 or ms[1] not in (1, H) or ms[2] != qs[2] or ms[3] == 1:
         return None, "the mask is not [B|1, 1|H, S, total]"
     if q.dtype is not None and np.dtype(q.dtype) not in (np.float32, np.float16):
         return None, f"dtype {q.dtype}"
@@ -222,8 +222,8 @@ def _heads_last(b: Builder, x: gs.Tensor, width: int) -> gs.Tensor:
         y = tr.inputs[0]
         rs = producer(y, "Reshape")
         z = rs.inputs[0] if rs is not None else None
-        zs = getattr(z, "shape", None)
-        if zs is not None and len(zs) == 3 and zs[2] == width:
+        zs, ys = getattr(z, "shape", None), getattr(y, "shape", None)
+        if zs and ys and len(zs) == 3 and zs[2] == width and list(zs[:2]) == list(ys[:2]):
             return z  # the projection's own [B, S, heads*D] output
         return b.op("Reshape", y, i64(0, 0, width))
     return b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), i64(0, 0, width))
