@@ -12,19 +12,33 @@ from torch import nn
 
 from ffnx.errors import ExportError
 
+
+def _dbrx_unclipped(m: nn.Module) -> bool:
+    return getattr(m, "clip_qkv", 0) is None
+
+
+# class -> (applies to this instance? None: always, why)
 HF_UNEXPORTABLE = {
     # DeepseekV2RotaryEmbedding returns torch.polar(...) and apply_rotary_emb multiplies
     # view_as_complex(q/k) by it: "No decompositions registered for the complex-valued input"
-    "DeepseekV2Attention": "its rotary embedding multiplies complex tensors (torch.polar, "
-    "torch.view_as_complex), which torch's ONNX exporter cannot lower (DeepSeek-V3's "
-    "real-valued rotary exports)",
-}
+    "DeepseekV2Attention": (None, "its rotary embedding multiplies complex tensors (torch.polar, "
+                            "torch.view_as_complex), which torch's ONNX exporter cannot lower "
+                            "(DeepSeek-V3's real-valued rotary exports)"),
+    # `qkv.clamp(min=None, max=None)`: a no-op in eager, "clamp called but both min and max are
+    # none!" in torch's exporter
+    "DbrxAttention": (_dbrx_unclipped, "attn_config.clip_qkv is None, and its qkv.clamp(min=None, "
+                      "max=None) (a no-op in eager) is rejected by torch's ONNX exporter; set "
+                      "clip_qkv in config.json (dbrx-instruct: 8)"),
+}  # fmt: skip
 
 
 def refuse_unexportable(name: str, module: nn.Module, target: str) -> None:
     """Capture rule (listed in `capture.default_rules`): raise ExportError for a module in
     HF_UNEXPORTABLE, else None (it never replaces anything)."""
     cls = type(module).__name__
-    if type(module).__module__.startswith("transformers.") and cls in HF_UNEXPORTABLE:
-        raise ExportError(f"cannot export {name} ({cls}): {HF_UNEXPORTABLE[cls]}")
+    if not type(module).__module__.startswith("transformers.") or cls not in HF_UNEXPORTABLE:
+        return None
+    applies, why = HF_UNEXPORTABLE[cls]
+    if applies is None or applies(module):
+        raise ExportError(f"cannot export {name} ({cls}): {why}")
     return None

@@ -50,31 +50,48 @@ ARCHS = {
     "glm4_moe_lite": (dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, n_group=4,
                            topk_group=2, **MLA), 1),
     "jetmoe": (dict(kv_channels=16, num_local_experts=4, **TWO), 2),  # the FFN MoE only
+    # DBRX's own config layout (COMMON not used); clip_qkv as in dbrx-instruct: with None its
+    # qkv.clamp(min=None, max=None) stops torch's exporter
+    "dbrx": (dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=512,
+                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                  ffn_config=dict(ffn_hidden_size=96, moe_num_experts=4, moe_top_k=2)), 2),
 }  # fmt: skip
 FAST = ("gpt_oss", "deepseek_v3")
 PARAMS = [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
 
-# model_type -> (config overrides, the one error line export gives)
+# case -> (model_type, config overrides, the one error line export gives)
+UNCLIPPED = dict(ARCHS["dbrx"][0], attn_config=dict(kv_n_heads=2, rope_theta=10000.0))
 REFUSED = {
     "deepseek_v2": (
+        "deepseek_v2",
         dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, **MLA),
         "cannot export model.model.layers.0.self_attn (DeepseekV2Attention): its "
         "rotary embedding multiplies complex tensors",
     ),
+    "dbrx-clip_qkv-none": (
+        "dbrx",
+        UNCLIPPED,
+        "cannot export model.transformer.blocks.0."
+        "norm_attn_norm.attn (DbrxAttention): attn_config.clip_qkv is None",
+    ),
     "phimoe": (
+        "phimoe",
         dict(num_local_experts=4, **TWO),
-        "cannot export MoE block model.model.layers.0.mlp "
-        "(PhimoeSparseMoeBlock) as ffnx::FfnxMoE: sparsemixer routing",
+        "cannot export MoE block "
+        "model.model.layers.0.mlp (PhimoeSparseMoeBlock) as ffnx::FfnxMoE: sparsemixer",
     ),
     "qwen3_next": (
+        "qwen3_next",
         dict(num_experts=4, **ROUTED),
         "Qwen3NextConfig: layer types ['linear_attention'] keep recurrent state",
     ),
     "minimax": (
+        "minimax",
         dict(num_local_experts=4, **TWO),
         "MiniMaxConfig: layer types ['linear_attention'] keep recurrent state",
     ),
     "jamba": (
+        "jamba",
         dict(num_experts=4, **TWO),
         "JambaConfig: layer types ['linear_attention'] keep recurrent state",
     ),
@@ -83,7 +100,7 @@ REFUSED = {
 
 def write_config(directory, model_type: str, overrides: dict):
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_type": model_type, **COMMON, **overrides}
+    cfg = {"model_type": model_type, **({} if "d_model" in overrides else COMMON), **overrides}
     (directory / "config.json").write_text(json.dumps(cfg))
     return directory
 
@@ -163,15 +180,15 @@ def test_deepseek_v3_decoder_caches_mla_latents(exported):
     assert dec["kv_heads"] == [1, 1] and dec["key_dim"] == [16, 16] and dec["value_dim"] == [8, 8]
 
 
-@pytest.mark.parametrize("model_type", REFUSED)
-def test_unsupported_architectures_fail_with_one_error_line(tmp_path, model_type):
+@pytest.mark.parametrize("case", REFUSED)
+def test_unsupported_architectures_fail_with_one_error_line(tmp_path, case):
     """`ffnx export hf:DIR`: exit 1, one `error:` line naming the module (or config) and why,
     and no artifact directory left behind."""
     from click.testing import CliRunner
 
     from ffnx.cli import main
 
-    overrides, want = REFUSED[model_type]
+    model_type, overrides, want = REFUSED[case]
     src = write_config(tmp_path / "src", model_type, overrides)
     out = tmp_path / "art"
     r = CliRunner().invoke(main, ["export", f"hf:{src}", "--out", str(out)])
