@@ -74,3 +74,26 @@ def test_cli_plugin_library_wrong_path_is_one_error_line(moe):
     res = CliRunner().invoke(main, ["build", str(moe), "--trt", "rtx", "--plugin-library",
                                     "/nonexistent/libffnx_trt_plugins.so"])  # fmt: skip
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "cc", "needle"),
+    [
+        ({"tensorrt_headers": "10.3.0"}, "86", "compiled against TensorRT 10.3.0 headers"),
+        ({"archs": ["86"]}, "75", "cannot run on the build target sm_75"),
+    ],
+)
+def test_cli_mismatched_plugin_library_is_one_error_line(moe, plugin_lib, tmp_path, sidecar, cc,
+                                                         needle):  # fmt: skip
+    lib = tmp_path / plugin_lib.name
+    shutil.copyfile(plugin_lib, lib)
+    meta = json.loads(plugin_lib.with_name(plugin_lib.name + ".json").read_text())
+    lib.with_name(lib.name + ".json").write_text(json.dumps({**meta, **sidecar}))
+    plan = (moe / "model.plan").read_bytes() if (moe / "model.plan").exists() else None
+    args = ["build", str(moe), "--trt", "rtx", "--force", "--compute-capability", cc,
+            "--plugin-library", str(lib)]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 1 and len(errors) == 1 and needle in errors[0], res.output
+    if plan is not None:  # the previous plan is untouched
+        assert (moe / "model.plan").read_bytes() == plan
