@@ -1,10 +1,13 @@
 """`build_engine`: an exported artifact -> `model.plan` (a TensorRT engine) + the manifest's
 "tensorrt" section.
 
-Steps: load model.opt.onnx (else model.onnx); fill empty plugin inputs and check the graph
-(trt_graph_check); choose precision handling by TensorRT major; load the ffnx plugin library
-when the graph has ffnx nodes; parse; one optimization profile over the dynamic dims
-(profiles.py); build; write model.plan atomically, then the manifest (always last).
+Steps: load model.trt.onnx (else model.opt.onnx, model.onnx); fill empty plugin inputs and
+check the graph (trt_graph_check); choose precision handling by TensorRT major; load the ffnx
+plugin library when the graph has ffnx nodes (refused when it has no code for a build target);
+parse (parser_check.parse_network) and record the network's plugin layers (plan_layers); the
+optimization profiles over the dynamic dims (profiles.py: profile 0 plus --add-profile ones);
+the timing cache (timing_cache.py); build; write model.plan atomically, then the manifest
+(always last).
 
 Precision by TensorRT major (`precision_plan`):
 - 10.x (e.g. JetPack 6's 10.3) builds weakly typed networks: fp16/int8/fp8 are builder flags
@@ -267,7 +270,8 @@ def build_engine(
         builder = trt.Builder(logger)
         network = builder.create_network(0)
         _parse(trt, network, logger, graph, warnings)
-        layers = plan_layers.network_plugin_layers(trt, network, onnx.load(str(graph)))
+        nodes = onnx.load(str(graph), load_external_data=False)  # node names and op types
+        layers = plan_layers.network_plugin_layers(trt, network, nodes)
         config = builder.create_builder_config()
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # for IEngineInspector
         used_sets, profile = add_profiles(builder, network, config, shape_sets)
