@@ -346,15 +346,21 @@ def bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads,
     return results
 
 
+def _label(r: dict) -> str:
+    """The table's runtime label: "ffnx (ort, int4)", "onnxruntime-genai (int4)"."""
+    rt, prec = r["runtime"], r["precision"]
+    return f"{rt[:-1]}, {prec})" if rt.endswith(")") else f"{rt} ({prec})"
+
+
 def _print(engine, path, results, prompt_len, new_tokens, batch, threads) -> None:
     rows = []
     for r in results:
         if "unsupported" in r:
-            rows.append([f"{r['runtime']} ({r['precision']})", r["unsupported"],
+            rows.append([_label(r), r["unsupported"],
                          *[""] * (len(COLUMNS) - 2)])  # fmt: skip
             continue
         frac, same = r.get("roofline_fraction"), r.get("tokens_equal_ffnx")
-        rows.append([f"{r['runtime']} ({r['precision']})", *(r[k] for k in KEYS),
+        rows.append([_label(r), *(r[k] for k in KEYS),
                      f"{r['achieved_gbs']:.1f}" if "achieved_gbs" in r else "",
                      f"{frac:.0%}" if frac is not None else "",
                      f"{same:.0%}" if same is not None else ""])  # fmt: skip
