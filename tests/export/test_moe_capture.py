@@ -393,3 +393,33 @@ def test_gpt_oss_unknown_router_is_refused_with_one_line():
         capture_moe("model.layers.1.mlp", block, "ort")
     msg = str(info.value)
     assert "\n" not in msg and "model.layers.1.mlp (GptOssMLP)" in msg and "GptOssTopKRouter" in msg
+
+
+@pytest.mark.parametrize("form", ["sorted_int4", "qmoe_int4", "sorted_int8", "qmoe_int8"])
+def test_gpt_oss_quantized_experts_compute_with_the_dequantized_weights(form):
+    """clamped_swiglu through MatMulNBits (sorted_*) and com.microsoft::QMoE (its swiglu with
+    alpha, beta = 1, limit): the torch reference on the dequantized weights, up to the int8
+    activation rounding of accuracy_level 4 (~1 % of the output scale)."""
+    from ffnx.graph.ort import run_session
+    from ffnx.lowering.moe_model import MoEConfig, moe_model
+    from ffnx.plugins.reference import moe_reference
+    from tests.lowering.test_moe_lowering import _dequantized, lowered
+
+    block = hf_block("gpt_oss", HF_SUPPORTED)
+    new = capture_moe("mlp", block, "ort")
+    cfg = MoEConfig(D=64, H=96, E=4, k=2, activation="clamped_swiglu", scoring="topk_softmax",
+                    bias=True, activation_limit=1.5)  # fmt: skip
+    names = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    w = {k: getattr(new, k).detach().numpy() for k in names}
+    sess = ort_session(lowered(moe_model(cfg, w), form))
+    wq = {k: torch.from_numpy(v) for k, v in _dequantized(w, form, int(form[-1])).items()}
+    for T in TOKENS:
+        x = torch.randn(T, 64, generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            logits = block.router(x)[0]
+        ref = moe_reference(x, logits, *(wq[k] for k in names), *[None] * 6, **new.attrs).numpy()
+        got = run_session(sess, {"hidden": x.numpy(), "router_logits": logits.numpy()})["output"]
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(got, ref, atol=2e-2 * scale, rtol=0, err_msg=f"T={T}")
+        cos = (got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref)
+        assert cos > 0.999, (T, cos)
