@@ -304,7 +304,8 @@ def optimize_cmd(
     if as_json:
         written = str(p / artifact.MODEL_OPT) if p.is_dir() else out
         grammar.echo_json({"output": written, "passes": reports,
-                           **({"speed_guard": guard} if guarded else {})})  # fmt: skip
+                           **({"speed_guard": guard} if guarded else {}),
+                           **({"quantize": manifest["quantize"]} if quantize else {})})  # fmt: skip
 
 
 COMMANDS = [optimize_cmd]
