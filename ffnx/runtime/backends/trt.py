@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+import ffnx.runtime.backends.rtx_cache as rtx_cache
 import ffnx.runtime.cuda as cuda
 from ffnx import artifact
 from ffnx.errors import ArtifactError, BackendError, InputError
@@ -146,7 +147,11 @@ class TrtBackend:
 
     def __init__(self, trt, engine, manifest: dict, cuda_graph: bool, path: str):
         self.trt, self.engine, self.path = trt, engine, path
-        self.context = engine.create_execution_context()
+        # TensorRT-RTX: the kernels it compiles on the GPU are kept between loads (rtx_cache)
+        self.runtime_cache = rtx_cache.open_for(trt, engine, Path(path), manifest)
+        rc = self.runtime_cache
+        self.context = (engine.create_execution_context(rc.config) if rc
+                        else engine.create_execution_context())  # fmt: skip
         if self.context is None:
             raise BackendError(f"cannot create a TensorRT execution context for {path}")
         self.stream = cuda.Stream()
@@ -377,5 +382,7 @@ class TrtBackend:
             for buf in self._buffers.values():
                 buf.close()
             self._buffers.clear()
+            if self.runtime_cache is not None and self.context is not None:
+                self.runtime_cache.save()
             self.context = None
             self.stream.close()
