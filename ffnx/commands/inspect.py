@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ffnx.commands import ui
+from ffnx.commands import grammar, ui
 from ffnx.errors import ArtifactError
 
 
@@ -103,7 +103,7 @@ def _print_plan(o, plan: dict) -> None:
 
 @click.command("inspect", context_settings={"max_content_width": 100})
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@grammar.json_option("Print everything shown as one JSON object.")
 def inspect_cmd(path, as_json) -> None:
     """Show inputs/outputs, op histogram, params, FLOPs, recognised FFN variants, passes applied
     and MoE lowerings of an artifact directory or an .onnx file, and the plugin layers of its
