@@ -6,8 +6,12 @@ For each model, every graph of the same network on ONNX Runtime CPU:
 - onnxslim: `onnxslim.slim(model.onnx)`;
 - ort-opt: ONNX Runtime's transformers optimizer (`onnxruntime.transformers.optimizer`) on
   model.onnx where a model type fits (bert for BERT-family encoders, vit for ViT), opt_level 1;
-- optimum-o2: Optimum's ONNX export + ORT optimization level O2, if `optimum` is importable
-  (BERT only).
+- optimum-o2: Optimum's ONNX export + ORT optimization level O2 (BERT only), in this process
+  when `optimum` is importable, else through `benchmarks/optimum_o2.py` run by
+  --optimum-python (or $FFNX_OPTIMUM_PYTHON): optimum-onnx 0.1.0 pins optimum 2.1 and
+  transformers < 5, so it lives in its own venv, e.g.
+  `python3 -m venv /work/optimum-venv && /work/optimum-venv/bin/pip install torch==2.13.0 &&
+  /work/optimum-venv/bin/pip install optimum-onnx==0.1.0 onnxruntime==1.32.0`.
 
 Models: the zoo's conv blocks (every zoo name containing repvgg or mobileone, where the zoo has
 them), a random transformers ViT (`ViTForImageClassification`), a random transformers ConvNeXt,
@@ -22,6 +26,10 @@ chart of the speed-up over the plain export).
     python benchmarks/realworld.py [--text-shapes 1x64 8x128] [--image-batches 1 8]
         [--models minilm vit convnext repvgg...] [--seconds 4] [--threads 2]
         [--json out.json] [--plot out.png] [--tiny]   # --tiny: smoke run, small models
+        [--optimum-python /work/optimum-venv/bin/python] [--no-guard]
+
+ffnx's graph is what `ffnx export` writes, the speed guard included (at --threads; --no-guard
+keeps every default pass); the JSON records each model's guard decision.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import contextlib
 import importlib.metadata
 import io
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -91,15 +100,20 @@ def model_specs(args, work: Path) -> dict[str, tuple]:
     return out
 
 
-def build_variants(name: str, entry: tuple, d: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """Every variant's ONNX file for one model; variants that do not apply -> reason."""
+def build_variants(name: str, entry: tuple, d: Path, args) -> tuple[dict[str, Path], dict]:
+    """Every variant's ONNX file for one model; variants that do not apply -> reason (and
+    "guard": ffnx's speed-guard decision)."""
     from ffnx import artifact
     from ffnx.export.pipeline import export_artifact
 
     spec, _kind, mtype, heads, hidden = entry
-    export_artifact(spec, d, force=True, source=name)
+    man = export_artifact(spec, d, force=True, source=name, guard=not args.no_guard,
+                          threads=args.threads)  # fmt: skip
     paths = {"export": d / artifact.MODEL, "ffnx": d / artifact.MODEL_OPT}
-    skipped: dict[str, str] = {}
+    skipped: dict = {}
+    if "speed_guard" in man:
+        g = man["speed_guard"]
+        skipped["guard"] = f"dropped {g['dropped'] or 'nothing'}, speed-up {g['speedup']}"
     import onnxslim
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -119,21 +133,31 @@ def build_variants(name: str, entry: tuple, d: Path) -> tuple[dict[str, Path], d
         skipped["optimum-o2"] = "BERT only"
     else:
         try:
-            paths["optimum-o2"] = optimum_o2(minilm_dir(), d / "optimum")
-        except ImportError as e:
-            skipped["optimum-o2"] = f"optimum not importable ({e.name})"
+            paths["optimum-o2"] = optimum_o2(minilm_dir(), d / "optimum", args.optimum_python)
+        except (ImportError, RuntimeError) as e:
+            skipped["optimum-o2"] = str(e)
     return paths, skipped
 
 
-def optimum_o2(model_dir: Path, out: Path) -> Path:
-    """Optimum's feature-extraction export + ORTOptimizer at O2 (CPU)."""
-    from optimum.onnxruntime import ORTModelForFeatureExtraction, ORTOptimizer
-    from optimum.onnxruntime.configuration import AutoOptimizationConfig
+def optimum_o2(model_dir: Path, out: Path, python: str | None) -> Path:
+    """Optimum's feature-extraction export + ORTOptimizer at O2 (CPU): in this process when
+    optimum imports, else `benchmarks/optimum_o2.py` under `python` (optimum's own venv)."""
+    if not python:
+        try:
+            from optimum_o2 import optimum_o2 as run  # benchmarks/optimum_o2.py
 
-    m = ORTModelForFeatureExtraction.from_pretrained(str(model_dir), export=True)
-    opt = ORTOptimizer.from_pretrained(m)
-    opt.optimize(save_dir=str(out), optimization_config=AutoOptimizationConfig.O2())
-    return next(out.glob("*optimized*.onnx"))
+            return run(str(model_dir), str(out))
+        except ImportError as e:
+            raise ImportError(f"optimum not importable ({e.name}); give --optimum-python") from e
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "optimum_o2.py"
+    r = subprocess.run([python, str(script), str(model_dir), str(out)], capture_output=True,
+                       text=True)  # fmt: skip
+    if r.returncode != 0:
+        tail = " ".join((r.stderr or r.stdout).strip().splitlines()[-1:])
+        raise RuntimeError(f"{python} optimum_o2.py failed: {tail[:300]}")
+    return Path(r.stdout.strip().splitlines()[-1])
 
 
 def shapes(kind: str, args) -> list[dict[str, int]]:
@@ -219,6 +243,12 @@ def parse(argv=None):
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny ViT/ConvNeXt/zoo sizes")
+    p.add_argument(
+        "--optimum-python",
+        default=os.environ.get("FFNX_OPTIMUM_PYTHON"),
+        help="python of a venv with optimum-onnx (default $FFNX_OPTIMUM_PYTHON)",
+    )
+    p.add_argument("--no-guard", action="store_true", help="ffnx without the speed guard")
     p.add_argument("--json")
     p.add_argument("--plot")
     return p.parse_args(argv)
@@ -232,7 +262,7 @@ def main(argv=None) -> int:
         for name, entry in model_specs(args, work).items():
             print(f"{name} ...", file=sys.stderr, flush=True)
             try:
-                paths, skipped[name] = build_variants(name, entry, work / "art" / name)
+                paths, skipped[name] = build_variants(name, entry, work / "art" / name, args)
                 rows += bench(name, entry, paths, args)
             except Exception as e:  # one model failing must not hide the others' numbers
                 failed[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
