@@ -27,7 +27,9 @@ average of the causal keys instead of transformers' uniform average of all keys;
 read (generation reads the last real position, and a masked key gets weight exp(-3.4e38) = 0 in
 every other row). Conditions, each a reason when it fails: the caches are Concats of graph
 inputs that feed only this attention; the scores are Q.K^T times a constant plus a rank-4 mask
-straight into Softmax (softcapping, attention sinks, ALiBi-in-the-graph do not match); key and
+straight into Softmax (softcapping and ALiBi-in-the-graph do not match; GPT-OSS's attention
+sinks, Concat([scores, sink_h]) -> Softmax -> drop the sink column, become GQA's head_sink, the
+same p_j = exp(x_j) / (sum_i exp(x_i) + exp(sink_h)), when the sinks are constants); key and
 value head dims equal (MLA: not) and a multiple of 8 (the CPU kernel's condition); H % KV == 0.
 Rotary stays as the exported standard ops before the node: GQA's fused rotary (do_rotary)
 takes positions from the cache length (or only the first position_ids of a prompt), which is
@@ -49,176 +51,20 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.graph.attention_match import consumers, is_key_cache, only, parse_site, perm
 from ffnx.graph.builder import Builder, i64
-from ffnx.graph.tensors import const, producer
+from ffnx.graph.tensors import producer
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
 MS_DOMAIN = "com.microsoft"
 DOC_TAG = "ffnx.attention"
 
 
-def _consumers(t: gs.Tensor) -> list[gs.Node]:
-    return list(t.outputs)
-
-
-def _only(t: gs.Tensor, op: str | tuple) -> gs.Node | None:
-    """The sole node reading `t`, if it is `op`."""
-    users = _consumers(t)
-    if len(users) != 1:
-        return None
-    ops = (op,) if isinstance(op, str) else op
-    return users[0] if users[0].op in ops else None
-
-
-def _perm(n: gs.Node | None) -> list | None:
-    return list(n.attrs.get("perm", [])) if n is not None and n.op == "Transpose" else None
-
-
-def _is_cache_concat(n: gs.Node, graph: gs.Graph) -> bool:
-    return (
-        n.op == "Concat"
-        and n.attrs.get("axis") in (2, -2)
-        and len(n.inputs) == 2
-        and n.inputs[0] in graph.inputs
-        and n.outputs[0] in graph.outputs
-    )
-
-
-def _through_repeat(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None, str | None]:
-    """From a cache tensor, past transformers' repeat_kv (Unsqueeze(2), Expand, Reshape) if
-    there: -> (tensor the attention reads, the first node reading it, reason if unreadable)."""
-    users = _consumers(t)
-    if len(users) != 1:
-        return t, None, f"{t.name} is read by {len(users)} nodes, not one attention"
-    u = users[0]
-    if u.op == "Unsqueeze":
-        axes = const(u.inputs[1]) if len(u.inputs) > 1 else np.asarray(u.attrs.get("axes"))
-        ex = _only(u.outputs[0], "Expand")
-        rs = _only(ex.outputs[0], "Reshape") if ex is not None else None
-        if axes is None or list(np.atleast_1d(axes)) != [2] or rs is None:
-            return t, None, "the cache goes through an Unsqueeze that is not repeat_kv"
-        t = rs.outputs[0]
-        users = _consumers(t)
-        if len(users) != 1:
-            return t, None, "repeat_kv output read by several nodes"
-        u = users[0]
-    return t, u, None
-
-
-def _cache_source(graph: gs.Graph, t: gs.Tensor) -> gs.Node | None:
-    """The cache Concat `t` is, or is the repeat_kv (Reshape(Expand(Unsqueeze))) of."""
-    n = producer(t)
-    if n is not None and n.op == "Reshape":
-        ex = producer(n.inputs[0], "Expand")
-        un = producer(ex.inputs[0], "Unsqueeze") if ex is not None else None
-        n = producer(un.inputs[0]) if un is not None else None
-    return n if n is not None and _is_cache_concat(n, graph) else None
-
-
-def _is_key_cache(n: gs.Node, graph: gs.Graph) -> bool:
-    """A cache Concat read (through repeat_kv) by a Transpose: the keys of Q.K^T; or one read
-    in a way this pass cannot follow (a site to report, with the reason, by `check`)."""
-    if not _is_cache_concat(n, graph):
-        return False
-    _, first, why = _through_repeat(n.outputs[0])
-    return why is not None or (first is not None and first.op == "Transpose")
-
-
-def _dim(n: gs.Node, i: int):
-    """Axis i of what Expand/Reshape `n` makes: from the inferred shape, else from its shape
-    input (a constant, or a Concat of pieces whose i-th is a 1-element constant)."""
-    shape = getattr(n.outputs[0], "shape", None)
-    if shape is not None and len(shape) > i and isinstance(shape[i], int):
-        return shape[i]
-    target = n.inputs[1]
-    c = const(target)
-    if c is not None:
-        return int(c.reshape(-1)[i]) if c.size > i else None
-    cat = producer(target, "Concat")
-    if cat is not None and len(cat.inputs) > i:
-        piece = const(cat.inputs[i])
-        return int(piece.reshape(-1)[0]) if piece is not None and piece.size == 1 else None
-    return None
-
-
-def parse_site(graph: gs.Graph, cat_k: gs.Node) -> tuple[dict | None, str | None]:
-    """-> (the site's tensors and sizes, None) or (None, why GQA does not fit it)."""
-    kx, first, why = _through_repeat(cat_k.outputs[0])
-    if why:
-        return None, why
-    if _perm(first) != [0, 1, 3, 2]:
-        return None, f"keys are read by {first.op}, not Transpose(0,1,3,2) into Q.K^T"
-    qk = _only(first.outputs[0], "MatMul")
-    if qk is None or qk.inputs[1] is not first.outputs[0]:
-        return None, "transposed keys are not the right operand of one MatMul"
-    q, t, scale = qk.inputs[0], qk.outputs[0], 1.0
-    sc = _only(t, ("Mul", "Div"))
-    if sc is not None:
-        other = sc.inputs[1] if sc.inputs[0] is t else sc.inputs[0]
-        c = const(other)
-        if c is None or c.size != 1 or (sc.op == "Div" and sc.inputs[0] is not t):
-            return None, f"the scores are scaled by {other.name}, not one constant"
-        scale = float(c.reshape(-1)[0]) if sc.op == "Mul" else 1.0 / float(c.reshape(-1)[0])
-        t = sc.outputs[0]
-    add = _only(t, "Add")
-    if add is None:
-        nxt = _consumers(t)
-        return None, f"the scores reach Softmax through {nxt[0].op if nxt else 'nothing'} " \
-            "(softcap / sinks / no additive mask)"  # fmt: skip
-    mask = add.inputs[1] if add.inputs[0] is t else add.inputs[0]
-    sm = _only(add.outputs[0], "Softmax")
-    if sm is None:
-        nxt = _consumers(add.outputs[0])
-        return None, f"masked scores go to {nxt[0].op if nxt else 'nothing'} before Softmax " \
-            "(attention sinks?)"  # fmt: skip
-    if sm.attrs.get("axis", -1) not in (-1, 3):
-        return None, "Softmax is not over the key axis"
-    av = _only(sm.outputs[0], "MatMul")
-    if av is None or av.inputs[0] is not sm.outputs[0]:
-        return None, "the probabilities are not the left operand of one MatMul"
-    cat_v = _cache_source(graph, av.inputs[1])
-    if cat_v is None:
-        return None, "values are not a cache Concat (through repeat_kv) of a past input"
-    _, vfirst, why = _through_repeat(cat_v.outputs[0])
-    if why or vfirst is not av:
-        return None, why or "the value cache feeds more than this attention"
-    tr = _only(av.outputs[0], "Transpose")
-    if _perm(tr) != [0, 2, 1, 3]:
-        return None, "the attention output is not transposed back to [B, S, H, D]"
-    k, v = cat_k.inputs[1], cat_v.inputs[1]
-    qs, ks, vs, ms = (getattr(x, "shape", None) for x in (q, k, v, mask))
-    if not (qs and ks and vs and len(qs) == len(ks) == len(vs) == 4):
-        return None, "unknown q/k/v ranks"
-    H, D, KV, Dk, Dv = qs[1], qs[3], ks[1], ks[3], vs[3]
-    if not all(isinstance(x, int) for x in (H, D, KV, Dk, Dv)):
-        return None, "head counts or head dims are not static"
-    if Dk != Dv:
-        return None, f"key dim {Dk} != value dim {Dv} (MLA): GQA needs one head size"
-    if D != Dk or H % KV:
-        return None, f"{H} query heads over {KV} KV heads of dims {D}/{Dk}"
-    if kx is not cat_k.outputs[0]:  # repeat_kv: [B, KV, 1, T, D] -> [B, KV, H/KV, T, D] -> H
-        rs = producer(kx)
-        ex = producer(rs.inputs[0])
-        if (_dim(ex, 1), _dim(ex, 2), _dim(rs, 1)) != (KV, H // KV, H):
-            return None, "the cache is expanded other than repeat_kv's [B, KV, H/KV, T, D]"
-    if D % 8:
-        return None, f"head dim {D} is not a multiple of 8 (ORT's CPU GroupQueryAttention)"
-    if ms is None or len(ms) != 4 or ms[1] not in (1, H) or ms[2] != qs[2] or ms[3] == 1:
-        return None, "the mask is not [B|1, 1|H, S, total]"
-    if q.dtype is not None and np.dtype(q.dtype) not in (np.float32, np.float16):
-        return None, f"dtype {q.dtype}"
-    site = dict(q=q, k=k, v=v, past_k=cat_k.inputs[0], past_v=cat_v.inputs[0],
-                present_k=cat_k.outputs[0], present_v=cat_v.outputs[0], cat_k=cat_k,
-                cat_v=cat_v, mask=mask, out=tr.outputs[0], out_node=tr, H=H, KV=KV, D=D,
-                scale=scale)  # fmt: skip
-    return site, None
-
-
 def _heads_last(b: Builder, x: gs.Tensor, width: int) -> gs.Tensor:
     """[B, heads, S, D] -> [B, S, heads*D]; where x is itself Transpose(0,2,1,3) of a split
     [B, S, heads, D] (the values: no rotary), the tensor before it, so nothing is copied."""
     tr = producer(x, "Transpose")
-    if _perm(tr) == [0, 2, 1, 3]:
+    if perm(tr) == [0, 2, 1, 3]:
         y = tr.inputs[0]
         rs = producer(y, "Reshape")
         z = rs.inputs[0] if rs is not None else None
@@ -232,10 +78,16 @@ def _heads_last(b: Builder, x: gs.Tensor, width: int) -> gs.Tensor:
 def _flat_reader(t: gs.Tensor, width: int) -> gs.Tensor | None:
     """The output of the one Reshape reading `t` [B, S, H, D] into [B, S, H*D], if that is all
     that reads it (the attention module's own reshape before o_proj)."""
-    rs = _only(t, "Reshape")
+    rs = only(t, "Reshape")
     out = rs.outputs[0] if rs is not None else None
     shape = getattr(out, "shape", None)
     return out if shape is not None and len(shape) == 3 and shape[2] == width else None
+
+
+def _sink_input(b: Builder, s: dict):
+    sinks = s.get("sinks")
+    return None if sinks is None else b.const(sinks.astype(np.dtype(s["q"].dtype or np.float32)),
+                                               "head_sink")  # fmt: skip
 
 
 def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> gs.Node:
@@ -260,7 +112,7 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> gs.Node:
         cat.inputs.clear()
     b.op("GroupQueryAttention", _heads_last(b, s["q"], H * D), _heads_last(b, s["k"], KV * D),
          _heads_last(b, s["v"], KV * D), s["past_k"], s["past_v"], seqlens, total32, None,
-         None, None, s["mask"], None, None, None, None, None, qlens,
+         None, None, s["mask"], _sink_input(b, s), None, None, None, None, qlens,
          outputs=[out3, s["present_k"], s["present_v"]], domain=MS_DOMAIN, num_heads=H,
          kv_num_heads=KV, scale=float(s["scale"]))  # fmt: skip
     s["out_node"].outputs.clear()
@@ -280,7 +132,7 @@ def share_buffer(graph: gs.Graph, pasts: list[gs.Tensor], kv_dims: dict) -> str 
         return "no attention_mask / input_ids inputs to take the past length from"
     shapes = []
     for p in pasts:
-        for u in _consumers(p):
+        for u in consumers(p):
             if u.op == "Shape":
                 shapes.append((p, u))
             elif u.op != "GroupQueryAttention":
@@ -311,7 +163,7 @@ class GroupQueryAttentionPass(GraphPass):
     targets = ("ort",)
 
     def match(self, graph: gs.Graph) -> list[Match]:
-        return [Match([n]) for n in graph.nodes if _is_key_cache(n, graph)]
+        return [Match([n]) for n in graph.nodes if is_key_cache(n, graph)]
 
     def check(self, graph: gs.Graph, m: Match) -> str | None:
         site, why = parse_site(graph, m.nodes[0])
@@ -359,7 +211,7 @@ def gqa_form(graph: gs.Graph, sites: list[dict] | None = None) -> tuple[dict, st
     if sites is None:
         sites = []
         for n in list(graph.nodes):
-            site = parse_site(graph, n)[0] if _is_key_cache(n, graph) else None
+            site = parse_site(graph, n)[0] if is_key_cache(n, graph) else None
             if site is not None:
                 sites.append(site)
     shared: dict = {}

@@ -23,10 +23,11 @@ MIN = np.finfo(np.float32).min
 
 
 def attention_graph(D: int = 16, Dv: int | None = None, softcap: bool = False, rep: bool = True,
-                    kv: int = KV, tile: bool = False) -> onnx.ModelProto:  # fmt: skip
+                    kv: int = KV, tile: bool = False, sinks: bool = False):  # fmt: skip
     """One cached attention layer: inputs q [B,H,S,D], k/v [B,kv,S,D], past_key/value
     [B,kv,P,D], mask [B,1,S,P+S]; outputs o [B,S,H*D] and present_key/value. tile: the heads
-    repeated as a tile (head h reads KV head h % kv), not repeat_kv's h // (H/kv)."""
+    repeated as a tile (head h reads KV head h % kv), not repeat_kv's h // (H/kv). sinks:
+    GPT-OSS's per-head sink logit concatenated to the scores, max-shifted, dropped after."""
     Dv = Dv or D
     f = TensorProto.FLOAT
     vi = helper.make_tensor_value_info
@@ -88,8 +89,33 @@ def attention_graph(D: int = 16, Dv: int | None = None, softcap: bool = False, r
                   helper.make_node("Tanh", ["sd"], ["st"]),
                   helper.make_node("Mul", ["st", "cap"], ["capped"])]  # fmt: skip
         scores = "capped"
-    nodes += [helper.make_node("Add", [scores, "mask"], ["masked"]),
-              helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+    nodes.append(helper.make_node("Add", [scores, "mask"], ["masked"]))
+    if sinks:
+        inits += [
+            c("sinks", np.linspace(-1, 2, H).astype(np.float32)),
+            c("sink_shape", np.array([1, H, 1, 1], np.int64)),
+            c("one", np.array([1], np.int64)),
+            c("hh", np.array([H], np.int64)),
+            c("last", np.array([-1], np.int64)),
+            c("zero", np.array([0], np.int64)),
+        ]
+        nodes += [
+            helper.make_node("Reshape", ["sinks", "sink_shape"], ["sinks4"]),
+            helper.make_node("Shape", ["q"], ["sq"]),
+            helper.make_node("Gather", ["sq", "i0"], ["sb"], axis=0),
+            helper.make_node("Gather", ["sq", "i2q"], ["ss"], axis=0),
+            helper.make_node("Concat", ["sb", "hh", "ss", "one"], ["sink_x"], axis=0),
+            helper.make_node("Expand", ["sinks4", "sink_x"], ["sinkx"]),
+            helper.make_node("Concat", ["masked", "sinkx"], ["comb"], axis=-1),
+            helper.make_node("ReduceMax", ["comb", "last"], ["cmax"], keepdims=1),
+            helper.make_node("Sub", ["comb", "cmax"], ["shifted"]),
+            helper.make_node("Softmax", ["shifted"], ["psink"], axis=-1),
+            helper.make_node("Slice", ["psink", "zero", "last", "last"], ["p"]),
+        ]  # fmt: skip
+        inits.append(c("i2q", np.array([2], np.int64)))
+    else:
+        nodes.append(helper.make_node("Softmax", ["masked"], ["p"], axis=-1))
+    nodes += [
               helper.make_node("MatMul", ["p", vx], ["pv"]),
               helper.make_node("Transpose", ["pv"], ["pvt"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["pvt", "flat"], ["o"])]  # fmt: skip
@@ -123,16 +149,18 @@ def _form(monkeypatch, tmp_path):
     monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("rep", [True, False])
-def test_rewrite_equals_the_graph_before(rep):
+@pytest.mark.parametrize("rep, sinks", [(True, False), (False, False), (True, True)])
+def test_rewrite_equals_the_graph_before(rep, sinks):
     kv = KV if rep else H
-    m = attention_graph(rep=rep, kv=kv)
+    m = attention_graph(rep=rep, kv=kv, sinks=sinks)
     fs = [feeds(*s, kv=kv, pad=min(1, s[2]), seed=i) for i, s in enumerate(SHAPES)]
     new, (rep_,) = optimize_model(m, fs[:2], passes=["group_query_attention"])
     assert rep_["status"] == "applied" and rep_["applied"] == 1, rep_
     ops = [n.op_type for n in new.graph.node]
     assert ops.count("GroupQueryAttention") == 1 and "Softmax" not in ops and "Concat" not in ops
     assert "ffnx.attention kv_buffer=concat" in new.graph.doc_string  # no decoder inputs
+    (gqa,) = [n for n in new.graph.node if n.op_type == "GroupQueryAttention"]
+    assert bool(gqa.input[11]) == sinks  # GPT-OSS's sinks as GQA's head_sink
     for f in fs:  # every shape, prefill (past 0) included
         want, got = run(m, f), run(new, f)
         for name in want:
