@@ -154,6 +154,10 @@ def test_real_timing_end_to_end_export_and_optimize(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     g2 = json.loads((out / "manifest.json").read_text())["speed_guard"]
     assert g2["cached"] is True and g2["dropped"] == g["dropped"]
+    r = CliRunner().invoke(main, ["optimize", str(out), "--threads", "1", "--force"])
+    assert r.exit_code == 0 and "speed guard" in r.output, r.output
+    g3 = json.loads((out / "manifest.json").read_text())["speed_guard"]
+    assert g3["threads"] == 1 and g3["shapes"][0] == "2x4x8x8"
     src, dst = out / "model.onnx", tmp_path / "o.onnx"
     r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(dst), "--threads", "1"])
     assert r.exit_code == 0 and "speed guard" in r.output, r.output
