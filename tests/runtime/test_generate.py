@@ -206,6 +206,56 @@ def test_export_runs_group_query_attention_by_default(tmp_path):
     np.testing.assert_array_equal(got, hf_greedy(spec.module.model, rows, STEPS))
 
 
+GPT_OSS = dict(model_type="gpt_oss", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+               max_position_embeddings=512, tie_word_embeddings=False, num_local_experts=4,
+               num_experts_per_tok=2, sliding_window=6,
+               layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", GQA_FORMS)
+def test_gpt_oss_sinks_and_sliding_window_through_gqa(tmp_path, form):
+    """GPT-OSS: attention sinks become GQA's head_sink, the sliding-window layer keeps its
+    window in the mask; greedy tokens equal transformers' over 32 steps (batch 1, left-padded
+    batch 2)."""
+    import json
+
+    import onnx
+
+    from ffnx.export.capture import captured
+    from ffnx.export.torch_export import export_onnx
+    from ffnx.lowering import runnable
+    from ffnx.models.hf import load_hf
+    from ffnx.models.hf_decoder import decoder_inputs
+    from ffnx.passes.optimize import optimize_model
+    from ffnx.runtime import Engine
+    from ffnx.runtime.backends.ort import OrtBackend
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps(GPT_OSS))
+    spec = load_hf(str(tmp_path / "src"), cache=True)
+    with captured(spec.module, "ort"):
+        export_onnx(spec, tmp_path / "model.onnx")
+    model = spec.module.model
+    feeds = [{k: v.numpy() for k, v in decoder_inputs(model.config, b, t, p, 256,
+                                                      left_pad=1).items()}
+             for b, t, p in ((2, 3, 5), (1, 2, 3))]  # fmt: skip
+    with _env("FFNX_ATTENTION", form):
+        new, (report,) = optimize_model(runnable(onnx.load(str(tmp_path / "model.onnx"))), feeds,
+                                        passes=["group_query_attention"])  # fmt: skip
+    assert report["status"] == "applied" and report["applied"] == 2, report
+    gqa = [n for n in new.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.input[11] for n in gqa)  # head_sink on both layers
+    onnx.save(new, str(tmp_path / "gqa.onnx"))
+    engine = Engine(OrtBackend.load(str(tmp_path / "gqa.onnx")), spec.manifest_extra, "")
+    rng = np.random.default_rng(1)
+    for rows in ([rng.integers(3, 256, 6).tolist()],
+                 [rng.integers(3, 256, 9).tolist(), rng.integers(3, 256, 4).tolist()]):  # fmt: skip
+        got = engine.generate(rows, STEPS, ignore_eos=True)
+        np.testing.assert_array_equal(got, hf_greedy(model, rows, STEPS))
+
+
 def test_stream_sampling_and_eos(artifacts):
     engine, _ = artifacts("llama")
     prompt = np.array([[5, 17, 99, 3]], dtype=np.int64)
