@@ -211,8 +211,21 @@ def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
     def rerun(names):
         return optimize_model(model, feeds, passes=names, **rest) if names else (model, [])
 
+    if larger_feeds and not _runs(model, larger_feeds):
+        larger_feeds = None  # e.g. past a position table the graph does not declare
     sets = [feeds] + ([larger_feeds] if larger_feeds else [])
     return guard(model, new, reports, rerun, sets, threads, timer, use_cache)
+
+
+def _runs(model: onnx.ModelProto, feeds: list[dict]) -> bool:
+    """Whether ORT runs `model` on `feeds` (the larger shape set is only a guess)."""
+    from ffnx.lowering import run_model
+
+    try:
+        run_model(model, feeds[:1])
+        return True
+    except Exception:  # noqa: BLE001 - any ORT failure means: do not time this shape
+        return False
 
 
 def summary(report: dict) -> str:
