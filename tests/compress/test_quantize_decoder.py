@@ -179,6 +179,13 @@ def test_bad_quantize_values_one_error_line(int8_artifact, tmp_path):
     lines = r.output.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and "needs a KV-cache decoder" in lines[0]
     assert not (tmp_path / "q.onnx").exists()
+    src = int8_artifact / "src"
+    r = cli("export", f"hf:{src}", "-o", tmp_path / "nc", "--quantize", "int4", "--no-cache")
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "is not a KV-cache decoder" in lines[0]
+    r = cli("export", f"hf:{src}", "-o", tmp_path / "trt", "--quantize", "int4", "--target", "trt")
+    assert r.exit_code == 2 and "--quantize needs the ORT graph passes" in r.output
+    assert not (tmp_path / "nc").exists() and not (tmp_path / "trt").exists()
     assert json.loads((art / "manifest.json").read_text())["quantize"]["scheme"] == "int8"
 
 
