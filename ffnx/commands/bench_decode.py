@@ -202,8 +202,20 @@ def _nbytes(t) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type)
 
 
+def _graph_bytes(g) -> int:
+    """Initializer bytes of a graph and the subgraphs that run: an If (a lowered MoE layer's
+    token-count switch) runs one branch, counted as the larger."""
+    total = sum(_nbytes(i) for i in g.initializer)
+    for n in g.node:
+        subs = [_graph_bytes(a.g) for a in n.attribute if a.HasField("g")]
+        if subs:
+            total += max(subs) if n.op_type == "If" else sum(subs)
+    return total
+
+
 def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
-    """Weight bytes one decode step reads: every initializer of the graph ORT runs, less the
+    """Weight bytes one decode step reads: every initializer of the graph ORT runs (of an If,
+    the larger branch), less the
     embedding table (a Gather reads `batch` rows), less the experts no token routes to: per MoE
     layer (E experts, top-k, from model.onnx's FfnxMoE) the expected unread fraction under
     uniform routing, (1 - k/E)^batch, of its expert bytes in the run graph (fp32, or int4/int8
@@ -215,7 +227,7 @@ def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
     d = Path(directory)
     run = onnx.load(str(artifact.model_path(d, manifest)), load_external_data=False)
     inits = {i.name: i for i in run.graph.initializer}
-    total = sum(_nbytes(i) for i in inits.values())
+    total = _graph_bytes(run.graph)
     embed = 0
     for n in run.graph.node:
         if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:

@@ -38,7 +38,8 @@ def test_gemv_models_and_bandwidth(bits):
 
 def _moe_artifact(d) -> dict:
     """An artifact holding an embedding table [100, 16] and one FfnxMoE (E 4, top-2, D 16,
-    H 16): model.onnx with the node, model.opt.onnx the same graph (only read, never run)."""
+    H 16): model.onnx with the node; model.opt.onnx a lowering as an If whose then-branch holds
+    both expert weights and whose else-branch only fc1 (only read, never run)."""
     rng = np.random.default_rng(0)
     arrays = {"embed": (100, 16), "fc1": (4, 32, 16), "fc2": (4, 16, 16), "norm": (16,)}
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
@@ -61,9 +62,23 @@ def _moe_artifact(d) -> dict:
          helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
     )  # fmt: skip
-    data = helper.make_model(g).SerializeToString()
-    for name in (artifact.MODEL, artifact.MODEL_OPT):
-        (d / name).write_bytes(data)
+    (d / artifact.MODEL).write_bytes(helper.make_model(g).SerializeToString())
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+
+    def branch(names):
+        ws = [i for i in inits if i.name in names]
+        node = helper.make_node("Identity", [names[0]], ["y"])
+        return helper.make_graph([node], "b", [], out, ws)
+
+    lowered = helper.make_graph(
+        [nodes[0], nodes[1], helper.make_node("If", ["c"], ["y"],
+                                              then_branch=branch(["fc1", "fc2"]),
+                                              else_branch=branch(["fc1"]))],
+        "opt", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
+                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        out, [i for i in inits if i.name in ("embed", "norm")],
+    )  # fmt: skip
+    (d / artifact.MODEL_OPT).write_bytes(helper.make_model(lowered).SerializeToString())
     return artifact.write_manifest(d, {})
 
 
