@@ -18,7 +18,7 @@ ignored, one warm-up generation each:
   ffnx          `ffnx.runtime.decode_bench.time_decode`
   transformers  `ffnx.commands.bench_decode.torch_decode` (eager, its DynamicCache; fp32 only)
   genai         onnxruntime-genai's model builder at the same precision (`-p fp32|int4 -e cpu`),
-                `bench_decode.genai_decode`; "genai does not support <arch>" where it refuses
+                `bench_genai.genai_decode`; "genai does not support <arch>" where it refuses
 
 Reported per row: TTFT, prefill tokens/s, decode tokens/s, inter-token p50/p99, greedy tokens
 equal to ffnx's at the same precision, and for ffnx the weight bytes read per step, the achieved
@@ -82,6 +82,7 @@ def artifacts(src: Path, work: Path, name: str, precisions) -> dict[str, Path]:
 def bench_arch(arch: str, a) -> list[dict]:
     from ffnx import artifact
     from ffnx.commands import bench_decode as bd
+    from ffnx.commands import bench_genai as bg
     from ffnx.models.hf import load_hf
     from ffnx.runtime import Engine
     from ffnx.runtime.decode_bench import random_prompt, roofline, time_decode
@@ -115,12 +116,12 @@ def bench_arch(arch: str, a) -> list[dict]:
             rows.append({**base, "precision": "fp32", "runtime": "transformers eager", **r,
                          "tokens_equal_ffnx": same})  # fmt: skip
         if "genai" in a.runtimes:
-            built = bd.genai_model(str(src), model, prec)
+            built = bg.genai_model(str(src), model, prec)
             if isinstance(built, str):
                 rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai",
                              "unsupported": built})  # fmt: skip
                 continue
-            r = bd.genai_decode(built, prompt, a.new_tokens, a.threads)
+            r = bg.genai_decode(built, prompt, a.new_tokens, a.threads)
             same = float((r.pop("tokens") == tokens).mean())
             rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai", **r,
                          "tokens_equal_ffnx": same})  # fmt: skip

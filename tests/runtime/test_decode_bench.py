@@ -146,7 +146,7 @@ def test_bench_decode_compare_genai_same_tokens_and_roofline(tmp_path, monkeypat
 
 
 def test_genai_refuses_mixtral_in_one_line(tmp_path, monkeypatch):
-    from ffnx.commands.bench_decode import genai_model
+    from ffnx.commands.bench_genai import genai_model
     from ffnx.models.hf import load_hf
 
     monkeypatch.setenv("FFNX_CACHE", str(tmp_path / "cache"))
