@@ -3,7 +3,7 @@
 `python -m onnxruntime_genai.models.builder -m HF -o OUT -p fp32|int4|int8 -e cpu` on the
 checkpoint as ffnx loaded it (saved with `save_pretrained`, so random-weight configs get the same
 weights), cached in ~/.cache/ffnx/genai/<sha256 of the checkpoint files, precision, genai
-version> ($FFNX_CACHE overrides ~/.cache/ffnx). Quantized artifacts compare with genai at the
+version> ($FFNX_CACHE_DIR overrides ~/.cache/ffnx). Quantized artifacts compare with genai at the
 same precision (its CPU defaults: MatMulNBits, block 32, symmetric, accuracy level 4). Where the
 builder refuses the architecture (Qwen3-MoE, Mixtral) the answer is the line
 "genai does not support <model_type>".
@@ -25,7 +25,7 @@ from ffnx.errors import BackendError
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("FFNX_CACHE") or Path.home() / ".cache" / "ffnx")
+    return Path(os.environ.get("FFNX_CACHE_DIR") or Path.home() / ".cache" / "ffnx")
 
 
 def genai_model(source: str, model, precision: str) -> Path | str:

@@ -120,7 +120,7 @@ def test_bench_decode_compare_genai_same_tokens_and_roofline(tmp_path, monkeypat
     from ffnx.export.pipeline import export_artifact
     from ffnx.models.hf import load_hf
 
-    monkeypatch.setenv("FFNX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path / "cache"))
     src = write_config(tmp_path / "src", "llama")
     export_artifact(load_hf(str(src), cache=True), tmp_path / "art", source=f"hf:{src}")
     out = tmp_path / "d.json"
@@ -149,7 +149,7 @@ def test_genai_refuses_mixtral_in_one_line(tmp_path, monkeypatch):
     from ffnx.commands.bench_genai import genai_model
     from ffnx.models.hf import load_hf
 
-    monkeypatch.setenv("FFNX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path / "cache"))
     src = write_config(tmp_path / "mixtral", "mixtral")
     why = genai_model(str(src), load_hf(str(src)).module.model, "fp32")
     assert why == "genai does not support mixtral"

@@ -360,3 +360,25 @@ def test_cli_bench_decode_json(artifacts, tmp_path):
     res = json.loads(out.read_text())["results"]
     assert [x["runtime"] for x in res] == ["ffnx (ort)", "transformers (torch eager)"]
     assert all(x["new_tokens"] == 3 and x["decode_tok_s"] > 0 for x in res)
+
+
+def test_moe_decoder_exports_with_the_measured_attention_choice(tmp_path, monkeypatch):
+    """The measured choice (no FFNX_ATTENTION) on an MoE decoder: the attention forms are timed
+    on the graph ORT runs (MoE lowered), not on one with ffnx::FfnxMoE left in it."""
+    from ffnx import artifact
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models.hf import load_hf
+    from ffnx.runtime import Engine
+
+    monkeypatch.delenv("FFNX_ATTENTION", raising=False)
+    monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path / "cache"))
+    spec = load_hf(str(write_config(tmp_path / "src", "mixtral", num_hidden_layers=1)), cache=True)
+    export_artifact(spec, tmp_path / "art", source=f"hf:{tmp_path / 'src'}")
+    report = {r["name"]: r for r in artifact.read_manifest(tmp_path / "art")["passes"]}
+    assert report["lower_moe"]["status"] == "applied"
+    gqa = report["group_query_attention"]
+    assert gqa["status"] in ("applied", "skipped"), gqa
+    assert "timings_ms" in gqa["notes"], gqa  # measured (busy machine or not), not the rule
+    rows = [[9, 8, 7, 6, 5]]
+    got = Engine.load(tmp_path / "art", backend="ort").generate(rows, 8, ignore_eos=True)
+    np.testing.assert_array_equal(got, hf_greedy(spec.module.model, rows, 8))
