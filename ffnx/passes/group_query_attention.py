@@ -39,7 +39,8 @@ Cache buffer: when every past input is read only by these nodes (and by Shape no
 rewired to read past = total - seq from attention_mask and input_ids), the graph also runs with
 past and present bound to one preallocated [B, KV, max, D] buffer (GQA's past_present_share_
 buffer: the step writes its S new rows in place, nothing is copied). The runtime does that when
-the graph's doc_string says `ffnx.attention kv_buffer=shared` (ffnx.runtime.generate).
+the model's lowering records (metadata `ffnx.lowerings`) say `kv_buffer=shared`
+(ffnx.runtime.generate).
 
 Which form an artifact gets is measured (ffnx.passes.gqa_choice): the standard-ops graph, GQA
 with Concat-style caches and GQA with the shared buffer, one decode step timed at the options'
@@ -51,13 +52,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.graph import lowering_meta
 from ffnx.graph.attention_match import consumers, is_key_cache, only, parse_site, perm
 from ffnx.graph.builder import Builder, i64
 from ffnx.graph.tensors import producer
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
 MS_DOMAIN = "com.microsoft"
-DOC_TAG = "ffnx.attention"
 
 
 def _heads_last(b: Builder, x: gs.Tensor, width: int) -> gs.Tensor:
@@ -198,8 +199,11 @@ class GroupQueryAttentionPass(GraphPass):
         if choice.form == "gqa_shared" and shared_why:
             res.notes["kv_buffer_why"] = shared_why
         res.applied = len(ok)
-        doc = [ln for ln in (graph.doc_string or "").splitlines() if not ln.startswith(DOC_TAG)]
-        graph.doc_string = "\n".join([*doc, f"{DOC_TAG} kv_buffer={kv} layers={len(ok)}"])
+        for m in ok:  # the runtime binds one shared buffer when these say kv_buffer=shared
+            layer = m.nodes[0].name if m.nodes else m.describe()
+            lowering_meta.record(
+                graph, self.name, layer, f"{choice.form} kv_buffer={kv}", choice.why
+            )
         return res
 
 

@@ -5,7 +5,7 @@ One graph serves prefill and decode: step 0 feeds the (left-padded) prompts with
 Runtime every step runs through an IOBinding: the presents stay ORT-owned `OrtValue`s and are
 bound as the next step's pasts, so no cache tensor is copied to or from numpy (the graph's
 Concat writes each new cache once). A graph whose attention is GroupQueryAttention with a
-shareable cache (doc_string `ffnx.attention kv_buffer=shared`, written by the
+shareable cache (a `kv_buffer=shared` lowering record in the model metadata, written by the
 `group_query_attention` pass) gets one [batch, kv_heads, prompt + max_new_tokens, dim] buffer
 per cache, allocated once and bound as both the past and the present of every step: each step
 writes only its new rows in place. Only the last position's logits come back to the host.
@@ -18,11 +18,14 @@ greedy (argmax, first index on ties); otherwise logits / temperature, then top-k
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from ffnx.errors import InputError
+
+LOWERINGS_KEY = "ffnx.lowerings"  # ffnx.graph.lowering_meta.KEY (the runtime cannot import it)
 
 
 def decoder_meta(engine) -> dict:
@@ -86,11 +89,11 @@ def kv_buffer(session) -> str:
     """ "shared" when the graph's caches may be one buffer bound as past and present (see the
     module docstring), else "concat"."""
     try:
-        doc = session.get_modelmeta().graph_description or ""
-    except Exception:  # a backend without model metadata
+        records = json.loads(session.get_modelmeta().custom_metadata_map.get(LOWERINGS_KEY, "[]"))
+    except Exception:  # a backend without model metadata, or unreadable records
         return "concat"
-    for line in doc.splitlines():
-        if line.startswith("ffnx.attention ") and "kv_buffer=shared" in line.split():
+    for r in records:
+        if r.get("pass") == "group_query_attention" and "kv_buffer=shared" in r.get("choice", ""):
             return "shared"
     return "concat"
 

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ffnx.errors import PassError
+from ffnx.graph import lowering_meta
 from ffnx.passes import gqa_choice
 from ffnx.passes.optimize import optimize_model
 from tests.passes.helpers import run
@@ -158,7 +159,8 @@ def test_rewrite_equals_the_graph_before(rep, sinks):
     assert rep_["status"] == "applied" and rep_["applied"] == 1, rep_
     ops = [n.op_type for n in new.graph.node]
     assert ops.count("GroupQueryAttention") == 1 and "Softmax" not in ops and "Concat" not in ops
-    assert "ffnx.attention kv_buffer=concat" in new.graph.doc_string  # no decoder inputs
+    (rec,) = [r for r in lowering_meta.read(new) if r["pass"] == "group_query_attention"]
+    assert rec["choice"].endswith("kv_buffer=concat")  # no decoder inputs: not shareable
     (gqa,) = [n for n in new.graph.node if n.op_type == "GroupQueryAttention"]
     assert bool(gqa.input[11]) == sinks  # GPT-OSS's sinks as GQA's head_sink
     for f in fs:  # every shape, prefill (past 0) included

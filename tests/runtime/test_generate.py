@@ -382,3 +382,11 @@ def test_moe_decoder_exports_with_the_measured_attention_choice(tmp_path, monkey
     rows = [[9, 8, 7, 6, 5]]
     got = Engine.load(tmp_path / "art", backend="ort").generate(rows, 8, ignore_eos=True)
     np.testing.assert_array_equal(got, hf_greedy(spec.module.model, rows, 8))
+
+
+def test_runtime_reads_the_lowering_records_key():
+    """The runtime names the metadata key without importing ffnx.graph: they must agree."""
+    from ffnx.graph import lowering_meta
+    from ffnx.runtime import generate
+
+    assert generate.LOWERINGS_KEY == lowering_meta.KEY
