@@ -126,6 +126,8 @@ def build_variants(name: str, entry: tuple, d: Path, args) -> tuple[dict[str, Pa
                           threads=args.threads)  # fmt: skip
     paths = {"export": d / artifact.MODEL, "ffnx": d / artifact.MODEL_OPT}
     skipped: dict = {}
+    applied = [f"{p['name']}x{p['applied']}" for p in man["passes"] if p["status"] == "applied"]
+    skipped["ffnx passes"] = ", ".join(applied) or "none"
     if "speed_guard" in man:
         g = man["speed_guard"]
         skipped["guard"] = f"dropped {g['dropped'] or 'nothing'}, speed-up {g['speedup']}"
