@@ -24,6 +24,7 @@ ORDER = [
     "fuse_attention",
     "fuse_sibling_linears",
     "canonical_gelu",
+    "canonical_norm",
     "lower_moe",
     "group_query_attention",
     "flatten_tokens",
