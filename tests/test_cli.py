@@ -145,13 +145,14 @@ optimize {a} -o {t}/m.onnx                         | --output applies only with 
 optimize {a} --sparsity 0.5                        | --sparsity applies only with --passes sparsify
 optimize {a} --max-error 0.1                       | --max-error applies only with an approximate
 optimize {a} --target trt --quantize-experts int4  | --quantize-experts applies only with --target
-optimize {a} --no-guard --threads 2                | --threads applies only with the speed guard
+optimize {a} --no-guard --threads 2 --passes cleanup | --no-guard applies only with the speed guard
 optimize {a} --passes cleanup --no-guard           | --no-guard applies only with the speed guard
 optimize {a} --json --explain                      | --explain applies only without --json
 optimize {a}/model.onnx                            | -o/--output is required
 export {u}:build -o {t}/a --size base              | --size applies only with zoo models
 export gpt-mlp -o {t}/a --no-cache                 | --no-cache applies only with hf:PATH
 export gpt-mlp -o {t}/a --no-optimize --skip cleanup | --skip applies only without --no-optimize
+export gpt-mlp -o {t}/a --no-optimize --threads 2  | --threads applies only without --no-optimize
 export gpt-mlp -o {t}/a --precision fp16           | --precision applies only with --target trt
 calibrate {a} --data {d} --samples 4               | --samples applies only without --data
 build {a} --data {d}                               | --data applies only with --precision int8

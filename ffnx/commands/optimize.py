@@ -43,10 +43,7 @@ def _check_usage(ctx: click.Context, src, out, passes, target, data, as_json) ->
     if as_json:
         grammar.unused(ctx, "without --json (the JSON report has every reason)", "explain")
     if target == "trt" or passes:
-        grammar.unused(ctx, "with the speed guard (default passes, --target ort)", "no_guard",
-                       "threads")  # fmt: skip
-    if p.get("no_guard"):
-        grammar.unused(ctx, "with the speed guard (it times at these threads)", "threads")
+        grammar.unused(ctx, "with the speed guard (default passes, --target ort)", "no_guard")
 
 
 def _larger(model, manifest: dict, feeds: list[dict]) -> list[dict[str, np.ndarray]] | None:
@@ -164,7 +161,7 @@ def _explain(reports: list[dict]) -> None:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="ORT CPU threads the speed guard times at.",
+    help="ORT CPU threads measured choices time at (speed guard, MoE lowering, attention).",
 )
 @click.pass_context
 def optimize_cmd(
@@ -264,6 +261,8 @@ def optimize_cmd(
     }
     if p.is_dir() and (p / "calibration.npz").exists():
         opts["calibration"] = str(p / "calibration.npz")
+    if threads:
+        opts.setdefault("threads", threads)  # the lowering and attention choices time at them
     kw = dict(passes=passes, skip=skip or [], target=target, max_error=max_error, options=opts)
     guarded = target == "ort" and not passes and not no_guard and speed_guard.enabled()
     guarded = guarded and not quantize  # the guard times fp32 forms, not MatMulNBits

@@ -170,7 +170,9 @@ def export_artifact(
     """Export, verify at two shapes, optimize, write the manifest; return the manifest.
 
     guard: the default passes for ONNX Runtime go through `ffnx.passes.speed_guard` (passes
-    whose removal times faster at `threads` are dropped; manifest["speed_guard"] says which)."""
+    whose removal times faster at `threads` are dropped; manifest["speed_guard"] says which).
+    threads: the ORT intra-op threads every measured choice times at (the guard, the MoE
+    lowering, the attention form); default ORT's."""
     with artifact.staged_dir(out, force) as stage:
         step("exporting with torch.onnx (dynamo)")
         onnx_path = stage / artifact.MODEL
@@ -199,7 +201,14 @@ def export_artifact(
 
             def run_passes(dst: str, tgt: str) -> list[dict]:
                 step(f"running graph passes ({tgt})")
-                kw = dict(passes=passes, skip=skip, target=tgt, tol=tol, step=step)
+                kw = dict(
+                    passes=passes,
+                    skip=skip,
+                    target=tgt,
+                    tol=tol,
+                    step=step,
+                    options={"threads": threads} if threads else None,
+                )  # choices' timing
                 if tgt == "ort" and guard and not passes and speed_guard.enabled():
                     new, reports, manifest["speed_guard"] = speed_guard.optimize_guarded(
                         onnx.load(str(onnx_path)), sample_feeds(spec), larger_feeds(spec),

@@ -34,8 +34,9 @@ MARGIN = 0.02
 RULE = 2  # bump when the decision rule changes: older cached decisions are not reused
 MIN_WINS = 0.75  # share of paired rounds a graph must win to count as faster (see `faster`)
 # lower_moe turns ffnx ops into forms ORT runs (the runtime has no decomposition of its own);
-# cleanup only removes nodes. Neither is a candidate for dropping.
-REQUIRED = ("cleanup", "lower_moe")
+# cleanup only removes nodes; group_query_attention times itself at decode shapes (a KV-cache
+# decoder's example shapes look like prefill). None of them is a candidate for dropping.
+REQUIRED = ("cleanup", "lower_moe", "group_query_attention")
 OFF = ("off", "0", "false", "no")
 Timer = Callable[[dict[str, onnx.ModelProto], list[dict[str, np.ndarray]]], dict]
 

@@ -183,3 +183,22 @@ def test_threads_must_be_positive(cmd, tmp_path, user_model_file):
     )
     r = CliRunner().invoke(main, args)
     assert r.exit_code != 0 and "--threads" in r.output and not (tmp_path / "a").exists()
+
+
+def test_threads_reach_the_measured_choices(tmp_path, monkeypatch):
+    """export --threads N: the passes' options carry N (the MoE lowering and attention choices
+    time at the artifact's threads, not at ORT's default)."""
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models import zoo
+    from ffnx.passes import optimize
+
+    seen = []
+    real = optimize.optimize_model
+
+    def spy(*a, **kw):
+        seen.append((kw.get("options") or {}).get("threads"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(optimize, "optimize_model", spy)
+    export_artifact(zoo.build("gpt-mlp", "tiny"), tmp_path / "a", threads=1, guard=False)
+    assert seen == [1]
