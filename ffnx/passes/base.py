@@ -79,7 +79,7 @@ class GraphPass:
         res = PassResult()
         matches = self.match(graph)
         state = self.prepare(graph, ctx, matches)
-        refused = state if isinstance(state, str) else None
+        refused = state if isinstance(state, str) else state.get("refuse")
         for m in matches:
             res.matched += 1
             reason = refused or self.check(graph, m)
@@ -89,18 +89,19 @@ class GraphPass:
             self.rewrite(graph, m, ctx)
             res.applied += 1
             self.note(res, m)
-        self.finish(graph, ctx, res, matches, None if refused else state)
+        self.finish(graph, ctx, res, matches, None if isinstance(state, str) else state)
         return res
 
     def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> str | dict:
         """Before the first site: a reason that skips every site (the target, no calibration
-        feeds), or shared state for `finish` (e.g. reference outputs); calibration passes
-        store per-site values in `m.info` here."""
+        feeds), or shared state for `finish` (e.g. reference outputs; a "refuse" key skips
+        every site with that reason and still reaches `finish`); calibration passes store
+        per-site values in `m.info` here."""
         return {}
 
     def finish(self, graph, ctx: PassContext, res: PassResult, matches, state) -> None:
         """After the last site: graph-wide bookkeeping (opset imports, measured error, notes);
-        `state` is what `prepare` returned, None when it refused."""
+        `state` is what `prepare` returned, None when it refused with a reason string."""
 
     def _apply_iterating(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()

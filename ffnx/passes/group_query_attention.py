@@ -167,50 +167,71 @@ class GroupQueryAttentionPass(GraphPass):
         return [Match([n]) for n in graph.nodes if is_key_cache(n, graph)]
 
     def check(self, graph: gs.Graph, m: Match) -> str | None:
+        if "site" in m.info:  # parsed on the graph before any rewrite (prepare)
+            return None
         site, why = parse_site(graph, m.nodes[0])
         if site is not None:
             m.info["site"] = site
         return why
 
-    def apply(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> dict:
+        """Parse every site on the graph as it is, then choose the form for all of them
+        (`gqa_choice`: measured on a copy); "standard" skips every site."""
         from ffnx.passes import gqa_choice
 
-        res = PassResult()
-        matches = self.match(graph)
-        ok = []
-        for m in matches:
-            res.matched += 1
-            why = self.check(graph, m)
-            if why:
-                res.skipped.append((m.describe(), why))
-            else:
-                ok.append(m)
+        ok = [m for m in matches if self.check(graph, m) is None]
         if not ok:
-            return res
+            return {}
         choice = gqa_choice.choose(graph, ctx.options, gqa_form)
+        shared, kv_dims = {}, {}
+        for m in ok:
+            m.info.update(shared=shared, kv_dims=kv_dims)
+        state = {"choice": choice, "kv_dims": kv_dims}
+        return {**state, "refuse": choice.why} if choice.form == "standard" else state
+
+    def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
+        s = m.info["site"]
+        rewrite_site(graph, s, m.info["shared"])
+        m.info["kv_dims"][s["past_k"].name] = m.info["kv_dims"][s["past_v"].name] = (
+            s["KV"],
+            s["D"],
+        )
+
+    def finish(self, graph, ctx: PassContext, res: PassResult, matches, state) -> None:
+        if not state:
+            return
+        choice = state["choice"]
         res.notes = choice.notes()
-        if choice.form == "standard":
-            res.skipped += [(m.describe(), choice.why) for m in ok]
-            return res
-        # The matches were parsed on this graph: rewrite it (the choice timed a copy).
-        _, shared_why = gqa_form(graph, [m.info["site"] for m in ok])
+        if res.applied == 0:
+            return
+        shared_why = finish_form(graph, state["kv_dims"])
         kv = "shared" if choice.form == "gqa_shared" and shared_why is None else "concat"
         res.notes["kv_buffer"] = kv
         if choice.form == "gqa_shared" and shared_why:
             res.notes["kv_buffer_why"] = shared_why
-        res.applied = len(ok)
-        for m in ok:  # the runtime binds one shared buffer when these say kv_buffer=shared
-            layer = m.nodes[0].name if m.nodes else m.describe()
-            lowering_meta.record(
-                graph, self.name, layer, f"{choice.form} kv_buffer={kv}", choice.why
-            )
-        return res
+        for m in matches:  # the runtime binds one shared buffer when these say kv_buffer=shared
+            if "kv_dims" in m.info and self.check(graph, m) is None:
+                layer = m.nodes[0].name if m.nodes else m.describe()
+                form = f"{choice.form} kv_buffer={kv}"
+                lowering_meta.record(graph, self.name, layer, form, choice.why)
+
+
+def finish_form(graph: gs.Graph, kv_dims: dict) -> str | None:
+    """After the sites are rewritten: the com.microsoft import and the shareable pasts.
+    -> why the pasts cannot share a buffer, or None."""
+    from onnx import helper
+
+    domains = list(graph.import_domains or [])
+    if not any(d.domain == MS_DOMAIN for d in domains):
+        domains.append(helper.make_opsetid(MS_DOMAIN, 1))
+    graph.import_domains = domains
+    pasts = [t for t in graph.inputs if t.name in kv_dims]
+    return share_buffer(graph, pasts, kv_dims)
 
 
 def gqa_form(graph: gs.Graph, sites: list[dict] | None = None) -> tuple[dict, str | None]:
     """Rewrite every site (parsed here when not given) in place, then make the pasts shareable.
     -> ({past input: (kv_heads, head_dim)}, why the pasts cannot share a buffer or None)."""
-    from onnx import helper
 
     if sites is None:
         sites = []
@@ -223,12 +244,7 @@ def gqa_form(graph: gs.Graph, sites: list[dict] | None = None) -> tuple[dict, st
     for s in sites:
         rewrite_site(graph, s, shared)
         kv_dims[s["past_k"].name] = kv_dims[s["past_v"].name] = (s["KV"], s["D"])
-    domains = list(graph.import_domains or [])
-    if not any(d.domain == MS_DOMAIN for d in domains):
-        domains.append(helper.make_opsetid(MS_DOMAIN, 1))
-    graph.import_domains = domains
-    pasts = [t for t in graph.inputs if t.name in kv_dims]
-    return kv_dims, share_buffer(graph, pasts, kv_dims)
+    return kv_dims, finish_form(graph, kv_dims)
 
 
 PASS = GroupQueryAttentionPass()
