@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ffnx.commands import grammar, ui
-from ffnx.commands.options import csv_list, trt_flavour_option
+from ffnx.commands.options import csv_list, pass_timing_options, trt_flavour_option
 from ffnx.commands.quantize import quantize_option
 
 
@@ -44,17 +44,7 @@ from ffnx.commands.quantize import quantize_option
 @click.option("--passes", callback=csv_list, help="Run only these passes (comma-separated).")
 @click.option("--skip", callback=csv_list, help="Skip these passes.")
 @quantize_option
-@click.option(
-    "--no-guard",
-    is_flag=True,
-    help="Keep every default pass even where the graph without it times faster on ORT.",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="ORT CPU threads measured choices time at (speed guard, MoE lowering, attention).",
-)
+@pass_timing_options
 @click.option(
     "--target",
     type=click.Choice(["ort", "trt"]),

@@ -9,7 +9,7 @@ import numpy as np
 
 from ffnx.commands import grammar, ui
 from ffnx.commands.feeds import sample_feeds
-from ffnx.commands.options import csv_list
+from ffnx.commands.options import csv_list, pass_timing_options
 from ffnx.commands.quantize import quantize_option
 
 SPARSIFY = ("sparsity", "sparse_mode", "sparse_lowering")
@@ -152,17 +152,7 @@ def _explain(reports: list[dict]) -> None:
     help="sparsify_ffn: ORT formulation (auto = fastest measured).",
 )
 @click.option("--explain", is_flag=True, help="Say why each candidate was skipped.")
-@click.option(
-    "--no-guard",
-    is_flag=True,
-    help="Keep every default pass even where the graph without it times faster on ORT.",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="ORT CPU threads measured choices time at (speed guard, MoE lowering, attention).",
-)
+@pass_timing_options
 @click.pass_context
 def optimize_cmd(
     ctx,

@@ -24,3 +24,18 @@ def trt_flavour_option(f):
         show_default=True,
         help="TensorRT builder: auto takes Enterprise `tensorrt` first, then `tensorrt_rtx`.",
     )(f)
+
+
+def pass_timing_options(f):
+    """`--no-guard` and `--threads`, shared by `ffnx export` and `ffnx optimize`."""
+    f = click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        help="ORT CPU threads measured choices time at (speed guard, MoE lowering, attention).",
+    )(f)
+    return click.option(
+        "--no-guard",
+        is_flag=True,
+        help="Keep every default pass even where the graph without it times faster on ORT.",
+    )(f)
