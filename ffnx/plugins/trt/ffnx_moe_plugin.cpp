@@ -129,36 +129,24 @@ PluginFieldCollection const* MoEPlugin::getFieldsToSerialize() noexcept {
 bool MoEPlugin::parse(PluginFieldCollection const* fc, MoEAttrs* a, int32_t* nbInputs,
                       std::string* err) noexcept {
   *nbInputs = 0;
-  try {
-    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
-      PluginField const& f = fc->fields[i];
-      if (f.name == nullptr) continue;
-      std::string const name = f.name;
-      int64_t v = 0;
-      bool ok = true;
-      if (name == "num_experts") ok = fieldInt(f, &v) && ((a->numExperts = int32_t(v)), true);
-      else if (name == "top_k") ok = fieldInt(f, &v) && ((a->topK = int32_t(v)), true);
-      else if (name == "normalize") ok = fieldInt(f, &v) && ((a->normalize = int32_t(v)), true);
-      else if (name == "n_group") ok = fieldInt(f, &v) && ((a->nGroup = int32_t(v)), true);
-      else if (name == "topk_group") ok = fieldInt(f, &v) && ((a->topkGroup = int32_t(v)), true);
-      else if (name == "group_scoring") ok = fieldString(f, &a->groupScoring);
-      else if (name == "ffnx_nb_inputs") ok = fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
-      else if (name == "routed_scaling_factor") ok = fieldFloat(f, &a->routedScalingFactor);
-      else if (name == "activation_alpha") ok = fieldFloat(f, &a->activationAlpha);
-      else if (name == "activation_limit") ok = fieldFloat(f, &a->activationLimit);
-      else if (name == "routing_mode") ok = fieldString(f, &a->routingMode);
-      else if (name == "scoring") ok = fieldString(f, &a->scoring);
-      else if (name == "activation") ok = fieldString(f, &a->activation);
-      if (!ok) {
-        *err = "attribute '" + name + "' has an unexpected type or no data";
-        return false;
-      }
-    }
-    return a->resolve(err);
-  } catch (...) {
-    *err = "out of memory reading the attributes";
-    return false;
-  }
+  auto visit = [&](std::string const& name, PluginField const& f) {
+    int64_t v = 0;
+    if (name == "num_experts") return fieldInt(f, &v) && ((a->numExperts = int32_t(v)), true);
+    if (name == "top_k") return fieldInt(f, &v) && ((a->topK = int32_t(v)), true);
+    if (name == "normalize") return fieldInt(f, &v) && ((a->normalize = int32_t(v)), true);
+    if (name == "n_group") return fieldInt(f, &v) && ((a->nGroup = int32_t(v)), true);
+    if (name == "topk_group") return fieldInt(f, &v) && ((a->topkGroup = int32_t(v)), true);
+    if (name == "group_scoring") return fieldString(f, &a->groupScoring);
+    if (name == "ffnx_nb_inputs") return fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
+    if (name == "routed_scaling_factor") return fieldFloat(f, &a->routedScalingFactor);
+    if (name == "activation_alpha") return fieldFloat(f, &a->activationAlpha);
+    if (name == "activation_limit") return fieldFloat(f, &a->activationLimit);
+    if (name == "routing_mode") return fieldString(f, &a->routingMode);
+    if (name == "scoring") return fieldString(f, &a->scoring);
+    if (name == "activation") return fieldString(f, &a->activation);
+    return true;
+  };
+  return readFields(fc, err, visit, [&] { return a->resolve(err); });
 }
 
 bool MoEPlugin::params(IoView const& io, ffnx_moe_params* p, std::string* err) const noexcept {

@@ -42,6 +42,29 @@ bool fieldInt(PluginField const& f, int64_t* out) noexcept;
 bool fieldFloat(PluginField const& f, float* out) noexcept;
 bool fieldString(PluginField const& f, std::string* out) noexcept;
 
+/* Read every named field of `fc` with `visit(name, field) -> bool` (false: wrong type or no
+ * data; unknown names return true), then `done()` (e.g. resolving defaults and ranges). One
+ * error message per bad field; no exception leaves (a bad_alloc becomes an error). */
+template <typename Visit, typename Done>
+bool readFields(PluginFieldCollection const* fc, std::string* err, Visit&& visit,
+                Done&& done) noexcept {
+  try {
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+      PluginField const& f = fc->fields[i];
+      if (f.name == nullptr) continue;
+      std::string const name = f.name;
+      if (!visit(name, f)) {
+        *err = "attribute '" + name + "' has an unexpected type or no data";
+        return false;
+      }
+    }
+    return done();
+  } catch (...) {
+    *err = "out of memory reading the attributes";
+    return false;
+  }
+}
+
 /* Index of `s` in `names[0..n)`, or -1. */
 int32_t lookup(char const* const* names, int32_t n, std::string const& s) noexcept;
 std::string joined(char const* const* names, int32_t n);

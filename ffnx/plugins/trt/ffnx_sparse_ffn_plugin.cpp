@@ -84,27 +84,15 @@ PluginFieldCollection const* SparseFFNPlugin::getFieldsToSerialize() noexcept {
 bool SparseFFNPlugin::parse(PluginFieldCollection const* fc, SparseFFNAttrs* a, int32_t* nbInputs,
                             std::string* err) noexcept {
   *nbInputs = 0;
-  try {
-    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
-      PluginField const& f = fc->fields[i];
-      if (f.name == nullptr) continue;
-      std::string const name = f.name;
-      int64_t v = 0;
-      bool ok = true;
-      if (name == "k") ok = fieldInt(f, &v) && ((a->k = int32_t(v)), true);
-      else if (name == "ffnx_nb_inputs") ok = fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
-      else if (name == "mode") ok = fieldString(f, &a->mode);
-      else if (name == "activation") ok = fieldString(f, &a->activation);
-      if (!ok) {
-        *err = "attribute '" + name + "' has an unexpected type or no data";
-        return false;
-      }
-    }
-    return a->resolve(err);
-  } catch (...) {
-    *err = "out of memory reading the attributes";
-    return false;
-  }
+  auto visit = [&](std::string const& name, PluginField const& f) {
+    int64_t v = 0;
+    if (name == "k") return fieldInt(f, &v) && ((a->k = int32_t(v)), true);
+    if (name == "ffnx_nb_inputs") return fieldInt(f, &v) && ((*nbInputs = int32_t(v)), true);
+    if (name == "mode") return fieldString(f, &a->mode);
+    if (name == "activation") return fieldString(f, &a->activation);
+    return true;
+  };
+  return readFields(fc, err, visit, [&] { return a->resolve(err); });
 }
 
 bool SparseFFNPlugin::params(IoView const& io, ffnx_sparse_ffn_params* p,
