@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,11 @@ from ffnx.commands.bench_genai import genai_decode, genai_model
 from ffnx.errors import ArtifactError
 
 COMPARE = ("torch", "genai")
+# what each comparison imports, and the ffnx extra that installs it
+NEEDS = [
+    ("torch", "transformers", "transformers", "hf"),
+    ("genai", "onnxruntime_genai", "onnxruntime-genai", "bench"),
+]
 COLUMNS = ["runtime", "TTFT ms", "prefill tok/s", "decode tok/s", "ITL p50 ms", "ITL p99 ms",
            "peak RSS MiB", "weight GB/s", "of roofline", "tokens = ffnx"]  # fmt: skip
 KEYS = ["ttft_ms", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib"]
@@ -29,6 +35,9 @@ def parse_compare(value: str | None) -> list[str]:
     bad = [n for n in names if n not in COMPARE]
     if bad:
         raise InputError(f"--compare {value!r}: choose from {', '.join(COMPARE)} (comma-separated)")
+    for name, module, dist, extra in NEEDS:  # before any timing: one line, not a mid-run crash
+        if name in names and find_spec(module) is None:
+            raise InputError(f"--compare {name} needs {dist}: pip install 'ffnx[{extra}]'")
     return names
 
 
