@@ -25,6 +25,7 @@ ORDER = [
     "fuse_sibling_linears",
     "canonical_gelu",
     "canonical_norm",
+    "rotary_embedding",
     "lower_moe",
     "group_query_attention",
     "flatten_tokens",
@@ -32,6 +33,7 @@ ORDER = [
     "ffn_fusion",
     "sparsify_ffn",
     "remove_layernorm",
+    "skip_norm",
 ]
 
 

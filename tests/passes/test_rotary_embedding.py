@@ -1,0 +1,136 @@
+"""rotary_embedding: transformers' x*cos + rotate_half(x)*sin -> com.microsoft::RotaryEmbedding.
+
+Synthetic graphs in the form transformers exports (emb = Concat(freqs, freqs), cos/sin
+Unsqueeze(1), Slice halves, Neg, Concat): the rewrite equals the graph before it for q in
+[B, S, H, D] transposed and for a plain [B, H, S, D] input, per-batch and batch-1 positions;
+a partial rotary's slice is rotated; cos tables whose halves differ are left byte-unchanged
+with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.passes.helpers import apply, assert_close, op_counts, run
+
+H, D = 4, 16
+
+
+def rotary_graph(transposed: bool = True, rot: int = D, halves_differ: bool = False,
+                 cos_batch: str | int = "B", scaling: float | None = None) -> onnx.ModelProto:  # fmt: skip
+    """y = x*cos4 + rotate_half(x)*sin4 with cos = Cos(Concat(f, f)) [* scaling], f = pos x
+    inv_freq; x = Transpose(q [B,S,H,D]) (transposed) or the input x [B,H,S,D]. rot < D: the
+    partial rotary of GPT-NeoX/Phi (only the first `rot` dims rotate)."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    vi = helper.make_tensor_value_info
+    half = rot // 2
+    inits = {
+        "inv_freq": (1.0 / 10000 ** (np.arange(half) * 2 / rot)).astype(np.float32)[None, None],
+        "other": np.linspace(0.1, 1.0, half, dtype=np.float32)[None, None],
+        "ax1": np.array([1], np.int64),
+        "ax2": np.array([2], np.int64),
+        "z": np.array([0], np.int64),
+        "h": np.array([half], np.int64),
+        "r": np.array([rot], np.int64),
+        "big": np.array([2**62], np.int64),
+        "last": np.array([-1], np.int64),
+        "one": np.array([1], np.int64),
+        "sc": np.array(scaling or 1.0, np.float32),
+    }
+    x_in = vi("q", f, ["B", "S", H, D]) if transposed else vi("x", f, ["B", H, "S", D])
+    inputs = [x_in, vi("pos", i64, [cos_batch, "S"])]
+    nodes = [
+        helper.make_node("Cast", ["pos"], ["posf"], to=f),
+        helper.make_node("Unsqueeze", ["posf", "last_ax"], ["pos3"]),
+        helper.make_node("Mul", ["pos3", "inv_freq"], ["freqs"]),
+        helper.make_node("Concat", ["freqs", "other_f" if halves_differ else "freqs"], ["emb"],
+                         axis=-1),  # fmt: skip
+        helper.make_node("Cos", ["emb"], ["cos0"]),
+        helper.make_node("Sin", ["emb"], ["sin0"]),
+    ]
+    inits["last_ax"] = np.array([-1], np.int64)
+    if halves_differ:
+        nodes.insert(3, helper.make_node("Mul", ["pos3", "other"], ["other_f"]))
+    cos, sin = "cos0", "sin0"
+    if scaling is not None:
+        nodes += [helper.make_node("Mul", ["cos0", "sc"], ["cos"]),
+                  helper.make_node("Mul", ["sin0", "sc"], ["sin"])]  # fmt: skip
+        cos, sin = "cos", "sin"
+    nodes += [
+        helper.make_node("Unsqueeze", [cos, "ax1"], ["cos4"]),
+        helper.make_node("Unsqueeze", [sin, "ax1"], ["sin4"]),
+    ]
+    x = "x"
+    if transposed:
+        nodes.append(helper.make_node("Transpose", ["q"], ["x"], perm=[0, 2, 1, 3]))
+    xr = x
+    if rot < D:  # x_rot = x[..., :rot], x_pass = x[..., rot:]
+        nodes += [helper.make_node("Slice", [x, "z", "r", "last", "one"], ["xr"]),
+                  helper.make_node("Slice", [x, "r", "big", "last", "one"], ["xp"])]  # fmt: skip
+        xr = "xr"
+    nodes += [
+        helper.make_node("Mul", [xr, "cos4"], ["xc"]),
+        helper.make_node("Slice", [xr, "z", "h", "last", "one"], ["x1"]),
+        helper.make_node("Slice", [xr, "h", "big", "last", "one"], ["x2"]),
+        helper.make_node("Neg", ["x2"], ["nx2"]),
+        helper.make_node("Concat", ["nx2", "x1"], ["rh"], axis=-1),
+        helper.make_node("Mul", ["rh", "sin4"], ["rs"]),
+        helper.make_node("Add", ["xc", "rs"], ["yr" if rot < D else "y"]),
+    ]
+    if rot < D:
+        nodes.append(helper.make_node("Concat", ["yr", "xp"], ["y"], axis=-1))
+    g = helper.make_graph(nodes, "rotary", inputs, [vi("y", f, ["B", H, "S", D])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(m)
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def feeds(m: onnx.ModelProto, batch: int = 2, seq: int = 3, cos_batch: int | None = None):
+    rng = np.random.default_rng(0)
+    name = m.graph.input[0].name
+    shape = (batch, seq, H, D) if name == "q" else (batch, H, seq, D)
+    pos = np.stack([np.arange(5, 5 + seq) - b for b in range(cos_batch or batch)])
+    return [{name: rng.standard_normal(shape).astype(np.float32), "pos": pos.astype(np.int64)}]
+
+
+def test_transposed_q_becomes_one_rotary_op_and_matches():
+    m = rotary_graph()
+    fd = feeds(m)
+    new, rep = apply("rotary_embedding", m, fd)
+    assert rep["status"] == "applied", rep
+    ops = op_counts(new)
+    assert ops["RotaryEmbedding"] == 1 and ops["Neg"] == 0 and ops["Sin"] == 1
+    assert_close(run(m, fd[0]), run(new, fd[0]))
+    rot = next(n for n in new.graph.node if n.op_type == "RotaryEmbedding")
+    assert rot.domain == "com.microsoft"  # reads [B, S, H*D]: no transpose before it
+    assert next(n for n in new.graph.node if n.output[0] == rot.input[0]).op_type == "Reshape"
+
+
+def test_plain_bhsd_input_scaled_tables_and_batch_one_positions():
+    m = rotary_graph(transposed=False, scaling=0.75, cos_batch=1)
+    fd = feeds(m, batch=3, seq=4, cos_batch=1)
+    new, rep = apply("rotary_embedding", m, fd)
+    assert rep["status"] == "applied", rep
+    assert op_counts(new)["RotaryEmbedding"] == 1
+    assert_close(run(m, fd[0]), run(new, fd[0]))
+    one = feeds(m, batch=1, seq=1, cos_batch=1)[0]  # a decode step
+    assert_close(run(m, one), run(new, one))
+
+
+def test_partial_rotary_rotates_its_slice():
+    """GPT-NeoX/Phi: x[..., :rot] is rotated by the same pattern, x[..., rot:] passes."""
+    m = rotary_graph(rot=8)
+    fd = feeds(m)
+    new, rep = apply("rotary_embedding", m, fd)
+    assert rep["status"] == "applied" and op_counts(new)["RotaryEmbedding"] == 1, rep
+    assert_close(run(m, fd[0]), run(new, fd[0]))
+
+
+def test_unmatched_rotary_is_left_unchanged_with_the_reason():
+    m = rotary_graph(halves_differ=True)  # cos = Cos(Concat(f, g)): the op would read f twice
+    new, rep = apply("rotary_embedding", m, feeds(m))
+    assert rep["status"] == "skipped" and rep["applied"] == 0, rep
+    assert "Concat of two different halves" in rep["skipped"][0]["reason"]
+    assert new.SerializeToString() == m.SerializeToString()
