@@ -8,7 +8,7 @@ import click
 import numpy as np
 
 from ffnx.commands import grammar, ui
-from ffnx.commands.feeds import sample_feeds
+from ffnx.commands.feeds import random_feeds, sample_feeds
 from ffnx.commands.options import csv_list, pass_timing_options
 from ffnx.commands.quantize import quantize_option
 
@@ -49,7 +49,6 @@ def _check_usage(ctx: click.Context, src, out, passes, target, data, as_json) ->
 def _larger(model, manifest: dict, feeds: list[dict]) -> list[dict[str, np.ndarray]] | None:
     """The speed guard's larger shape set: every dynamic dim of the first feed x4 (within the
     manifest's max), random inputs; None for a graph without dynamic dims."""
-    from ffnx.commands.feeds import random_feeds
 
     dims = {}
     for vi in model.graph.input:
@@ -259,8 +258,13 @@ def optimize_cmd(
     with ui.steps("optimizing") as step:
         if guarded:
             larger = _larger(model, manifest, feeds)
+            sets = None
+            if "decoder" in manifest:  # timed at decode steps (see speed_guard.DECODE_STEPS)
+                total = (manifest.get("dims", {}).get("total") or {}).get("max")
+                make = lambda dims: random_feeds(model, manifest, dims, 1)  # noqa: E731
+                sets = speed_guard.decode_step_sets(make, total)
             new, reports, guard = speed_guard.optimize_guarded(
-                model, feeds, larger, threads=threads, step=step, **kw
+                model, feeds, larger, threads=threads, step=step, timing_sets=sets, **kw
             )
         else:
             new, reports = optimize_model(model, feeds, step=step, **kw)

@@ -149,6 +149,16 @@ def larger_feeds(spec: ModelSpec) -> list[dict[str, np.ndarray]] | None:
     return [to_numpy(inputs_for(spec, dims, seed=3))]
 
 
+def decoder_timing_sets(spec: ModelSpec) -> list | None:
+    """A KV-cache decoder's speed-guard shape sets (decode steps), None for other models."""
+    from ffnx.passes import speed_guard
+
+    if "decoder" not in (getattr(spec, "manifest_extra", None) or {}):
+        return None
+    make = lambda dims: [to_numpy(inputs_for(spec, dims, seed=3))]  # noqa: E731
+    return speed_guard.decode_step_sets(make, spec.max_dims.get("total"))
+
+
 def export_artifact(
     spec: ModelSpec,
     out: str | Path,
@@ -212,7 +222,7 @@ def export_artifact(
                 if tgt == "ort" and guard and not passes and speed_guard.enabled():
                     new, reports, manifest["speed_guard"] = speed_guard.optimize_guarded(
                         onnx.load(str(onnx_path)), sample_feeds(spec), larger_feeds(spec),
-                        threads=threads, **kw,
+                        threads=threads, timing_sets=decoder_timing_sets(spec), **kw,
                     )  # fmt: skip
                     artifact.write_bytes_atomic(stage / dst, new.SerializeToString())
                     return reports

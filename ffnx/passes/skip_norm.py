@@ -1,4 +1,4 @@
-"""skip_norm: a residual Add feeding a norm -> one com.microsoft::Skip(Simplified)LayerNormalization.
+"""skip_norm: residual Add + norm -> one com.microsoft::Skip(Simplified)LayerNormalization.
 
 Every pre-norm transformer block (Llama, Qwen, Mistral, Mixtral, BERT's post-norm too) has
 

@@ -37,6 +37,9 @@ MIN_WINS = 0.75  # share of paired rounds a graph must win to count as faster (s
 # cleanup only removes nodes; group_query_attention times itself at decode shapes (a KV-cache
 # decoder's example shapes look like prefill). None of them is a candidate for dropping.
 REQUIRED = ("cleanup", "lower_moe", "group_query_attention")
+# A KV-cache decoder is timed at what its tokens/s is made of, decode steps (one new token on a
+# past), not at its example shapes (a short prefill): batch 1 and 4, past 64 and 256.
+DECODE_STEPS = ({"batch": 1, "seq": 1, "past": 64}, {"batch": 4, "seq": 1, "past": 256})
 OFF = ("off", "0", "false", "no")
 Timer = Callable[[dict[str, onnx.ModelProto], list[dict[str, np.ndarray]]], dict]
 
@@ -196,10 +199,22 @@ def guard(
                         "trials": hit.get("trials", []), "cached": cached}  # fmt: skip
 
 
+def decode_step_sets(make: Callable[[dict], list[dict]], max_total: int | None) -> list:
+    """The guard's shape sets for a KV-cache decoder: `make(dims)` feeds for each of
+    DECODE_STEPS (past shortened to fit `max_total` positions)."""
+    sets = []
+    for d in DECODE_STEPS:
+        past = min(d["past"], (max_total or d["past"] + 1) - d["seq"])
+        sets.append(make({**d, "past": past, "total": past + d["seq"]}))
+    return sets
+
+
 def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
-                     use_cache=True, **kwargs):  # fmt: skip
+                     use_cache=True, timing_sets=None, **kwargs):  # fmt: skip
     """`optimize_model` (default passes), then `guard`: -> (model, reports, guard report).
-    Explicit `passes=` bypasses the guard (the caller asked for exactly those)."""
+    Explicit `passes=` bypasses the guard (the caller asked for exactly those). The guard times
+    on `feeds` and `larger_feeds`, or on `timing_sets` when given (a decoder's decode steps:
+    `decode_step_sets`); sets the input graph cannot run are left out."""
     from ffnx.passes.optimize import optimize_model
 
     new, reports = optimize_model(model, feeds, **kwargs)
@@ -212,9 +227,12 @@ def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
     def rerun(names):
         return optimize_model(model, feeds, passes=names, **rest) if names else (model, [])
 
-    if larger_feeds and not _runs(model, larger_feeds):
-        larger_feeds = None  # e.g. past a position table the graph does not declare
-    sets = [feeds] + ([larger_feeds] if larger_feeds else [])
+    if timing_sets:
+        sets = [fs for fs in timing_sets if _runs(model, fs)] or [feeds]
+    else:
+        if larger_feeds and not _runs(model, larger_feeds):
+            larger_feeds = None  # e.g. past a position table the graph does not declare
+        sets = [feeds] + ([larger_feeds] if larger_feeds else [])
     return guard(model, new, reports, rerun, sets, threads, timer, use_cache)
 
 

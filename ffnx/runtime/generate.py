@@ -99,37 +99,55 @@ def kv_buffer(session) -> str:
 
 
 class _OrtStepper:
-    """Runs decoder steps through one IOBinding per step; presents stay `OrtValue`s. With
-    `max_len` (a shared-buffer graph) every cache is one preallocated buffer of that length."""
+    """Runs decoder steps through IOBinding; presents stay `OrtValue`s. With `max_len` (a
+    shared-buffer graph) every cache is one preallocated buffer of that length, bound once with
+    one IOBinding that every step reuses: a step binds only its three small inputs and the
+    logits array (reused while the shape is the same), so the Python work per token is a few
+    calls."""
 
     def __init__(self, session, meta: dict, batch: int = 1, max_len: int | None = None):
         import onnxruntime as ort
 
+        self.ort = ort
         self.session = session
         self.pasts = meta["past_inputs"]
         self.presents = meta["present_outputs"]
+        self.vocab = int(meta["vocab"])
         self.cache = None  # OrtValues of the last presents
-        self.buffers = None
+        self.io = None
+        self.logits = None  # (numpy array, OrtValue) the shared-buffer path writes into
         if max_len is not None:
             self.host = []  # the numpy memory the OrtValues wrap, kept alive with them
-            self.buffers = []
+            self.io = session.io_binding()
+            names = iter(zip(self.pasts, self.presents))
             for layer in range(int(meta["layers"])):
                 h = int(meta["kv_heads"][layer])
                 for width in (meta["key_dim"][layer], meta["value_dim"][layer]):
                     self.host.append(np.zeros((batch, h, max_len, int(width)), np.float32))
-                    self.buffers.append(ort.OrtValue.ortvalue_from_numpy(self.host[-1]))
+                    buf = ort.OrtValue.ortvalue_from_numpy(self.host[-1])
+                    past, present = next(names)
+                    self.io.bind_ortvalue_input(past, buf)
+                    self.io.bind_ortvalue_output(present, buf)
+
+    def _shared_step(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        io = self.io
+        for k, v in feeds.items():
+            io.bind_cpu_input(k, np.ascontiguousarray(v))
+        shape = (*feeds["input_ids"].shape, self.vocab)
+        if self.logits is None or self.logits[0].shape != shape:
+            arr = np.empty(shape, np.float32)
+            self.logits = (arr, self.ort.OrtValue.ortvalue_from_numpy(arr))
+            io.bind_ortvalue_output("logits", self.logits[1])
+        self.session.run_with_iobinding(io)
+        return self.logits[0][:, -1, :].copy()  # the array is overwritten by the next step
 
     def step(self, feeds: dict[str, np.ndarray], empty_pasts: dict[str, np.ndarray]) -> np.ndarray:
+        if self.io is not None:
+            return self._shared_step(feeds)
         io = self.session.io_binding()
         for k, v in feeds.items():
             io.bind_cpu_input(k, np.ascontiguousarray(v))
         io.bind_output("logits")
-        if self.buffers is not None:  # one buffer per cache: GQA writes the new rows in place
-            for past, present, buf in zip(self.pasts, self.presents, self.buffers):
-                io.bind_ortvalue_input(past, buf)
-                io.bind_ortvalue_output(present, buf)
-            self.session.run_with_iobinding(io)
-            return io.get_outputs()[0].numpy()[:, -1, :]
         for i, name in enumerate(self.pasts):
             if self.cache is None:
                 io.bind_cpu_input(name, empty_pasts[name])

@@ -18,7 +18,7 @@ H, D = 4, 16
 
 
 def rotary_graph(transposed: bool = True, rot: int = D, halves_differ: bool = False,
-                 cos_batch: str | int = "B", scaling: float | None = None) -> onnx.ModelProto:  # fmt: skip
+                 cos_batch: str | int = "B", scaling: float | None = None):  # fmt: skip
     """y = x*cos4 + rotate_half(x)*sin4 with cos = Cos(Concat(f, f)) [* scaling], f = pos x
     inv_freq; x = Transpose(q [B,S,H,D]) (transposed) or the input x [B,H,S,D]. rot < D: the
     partial rotary of GPT-NeoX/Phi (only the first `rot` dims rotate)."""
@@ -44,8 +44,9 @@ def rotary_graph(transposed: bool = True, rot: int = D, halves_differ: bool = Fa
         helper.make_node("Cast", ["pos"], ["posf"], to=f),
         helper.make_node("Unsqueeze", ["posf", "last_ax"], ["pos3"]),
         helper.make_node("Mul", ["pos3", "inv_freq"], ["freqs"]),
-        helper.make_node("Concat", ["freqs", "other_f" if halves_differ else "freqs"], ["emb"],
-                         axis=-1),  # fmt: skip
+        helper.make_node(
+            "Concat", ["freqs", "other_f" if halves_differ else "freqs"], ["emb"], axis=-1
+        ),  # fmt: skip
         helper.make_node("Cos", ["emb"], ["cos0"]),
         helper.make_node("Sin", ["emb"], ["sin0"]),
     ]
