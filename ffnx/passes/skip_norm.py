@@ -1,21 +1,22 @@
-"""skip_norm: residual Add + norm -> one com.microsoft::Skip(Simplified)LayerNormalization.
+"""skip_norm: residual Add + RMSNorm -> one com.microsoft::SkipSimplifiedLayerNormalization.
 
-Every pre-norm transformer block (Llama, Qwen, Mistral, Mixtral, BERT's post-norm too) has
+Every pre-norm RMSNorm block (Llama, Qwen, Mistral, Mixtral, DeepSeek, GPT-OSS) has
 
     s = a + b                      the residual sum, read by the norm and by the next residual
-    y = γ ⊙ (s − [mean(s)]) / √(mean((s − [mean])²) + ε) [+ β]
+    y = γ ⊙ s / √(mean(s²) + ε) [+ β]
 
-two kernels and two passes over s. ONNX Runtime's SkipSimplifiedLayerNormalization (RMSNorm) and
-SkipLayerNormalization (LayerNorm) compute, per row, the same s (written as their fourth output
-for the other readers) and y from it in one loop. ORT's CPU session optimizer does not make them
-(its SkipLayerNormFusion is for the GPU providers), so this pass writes them.
+two kernels and two passes over s. ONNX Runtime's SkipSimplifiedLayerNormalization computes, per
+row, the same s (written as its fourth output for the other readers) and y from it in one loop.
+ORT's CPU session optimizer does not make it, so this pass writes it. LayerNorm blocks are not
+matched: their SkipLayerNormalization measured slower than Add + LayerNormalization on ORT CPU
+(`residual_sum` keeps them apart).
 
-Exact up to rounding: the same sum a + b, the row mean and mean square accumulated in one loop
+Exact up to rounding: the same sum a + b, the row mean square accumulated in one loop
 (ReduceMean's summation order differs) and y = s / √(ms + ε) · γ, the quotient form
-canonical_norm writes. Conditions: a norm over the last axis found by `graph.norm_match`
-(the op or its decomposition) with a scale γ of the row width (γ = 1 otherwise) whose input is
-an Add of two non-constant tensors of one shape, rank 2 or 3 (the kernel's condition), float32
-or float16. Target: ORT only.
+canonical_norm writes; a shift β stays an Add after it. Conditions: an RMSNorm over the last
+axis found by `graph.norm_match` (the op or its decomposition) with a scale γ of the row width
+(γ = 1 otherwise) whose input is an Add of two non-constant tensors of one shape, rank 2 or 3
+(the kernel's condition), float32 or float16. Target: ORT only.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _residual_add(n: Norm) -> gs.Node | None:
 
 
 class SkipNorm(GraphPass):
-    """Add(a, b) -> RMSNorm/LayerNorm as one Skip(Simplified)LayerNormalization (sum kept)."""
+    """Add(a, b) -> RMSNorm as one SkipSimplifiedLayerNormalization (the sum kept)."""
 
     name = "skip_norm"
     targets = ("ort",)
@@ -47,7 +48,7 @@ class SkipNorm(GraphPass):
     def match(self, graph: gs.Graph) -> list[Match]:
         out = []
         for n in find_norms(graph):
-            add = _residual_add(n)
+            add = _residual_add(n) if n.kind == "rmsnorm" else None
             if add is not None:
                 out.append(Match([add, *n.nodes], {"norm": n, "add": add}))
         return out
@@ -79,19 +80,16 @@ class SkipNorm(GraphPass):
         bld = Builder(graph, f"{n.y.name}/skip_norm")
         c = lambda v, hint: bld.const(v.reshape(-1).astype(dt), hint)  # noqa: E731
         gamma = n.gamma if n.gamma is not None else np.ones(a.shape[-1], dt)
-        ln = n.kind == "layernorm"
-        op = "SkipLayerNormalization" if ln else "SkipSimplifiedLayerNormalization"
         ins = [a, b, c(gamma, "gamma")]
-        if ln and n.beta is not None:
-            ins.append(c(n.beta, "beta"))
         for node in [add, *n.nodes]:
             node.outputs.clear()
             node.inputs.clear()
         keep_sum = bool(s.outputs) or s in graph.outputs  # the residual stream goes on
-        shift = n.beta is not None and not ln  # an RMSNorm with a shift: that stays an Add
+        shift = n.beta is not None  # an RMSNorm with a shift: that stays an Add
         y = gs.Variable(bld.name("normed"), dtype=dt) if shift else n.y
         outs = [y, gs.Variable.empty(), gs.Variable.empty(), s if keep_sum else gs.Variable.empty()]
-        bld.op(op, *ins, outputs=outs, domain=MS_DOMAIN, epsilon=float(n.eps))
+        bld.op("SkipSimplifiedLayerNormalization", *ins, outputs=outs, domain=MS_DOMAIN,
+               epsilon=float(n.eps))  # fmt: skip
         if shift:
             bld.op("Add", y, c(n.beta, "beta"), outputs=[n.y])
 

@@ -1,7 +1,7 @@
 """skip_norm: residual Add -> RMSNorm / LayerNorm as one Skip(Simplified)LayerNormalization.
 
 Synthetic pre-norm residual blocks: the decomposed RMSNorm (quotient form, with and without a
-shift), the LayerNormalization op; the sum stays available to its other readers; operands of
+shift); LayerNorm is not matched; the sum stays available to its other readers; operands of
 different shapes or rank 4 are left byte-unchanged with the reason."""
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def test_rmsnorm_after_a_residual_add_is_one_kernel_and_keeps_the_sum():
         assert_close(run(m, fd[0]), run(new, fd[0]))
 
 
-def test_layernorm_op_with_bias():
+def test_layernorm_is_not_matched():
+    """ORT CPU's SkipLayerNormalization measured slower than Add + LayerNormalization."""
     text = """
     agraph (float[B, 16] a, float[B, 16] b) => (float[B, 16] y)
     {
@@ -62,11 +63,8 @@ def test_layernorm_op_with_bias():
         y = LayerNormalization<axis = -1, epsilon = 0.00001>(s, gamma, beta)
     }"""
     m = model(text, {"gamma": rand(W, seed=3), "beta": rand(W, seed=4)})
-    fd = feeds(m, (5, W))
-    new, rep = apply("skip_norm", m, fd)
-    assert rep["status"] == "applied", rep
-    assert op_counts(new) == {"SkipLayerNormalization": 1}
-    assert_close(run(m, fd[0]), run(new, fd[0]))
+    new, rep = apply("skip_norm", m, feeds(m, (5, W)))
+    assert rep["status"] == "no_match" and new.SerializeToString() == m.SerializeToString()
 
 
 def test_broadcast_or_rank4_sums_are_left_unchanged_with_the_reason():

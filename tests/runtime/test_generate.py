@@ -177,7 +177,7 @@ def test_gqa_shared_buffer_is_bound_once_and_written_in_place(gqa_engines):
     finally:
         gen._OrtStepper.__init__ = real
     (stepper,) = seen
-    assert stepper.cache is None and len(stepper.buffers) == 2 * 2
+    assert stepper.cache is None and len(stepper.host) == 2 * 2 and stepper.io is not None
     host = stepper.host[0]  # [batch 1, kv 2, 3 + 6, dim 16]: 3 prompt + 5 fed tokens written
     assert host.shape == (1, 2, 9, 16)
     assert np.abs(host[:, :, :8]).min(axis=-1).max() > 0 and not host[:, :, 8:].any()
