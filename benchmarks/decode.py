@@ -4,7 +4,7 @@ transformers eager and onnxruntime-genai, with the weight-bandwidth roofline.
     python benchmarks/decode.py [--size tiny|qwen3] [--arch qwen3 qwen3_moe mixtral]
                                 [--precision fp32 int4] [--runtimes ffnx transformers genai]
                                 [--prompt-len 64] [--new-tokens 64] [--batch 1] [--threads 2]
-                                [--work DIR] [--json out.json] [--plot out.png]
+                                [--rounds 3] [--work DIR] [--json out.json] [--plot out.png]
 
 Per architecture: a random-weight checkpoint config is written to --work (`tiny`: hidden 64,
 2 layers, vocab 256, for a smoke run; `qwen3`: the issue-14 shape, hidden 512, 8 layers, 8 heads
@@ -13,7 +13,9 @@ with `ffnx export hf:DIR` (KV cache, default passes) and, for int4, quantized as
 --quantize int4` does (`ffnx.commands.quantize.quantize_artifact`: MatMulNBits block 32, int4
 experts where they fit; its token agreement and logits cosine against fp32 are reported). Timed
 in one process, every runtime with --threads threads, the same random prompt ids, greedy, EOS
-ignored, one warm-up generation each:
+ignored, one warm-up generation each, --rounds timed generations per runtime interleaved (ffnx,
+transformers, genai, ffnx, ...: a slow spell of a shared machine hits every runtime) and the
+round with the median decode tokens/s reported (`decode_tok_s_rounds` has them all):
 
   ffnx          `ffnx.runtime.decode_bench.time_decode`
   transformers  `ffnx.commands.bench_decode.torch_decode` (eager, its DynamicCache; fp32 only)
@@ -79,6 +81,13 @@ def artifacts(src: Path, work: Path, name: str, precisions) -> dict[str, Path]:
     return out
 
 
+def median_round(runs: list[dict]) -> dict:
+    """The round with the median decode tokens/s, every round's tokens/s beside it."""
+    mid = dict(sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2])
+    mid["decode_tok_s_rounds"] = [round(r["decode_tok_s"], 2) for r in runs]
+    return mid
+
+
 def bench_arch(arch: str, a) -> list[dict]:
     from ffnx import artifact
     from ffnx.commands import bench_decode as bd
@@ -97,7 +106,27 @@ def bench_arch(arch: str, a) -> list[dict]:
         vocab = int(manifest["decoder"]["vocab"])
         prompt = random_prompt(vocab, a.batch, a.prompt_len)
         engine = Engine.load(art, backend="ort", threads=a.threads)
-        ours = time_decode(engine, a.prompt_len, a.new_tokens, a.batch)
+        timers = {"ffnx (ort)": lambda e=engine: time_decode(e, a.prompt_len, a.new_tokens,
+                                                             a.batch)}  # fmt: skip
+        if "transformers" in a.runtimes and prec == "fp32":
+            timers["transformers eager"] = lambda: bd.torch_decode(
+                f"hf:{src}", a.prompt_len, a.new_tokens, a.batch, a.threads, model=model
+            )
+        refused = None
+        if "genai" in a.runtimes:
+            built = bg.genai_model(str(src), model, prec)
+            if isinstance(built, str):
+                refused = built
+            else:
+                timers["onnxruntime-genai"] = lambda b=built, p=prompt: bg.genai_decode(
+                    b, p, a.new_tokens, a.threads
+                )
+        runs = {name: [] for name in timers}
+        for _ in range(a.rounds):  # interleaved: a slow spell of the machine hits every runtime
+            for name, timer in timers.items():
+                runs[name].append(timer())
+        res = {name: median_round(r) for name, r in runs.items()}
+        ours = res.pop("ffnx (ort)")
         tokens = ours.pop("tokens")
         for k, v in bd.measure_rooflines(manifest, a.threads).items():
             gemv.setdefault(k, v)
@@ -109,22 +138,13 @@ def bench_arch(arch: str, a) -> list[dict]:
             row["accuracy_vs_fp32"] = manifest["quantize"]["accuracy"]
         if "ffnx" in a.runtimes:  # (ffnx always runs: its tokens are the reference)
             rows.append(row)
-        if "transformers" in a.runtimes and prec == "fp32":
-            r = bd.torch_decode(f"hf:{src}", a.prompt_len, a.new_tokens, a.batch, a.threads,
-                                model=model)  # fmt: skip
+        for name, r in res.items():
             same = float((r.pop("tokens") == tokens).mean())
-            rows.append({**base, "precision": "fp32", "runtime": "transformers eager", **r,
-                         "tokens_equal_ffnx": same})  # fmt: skip
-        if "genai" in a.runtimes:
-            built = bg.genai_model(str(src), model, prec)
-            if isinstance(built, str):
-                rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai",
-                             "unsupported": built})  # fmt: skip
-                continue
-            r = bg.genai_decode(built, prompt, a.new_tokens, a.threads)
-            same = float((r.pop("tokens") == tokens).mean())
-            rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai", **r,
-                         "tokens_equal_ffnx": same})  # fmt: skip
+            rows.append({**base, "precision": "fp32" if name.startswith("transformers") else prec,
+                         "runtime": name, **r, "tokens_equal_ffnx": same})  # fmt: skip
+        if refused:
+            rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai",
+                         "unsupported": refused})  # fmt: skip
     ref = {(r["runtime"], r["precision"]): r for r in rows if "decode_tok_s" in r}
     tf = ref.get(("transformers eager", "fp32"))
     for r in rows:
@@ -208,6 +228,12 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed generations per runtime, interleaved; the median is reported",
+    )
     ap.add_argument("--work", type=Path, default=Path("artifacts/decode-bench"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG of decode tokens/s")
