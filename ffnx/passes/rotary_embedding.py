@@ -39,7 +39,7 @@ from ffnx.graph.builder import Builder, i64
 from ffnx.graph.tensors import const, producer
 from ffnx.passes.base import GraphPass, Match, PassContext
 
-MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = "com.microsoft"  # its opset import is added by the driver (graph.opsets)
 HALF_PRESERVING = ("Cos", "Sin", "Cast", "Mul")  # elementwise after emb = Concat(f, f)
 
 
@@ -223,13 +223,6 @@ class RotaryEmbeddingPass(GraphPass):
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
         rewrite_site(graph, m.info["site"], m.info["shared"])
-
-    def finish(self, graph, ctx, res, matches, state) -> None:
-        if res.applied and not any(d.domain == MS_DOMAIN for d in graph.import_domains or []):
-            from onnx import helper
-
-            graph.import_domains = [*(graph.import_domains or []),
-                                    helper.make_opsetid(MS_DOMAIN, 1)]  # fmt: skip
 
 
 PASS = RotaryEmbeddingPass()

@@ -29,7 +29,7 @@ from ffnx.graph.norm_match import Norm, find_norms
 from ffnx.graph.tensors import producer
 from ffnx.passes.base import GraphPass, Match, PassContext
 
-MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = "com.microsoft"  # its opset import is added by the driver (graph.opsets)
 
 
 def _residual_add(n: Norm) -> gs.Node | None:
@@ -92,13 +92,6 @@ class SkipNorm(GraphPass):
                epsilon=float(n.eps))  # fmt: skip
         if shift:
             bld.op("Add", y, c(n.beta, "beta"), outputs=[n.y])
-
-    def finish(self, graph, ctx, res, matches, state) -> None:
-        if res.applied and not any(d.domain == MS_DOMAIN for d in graph.import_domains or []):
-            from onnx import helper
-
-            graph.import_domains = [*(graph.import_domains or []),
-                                    helper.make_opsetid(MS_DOMAIN, 1)]  # fmt: skip
 
 
 PASS = SkipNorm()
