@@ -37,7 +37,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ffnx.lowering.moe_ort import ACCURACY_LEVEL, MS
+from ffnx.graph.opsets import MS_DOMAIN
+from ffnx.lowering.moe_ort import ACCURACY_LEVEL
 from ffnx.lowering.quantize import BITS
 
 ROUTE_THROUGH = {"Reshape", "Cast", "Softmax", "Sigmoid", "Flatten", "Identity", "Squeeze",
@@ -164,8 +165,8 @@ def quantize_linears(
         log.setLevel(level)
     out = q.model.model
     _drop_unused(out.graph)
-    if not any(o.domain == MS for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS, 1))
+    if not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     done = sum(n.op_type == "MatMulNBits" for n in out.graph.node)
     done -= sum(n.op_type == "MatMulNBits" for n in model.graph.node)
     if done != len(targets):

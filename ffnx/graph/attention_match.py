@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ffnx.graph.tensors import const, producer
+from ffnx.graph.tensors import const, producer, unsqueeze_axes
 
 
 def consumers(t: gs.Tensor) -> list[gs.Node]:
@@ -45,10 +45,9 @@ def _through_repeat(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None, str | None
         return t, None, f"{t.name} is read by {len(users)} nodes, not one attention"
     u = users[0]
     if u.op == "Unsqueeze":
-        axes = const(u.inputs[1]) if len(u.inputs) > 1 else np.asarray(u.attrs.get("axes"))
         ex = only(u.outputs[0], "Expand")
         rs = only(ex.outputs[0], "Reshape") if ex is not None else None
-        if axes is None or list(np.atleast_1d(axes)) != [2] or rs is None:
+        if unsqueeze_axes(u) != [2] or rs is None:
             return t, None, "the cache goes through an Unsqueeze that is not repeat_kv"
         t = rs.outputs[0]
         users = consumers(t)

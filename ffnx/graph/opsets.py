@@ -12,6 +12,8 @@ import copy
 
 import onnx
 
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GroupQueryAttention, MatMulNBits, ...)
+
 
 def _all_nodes(graph: onnx.GraphProto):
     """Every node, including those inside If/Loop/Scan bodies."""

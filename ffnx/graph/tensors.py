@@ -32,6 +32,19 @@ def producer(t: gs.Tensor, op: str | tuple[str, ...] | None = None) -> gs.Node |
     return None
 
 
+def other_input(n: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
+    """The input of a binary node `n` that is not `t` (None when `t` is not one of two)."""
+    if len(n.inputs) != 2 or t not in n.inputs:
+        return None
+    return n.inputs[1] if n.inputs[0] is t else n.inputs[0]
+
+
+def unsqueeze_axes(n: gs.Node) -> list[int] | None:
+    """The axes of an Unsqueeze: its constant second input (opset >= 13) or its attribute."""
+    axes = const(n.inputs[1]) if len(n.inputs) > 1 else n.attrs.get("axes")
+    return None if axes is None else [int(a) for a in np.atleast_1d(axes)]
+
+
 def set_input(n: gs.Node, i: int, t: gs.Tensor) -> None:
     """n.inputs[i] = t, appending when n has only i inputs."""
     if len(n.inputs) > i:

@@ -24,12 +24,12 @@ from __future__ import annotations
 import numpy as np
 
 from ffnx.graph.builder import Builder, f32, i64
+from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.lowering.moe_common import LoweringError, MoESite, route
 from ffnx.lowering.moe_forms import sorted_experts
 from ffnx.lowering.quantize import BITS, pick_block, quantize
 from ffnx.plugins.schema import CLAMPED_SWIGLU, group_limited
 
-MS = "com.microsoft"
 ORT_ACTIVATIONS = ("relu", "silu", "swiglu", CLAMPED_SWIGLU)
 # int8 activations in the quantized expert GEMMs: 4.3x (int4) / 2.2x (int8) over fp32 at T=1 on
 # AVX2 (Mixtral-like layer, benchmarks/moe.py); with fp32 activations (0) int4 ran no faster than
@@ -106,7 +106,7 @@ def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
         x,
         probs,
         *weights,
-        domain=MS,
+        domain=MS_DOMAIN,
         k=s.k,
         activation_type=act,
         normalize_routing_weights=1,
@@ -187,7 +187,7 @@ def sorted_nbits(bits: int, accuracy_level: int = ACCURACY_LEVEL):
                 None,
                 None,
                 None if bias is None else b.const(bias[e].copy(), f"{fc}{e}_bias"),
-                domain=MS,
+                domain=MS_DOMAIN,
                 K=K,
                 N=N,
                 bits=bits,

@@ -28,15 +28,8 @@ import math
 import onnx_graphsurgeon as gs
 
 from ffnx.graph.ffn_match import close, scalar
-from ffnx.graph.tensors import producer, sole_consumer
+from ffnx.graph.tensors import other_input, producer, sole_consumer
 from ffnx.passes.base import GraphPass, Match, PassContext
-
-
-def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
-    """The input of a binary `node` that is not `t`."""
-    if len(node.inputs) != 2 or t not in node.inputs:
-        return None
-    return node.inputs[1] if node.inputs[0] is t else node.inputs[0]
 
 
 def _next(t: gs.Tensor, graph: gs.Graph, op: str) -> gs.Node | None:
@@ -61,10 +54,10 @@ class CanonicalGelu(GraphPass):
             add = _next(erf.outputs[0], graph, "Add")
             half = add and _next(add.outputs[0], graph, "Mul")
             final = half and _next(half.outputs[0], graph, "Mul")
-            if final is None or not close(scalar(_other(add, erf.outputs[0])), 1.0):
+            if final is None or not close(scalar(other_input(add, erf.outputs[0])), 1.0):
                 continue
-            c = _other(half, add.outputs[0])
-            if close(scalar(c), 0.5) and _other(final, half.outputs[0]) is x:
+            c = other_input(half, add.outputs[0])
+            if close(scalar(c), 0.5) and other_input(final, half.outputs[0]) is x:
                 info = {"x": x, "half": c, "one_plus_erf": add.outputs[0]}
                 out.append(Match([div, erf, add, half, final], info))
         return out

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.graph.ffn_match import Linear, linear_from_output, scalar, used_outside
+from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.graph.tensors import producer, sole_consumer
 from ffnx.passes.base import GraphPass, Match, PassContext
 
@@ -184,7 +185,7 @@ class FuseAttention(GraphPass):
         heads = int(m.info["q_heads"].shape[1])
         y = gs.Variable(f"{name}/attention", dtype=x.dtype, shape=list(x.shape[:2]) + [q.width])
         graph.nodes.append(
-            gs.Node("Attention", f"{name}/Attention", domain="com.microsoft",
+            gs.Node("Attention", f"{name}/Attention", domain=MS_DOMAIN,
                     attrs={"num_heads": heads, "scale": m.info["scale"]},
                     inputs=inputs, outputs=[y])
         )  # fmt: skip

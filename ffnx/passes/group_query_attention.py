@@ -55,10 +55,9 @@ import onnx_graphsurgeon as gs
 from ffnx.graph import lowering_meta
 from ffnx.graph.attention_match import consumers, is_key_cache, only, parse_site, perm
 from ffnx.graph.builder import Builder, i64
+from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.graph.tensors import producer
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
-
-MS_DOMAIN = "com.microsoft"
 
 
 def _heads_last(b: Builder, x: gs.Tensor, width: int) -> gs.Tensor:

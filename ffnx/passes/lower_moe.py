@@ -22,13 +22,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.lowering import LoweringError, lower_moe_node
 from ffnx.lowering.choose import RULE, choose
 from ffnx.lowering.moe_common import MoESite
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 from ffnx.plugins.schema import DOMAIN
 
-MS_DOMAIN = "com.microsoft"
 BRANCH_TOL = 1e-4  # relative max abs error of an If lowering against `sorted` (fp32 reorderings)
 
 

@@ -36,17 +36,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.graph.builder import Builder, i64
-from ffnx.graph.tensors import const, producer
+from ffnx.graph.opsets import MS_DOMAIN
+from ffnx.graph.tensors import const, other_input, producer, unsqueeze_axes
 from ffnx.passes.base import GraphPass, Match, PassContext
 
-MS_DOMAIN = "com.microsoft"  # its opset import is added by the driver (graph.opsets)
 HALF_PRESERVING = ("Cos", "Sin", "Cast", "Mul")  # elementwise after emb = Concat(f, f)
-
-
-def _other(n: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
-    if len(n.inputs) != 2 or t not in n.inputs:
-        return None
-    return n.inputs[1] if n.inputs[0] is t else n.inputs[0]
 
 
 def _slice_range(n: gs.Node | None) -> tuple[int, int] | None:
@@ -81,7 +75,7 @@ def _halves_equal(t: gs.Tensor) -> str | None:
             return f"{t.name} comes from {n.op}, not Cos/Sin of Concat(freqs, freqs)"
         if n.op == "Mul":
             x = next((i for i in n.inputs if producer(i) is not None), None)
-            c = const(_other(n, x)) if x is not None else None
+            c = const(other_input(n, x)) if x is not None else None
             if c is None or c.size != 1:
                 return f"{t.name} is scaled by a non-scalar"
             t = x
@@ -95,9 +89,8 @@ def _cos_sin(t4: gs.Tensor) -> gs.Tensor | None:
     un = producer(t4, "Unsqueeze")
     if un is None:
         return None
-    axes = const(un.inputs[1]) if len(un.inputs) > 1 else np.asarray(un.attrs.get("axes"))
     x = un.inputs[0]
-    if axes is None or list(np.atleast_1d(axes)) != [1] or len(x.shape or []) != 3:
+    if unsqueeze_axes(un) != [1] or len(x.shape or []) != 3:
         return None
     return x
 
@@ -121,7 +114,7 @@ def parse_rotary(add: gs.Node) -> tuple[dict | None, str | None]:
             if s1 is None or s2 is None or s1.inputs[0] is not s2.inputs[0]:
                 continue
             x = s1.inputs[0]
-            cos4 = _other(a, x)
+            cos4 = other_input(a, x)
             if cos4 is None:
                 continue
             return _check_site(add, x, cos4, sin4, cat, s1, s2, neg, a, b)

@@ -26,10 +26,9 @@ import onnx_graphsurgeon as gs
 
 from ffnx.graph.builder import Builder
 from ffnx.graph.norm_match import Norm, find_norms
+from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.graph.tensors import producer
 from ffnx.passes.base import GraphPass, Match, PassContext
-
-MS_DOMAIN = "com.microsoft"  # its opset import is added by the driver (graph.opsets)
 
 
 def _residual_add(n: Norm) -> gs.Node | None:
