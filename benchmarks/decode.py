@@ -140,8 +140,8 @@ def bench_arch(arch: str, a) -> list[dict]:
             rows.append(row)
         for name, r in res.items():
             same = float((r.pop("tokens") == tokens).mean())
-            rows.append({**base, "precision": "fp32" if name.startswith("transformers") else prec,
-                         "runtime": name, **r, "tokens_equal_ffnx": same})  # fmt: skip
+            rows.append({**base, "precision": prec, "runtime": name, **r,
+                         "tokens_equal_ffnx": same})  # fmt: skip
         if refused:
             rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai",
                          "unsupported": refused})  # fmt: skip

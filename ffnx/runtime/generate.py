@@ -118,16 +118,15 @@ class _OrtStepper:
         self.logits = None  # (numpy array, OrtValue) the shared-buffer path writes into
         if max_len is not None:
             self.host = []  # the numpy memory the OrtValues wrap, kept alive with them
-            self.io = session.io_binding()
-            names = iter(zip(self.pasts, self.presents))
             for layer in range(int(meta["layers"])):
                 h = int(meta["kv_heads"][layer])
                 for width in (meta["key_dim"][layer], meta["value_dim"][layer]):
                     self.host.append(np.zeros((batch, h, max_len, int(width)), np.float32))
-                    buf = ort.OrtValue.ortvalue_from_numpy(self.host[-1])
-                    past, present = next(names)
-                    self.io.bind_ortvalue_input(past, buf)
-                    self.io.bind_ortvalue_output(present, buf)
+            self.io = session.io_binding()
+            for past, present, host in zip(self.pasts, self.presents, self.host):
+                buf = ort.OrtValue.ortvalue_from_numpy(host)
+                self.io.bind_ortvalue_input(past, buf)
+                self.io.bind_ortvalue_output(present, buf)
 
     def _shared_step(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         io = self.io

@@ -163,6 +163,7 @@ def test_genai_refuses_mixtral_in_one_line(tmp_path, monkeypatch):
     assert genai_model(str(src), None, "fp32") == why  # remembered: no second build
 
 
+@needs_genai  # its first assertion accepts genai, which needs the package
 def test_bad_compare_is_one_error_line(tmp_path):
     from ffnx.commands.bench_decode import parse_compare
     from ffnx.errors import InputError
