@@ -220,7 +220,7 @@ def optimize_cmd(
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
     from ffnx.passes import speed_guard
-    from ffnx.passes.optimize import optimize_model
+    from ffnx.passes.optimize import manifest_options, optimize_model
 
     p = Path(src)
     manifest = artifact.read_manifest(p) if p.is_dir() else {}
@@ -252,6 +252,7 @@ def optimize_cmd(
         opts["calibration"] = str(p / "calibration.npz")
     if threads:
         opts.setdefault("threads", threads)  # the lowering and attention choices time at them
+    opts.update(manifest_options(manifest))
     kw = dict(passes=passes, skip=skip or [], target=target, max_error=max_error, options=opts)
     guarded = target == "ort" and not passes and not no_guard and speed_guard.enabled()
     guarded = guarded and not quantize  # the guard times fp32 forms, not MatMulNBits

@@ -61,7 +61,7 @@ def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda 
     from ffnx.commands.feeds import random_feeds
     from ffnx.commands.inspect import load_onnx
     from ffnx.compress.quantize_weights import quantize_decoder
-    from ffnx.passes.optimize import optimize_model
+    from ffnx.passes.optimize import manifest_options, optimize_model
 
     directory = Path(directory)
     manifest = artifact.read_manifest(directory)
@@ -71,7 +71,7 @@ def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda 
         feeds = random_feeds(plain, manifest, {}, samples=2)
         lowered, manifest["passes"] = optimize_model(
             plain, feeds, passes=passes, skip=skip or [], max_error=float("inf"), step=step,
-            options={"quantize_experts": experts},
+            options={"quantize_experts": experts, **manifest_options(manifest)},
         )  # fmt: skip
         manifest.pop("speed_guard", None)  # the guard timed the fp32 lowering, not this one
     else:

@@ -207,7 +207,7 @@ def export_artifact(
         made_from: dict[str, list[str]] = {}
         if optimize:
             from ffnx.passes import speed_guard
-            from ffnx.passes.optimize import optimize_file
+            from ffnx.passes.optimize import manifest_options, optimize_file
 
             def run_passes(dst: str, tgt: str) -> list[dict]:
                 step(f"running graph passes ({tgt})")
@@ -217,8 +217,9 @@ def export_artifact(
                     target=tgt,
                     tol=tol,
                     step=step,
-                    options={"threads": threads} if threads else None,
-                )  # choices' timing
+                    options={**({"threads": threads} if threads else {}),  # choices' timing
+                             **manifest_options(getattr(spec, "manifest_extra", None) or {})},
+                )  # fmt: skip
                 if tgt == "ort" and guard and not passes and speed_guard.enabled():
                     new, reports, manifest["speed_guard"] = speed_guard.optimize_guarded(
                         onnx.load(str(onnx_path)), sample_feeds(spec), larger_feeds(spec),

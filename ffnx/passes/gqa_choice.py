@@ -33,7 +33,7 @@ FORMS = ("standard", "gqa", "gqa_shared")
 RULE = "gqa_shared"  # without measurement: one fused node per layer, no cache copy per step
 PASTS = (64, 256)
 MARGIN = 0.03
-TIMING_METHOD = 1
+TIMING_METHOD = 2  # 2: the gqa forms fuse the rotary (gqa_rotary)
 _MEASURED: dict[str, tuple[dict, bool]] = {}
 
 

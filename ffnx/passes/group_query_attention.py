@@ -31,9 +31,13 @@ straight into Softmax (softcapping and ALiBi-in-the-graph do not match; GPT-OSS'
 sinks, Concat([scores, sink_h]) -> Softmax -> drop the sink column, become GQA's head_sink, the
 same p_j = exp(x_j) / (sum_i exp(x_i) + exp(sink_h)), when the sinks are constants); key and
 value head dims equal (MLA: not) and a multiple of 8 (the CPU kernel's condition); H % KV == 0.
-Rotary stays as the exported standard ops before the node: GQA's fused rotary (do_rotary)
-takes positions from the cache length (or only the first position_ids of a prompt), which is
-wrong for left-padded rows, so fusing it would not be exact for batched prompts.
+Rotary: when q and k are the `rotary_embedding` pass's RotaryEmbedding nodes, GQA rotates them
+itself (do_rotary, rotary fused), fed the graph's position_ids and cos/sin tables of every
+position up to the decoder's maximum length (`options["max_length"]`), tabulated from the
+graph's own cos/sin (ffnx.passes.gqa_rotary states the math and checks the condition: cos/sin
+an elementwise function of position_ids). ORT's GQA reads position_ids per row for prompts
+and decode steps, so left-padded rows rotate as transformers rotates them. Otherwise (no
+maximum length, a rope that is not per position) the RotaryEmbedding nodes stay before GQA.
 
 Cache buffer: when every past input is read only by these nodes (and by Shape nodes, which are
 rewired to read past = total - seq from attention_mask and input_ids), the graph also runs with
@@ -49,6 +53,8 @@ threads; the standard graph is kept (byte-unchanged) unless GQA is faster. Targe
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -57,6 +63,7 @@ from ffnx.graph.attention_match import consumers, is_key_cache, only, parse_site
 from ffnx.graph.builder import Builder, i64
 from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.graph.tensors import producer
+from ffnx.passes import gqa_rotary
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
 
@@ -90,16 +97,47 @@ def _sink_input(b: Builder, s: dict):
                                                "head_sink")  # fmt: skip
 
 
-def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> gs.Node:
+def _fused_rotary(graph: gs.Graph, q3: gs.Tensor, k3: gs.Tensor, max_len, shared: dict):
+    """-> (q before rotary, k before rotary, cos_cache, sin_cache, position_ids) when both are
+    the rotary_embedding pass's RotaryEmbedding of one cos/sin pair and its tables are exact
+    (ffnx.passes.gqa_rotary), else None (the reason kept in shared["rotary_why"])."""
+    rq, rk = gqa_rotary.rotary_of(q3), gqa_rotary.rotary_of(k3)
+    if rq is None or rk is None:
+        shared.setdefault("rotary_why", "q/k do not come from one RotaryEmbedding each")
+        return None
+    if [t.name for t in rq.inputs[2:]] != [t.name for t in rk.inputs[2:]]:
+        shared.setdefault("rotary_why", "q and k rotate with different cos/sin")
+        return None
+    tabs = gqa_rotary.tables(graph, rq, max_len, shared.setdefault("rotary_tables", {}))
+    if isinstance(tabs, str):
+        shared.setdefault("rotary_why", tabs)
+        return None
+    consts = shared.setdefault("rotary_consts", {})
+    key = rq.inputs[2].name
+    if key not in consts:
+        b = Builder(graph, "group_query_attention/rotary")
+        consts[key] = (b.const(tabs[0], "cos_cache"), b.const(tabs[1], "sin_cache"))
+    pos = next(t for t in graph.inputs if t.name == "position_ids")
+    return rq.inputs[0], rk.inputs[0], *consts[key], pos
+
+
+def rewrite_site(graph: gs.Graph, s: dict, shared: dict, max_len: int | None = None) -> gs.Node:
     """Replace one matched attention by a GroupQueryAttention node (see the module docstring);
-    `shared` caches the length tensors built once per mask tensor."""
+    `shared` caches the length tensors built once per mask tensor and the rotary tables;
+    `max_len` (the decoder's maximum length) sizes the tables of a fused rotary."""
     b = Builder(graph, f"{s['cat_k'].name}/gqa")
     H, KV, D = s["H"], s["KV"], s["D"]
+    q3, k3 = _heads_last(b, s["q"], H * D), _heads_last(b, s["k"], KV * D)
+    rotary = _fused_rotary(graph, q3, k3, max_len, shared)
+    cos = sin = pos = None
+    if rotary is not None:
+        q3, k3, cos, sin, pos = rotary
+        shared["rotary_fused"] = shared.get("rotary_fused", 0) + 1
     key = s["mask"].name
     if key not in shared:
         total = b.op("Shape", s["mask"], start=3, end=4)  # [1] int64: P + S
-        batch = b.op("Shape", s["q"], start=0, end=1)
-        seq = b.op("Shape", s["q"], start=2, end=3)
+        batch = b.op("Shape", q3, start=0, end=1)
+        seq = b.op("Shape", q3, start=1, end=2)
         seqlens = b.op("Expand", b.op("Cast", b.op("Sub", total, i64(1)), to=6), batch)
         qlens = b.op("Expand", b.op("Cast", seq, to=6), batch)
         total32 = b.op("Reshape", b.op("Cast", total, to=6), i64())
@@ -110,11 +148,13 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> gs.Node:
     for cat in (s["cat_k"], s["cat_v"]):  # the presents are written by GQA now
         cat.outputs.clear()
         cat.inputs.clear()
-    b.op("GroupQueryAttention", _heads_last(b, s["q"], H * D), _heads_last(b, s["k"], KV * D),
-         _heads_last(b, s["v"], KV * D), s["past_k"], s["past_v"], seqlens, total32, None,
-         None, None, s["mask"], _sink_input(b, s), None, None, None, None, qlens,
-         outputs=[out3, s["present_k"], s["present_v"]], domain=MS_DOMAIN, num_heads=H,
-         kv_num_heads=KV, scale=float(s["scale"]))  # fmt: skip
+    attrs = dict(num_heads=H, kv_num_heads=KV, scale=float(s["scale"]))
+    if rotary is not None:
+        attrs["do_rotary"] = 1
+    b.op("GroupQueryAttention", q3, k3, _heads_last(b, s["v"], KV * D), s["past_k"],
+         s["past_v"], seqlens, total32, cos, sin, pos, s["mask"], _sink_input(b, s), None,
+         None, None, None, qlens, outputs=[out3, s["present_k"], s["present_v"]],
+         domain=MS_DOMAIN, **attrs)  # fmt: skip
     s["out_node"].outputs.clear()
     if flat is not None:  # GQA writes the [B, S, H*D] tensor o_proj reads
         flat.inputs[0].outputs.clear()
@@ -181,16 +221,17 @@ class GroupQueryAttentionPass(GraphPass):
         ok = [m for m in matches if self.check(graph, m) is None]
         if not ok:
             return {}
-        choice = gqa_choice.choose(graph, ctx.options, gqa_form)
+        max_len = ctx.options.get("max_length")
+        choice = gqa_choice.choose(graph, ctx.options, partial(gqa_form, max_len=max_len))
         shared, kv_dims = {}, {}
         for m in ok:
-            m.info.update(shared=shared, kv_dims=kv_dims)
-        state = {"choice": choice, "kv_dims": kv_dims}
+            m.info.update(shared=shared, kv_dims=kv_dims, max_len=max_len)
+        state = {"choice": choice, "kv_dims": kv_dims, "shared": shared}
         return {**state, "refuse": choice.why} if choice.form == "standard" else state
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
         s = m.info["site"]
-        rewrite_site(graph, s, m.info["shared"])
+        rewrite_site(graph, s, m.info["shared"], m.info["max_len"])
         m.info["kv_dims"][s["past_k"].name] = m.info["kv_dims"][s["past_v"].name] = (
             s["KV"],
             s["D"],
@@ -206,12 +247,15 @@ class GroupQueryAttentionPass(GraphPass):
         shared_why = finish_form(graph, state["kv_dims"])
         kv = "shared" if choice.form == "gqa_shared" and shared_why is None else "concat"
         res.notes["kv_buffer"] = kv
+        fused = state["shared"].get("rotary_fused", 0)
+        res.notes["rotary"] = "fused (do_rotary)" if fused == res.applied else (
+            state["shared"].get("rotary_why", "not fused"))  # fmt: skip
         if choice.form == "gqa_shared" and shared_why:
             res.notes["kv_buffer_why"] = shared_why
         for m in matches:  # the runtime binds one shared buffer when these say kv_buffer=shared
             if "kv_dims" in m.info:  # the sites prepare parsed (all rewritten)
                 layer = m.nodes[0].name if m.nodes else m.describe()
-                form = f"{choice.form} kv_buffer={kv}"
+                form = f"{choice.form} kv_buffer={kv}" + (" rotary=fused" if fused else "")
                 lowering_meta.record(graph, self.name, layer, form, choice.why)
 
 
@@ -228,7 +272,8 @@ def finish_form(graph: gs.Graph, kv_dims: dict) -> str | None:
     return share_buffer(graph, pasts, kv_dims)
 
 
-def gqa_form(graph: gs.Graph, sites: list[dict] | None = None) -> tuple[dict, str | None]:
+def gqa_form(graph: gs.Graph, sites: list[dict] | None = None,
+             max_len: int | None = None) -> tuple[dict, str | None]:  # fmt: skip
     """Rewrite every site (parsed here when not given) in place, then make the pasts shareable.
     -> ({past input: (kv_heads, head_dim)}, why the pasts cannot share a buffer or None)."""
 
@@ -241,7 +286,7 @@ def gqa_form(graph: gs.Graph, sites: list[dict] | None = None) -> tuple[dict, st
     shared: dict = {}
     kv_dims = {}
     for s in sites:
-        rewrite_site(graph, s, shared)
+        rewrite_site(graph, s, shared, max_len)
         kv_dims[s["past_k"].name] = kv_dims[s["past_v"].name] = (s["KV"], s["D"])
     return kv_dims, finish_form(graph, kv_dims)
 

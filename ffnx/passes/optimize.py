@@ -106,6 +106,13 @@ def apply_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict], tol
     return new, report
 
 
+def manifest_options(manifest: dict) -> dict:
+    """Pass options a manifest implies: a KV-cache decoder's `max_length` (the rotary tables
+    group_query_attention builds span it)."""
+    cap = (manifest.get("decoder") or {}).get("max_length")
+    return {"max_length": int(cap)} if cap else {}
+
+
 def optimize_model(
     model: onnx.ModelProto,
     feeds: list[dict[str, np.ndarray]],

@@ -77,26 +77,30 @@ def gqa_engines(artifacts, tmp_path_factory):
     import onnx
 
     from ffnx.models.hf_decoder import decoder_inputs
-    from ffnx.passes.optimize import optimize_model
+    from ffnx.passes.optimize import manifest_options, optimize_model
     from ffnx.runtime import Engine
     from ffnx.runtime.backends.ort import OrtBackend
 
     made = {}
 
-    def get(model_type: str, form: str):
-        if (model_type, form) not in made:
+    def get(model_type: str, form: str, fuse_rotary: bool = True):
+        """fuse_rotary: the pass gets the decoder's max_length (as export and optimize give
+        it), so the rotary goes into GQA; without it the RotaryEmbedding nodes stay."""
+        if (model_type, form, fuse_rotary) not in made:
             engine, model = artifacts(model_type)
             src = onnx.load(engine.path + "/model.opt.onnx")
             feeds = [{k: v.numpy() for k, v in decoder_inputs(model.config, b, t, p, 256,
                                                               left_pad=1).items()}
                      for b, t, p in ((2, 3, 5), (1, 2, 3))]  # fmt: skip
+            opts = manifest_options(engine.manifest) if fuse_rotary else {}
             with _env("FFNX_ATTENTION", form):
-                new, (report,) = optimize_model(src, feeds, passes=["group_query_attention"])
+                new, (report,) = optimize_model(src, feeds, passes=["group_query_attention"],
+                                                options=opts)  # fmt: skip
             path = tmp_path_factory.mktemp(f"{model_type}-{form}") / "model.gqa.onnx"
             onnx.save(new, str(path))
             gqa = Engine(OrtBackend.load(str(path)), engine.manifest, engine.path)
-            made[model_type, form] = (gqa, model, report)
-        return made[model_type, form]
+            made[model_type, form, fuse_rotary] = (gqa, model, report)
+        return made[model_type, form, fuse_rotary]
 
     return get
 
@@ -148,6 +152,21 @@ def test_gqa_greedy_tokens_equal_transformers_generate(gqa_engines, model_type, 
     assert report["status"] == "applied" and report["applied"] == layers, report
     assert report["notes"]["kv_buffer"] == ("shared" if form == "gqa_shared" else "concat")
     assert kv_buffer(engine.backend.session) == report["notes"]["kv_buffer"]
+    assert report["notes"]["rotary"] == "fused (do_rotary)", report["notes"]
+    assert not ops(engine, "RotaryEmbedding") and ops(engine, "GroupQueryAttention") == layers
+    _greedy_equal(engine, model)
+
+
+def ops(engine, op: str) -> int:
+    import onnx
+
+    model = onnx.load(engine.backend.path, load_external_data=False)
+    return sum(n.op_type == op for n in model.graph.node)
+
+
+def _greedy_equal(engine, model) -> None:
+    """Greedy tokens equal transformers' at batch 1 and for a left-padded batch of 2, and the
+    padded row gives the tokens it gives alone."""
     rng = np.random.default_rng(1)
     one = [rng.integers(3, 256, 6).tolist()]
     np.testing.assert_array_equal(engine.generate(one, STEPS, ignore_eos=True),
@@ -156,6 +175,13 @@ def test_gqa_greedy_tokens_equal_transformers_generate(gqa_engines, model_type, 
     got = engine.generate(two, STEPS, ignore_eos=True)
     np.testing.assert_array_equal(got, hf_greedy(model, two, STEPS))
     np.testing.assert_array_equal(got[1:], engine.generate([two[1]], STEPS, ignore_eos=True))
+
+
+def test_gqa_without_max_length_keeps_the_rotary_and_is_exact(gqa_engines):
+    engine, model, report = gqa_engines("qwen3", "gqa_shared", fuse_rotary=False)
+    assert "no maximum length" in report["notes"]["rotary"], report["notes"]
+    assert ops(engine, "RotaryEmbedding") == 2 * engine.manifest["decoder"]["layers"]
+    _greedy_equal(engine, model)
 
 
 def test_gqa_shared_buffer_is_bound_once_and_written_in_place(gqa_engines):
@@ -198,6 +224,7 @@ def test_export_runs_group_query_attention_by_default(tmp_path):
     report = {r["name"]: r for r in artifact.read_manifest(tmp_path / "art")["passes"]}
     gqa = report["group_query_attention"]
     assert gqa["status"] == "applied" and gqa["notes"]["kv_buffer"] == "shared", gqa
+    assert gqa["notes"]["rotary"] == "fused (do_rotary)", gqa
     assert gqa["notes"]["why"].startswith("rule")
     engine = Engine.load(tmp_path / "art", backend="ort")
     assert kv_buffer(engine.backend.session) == "shared"
@@ -228,7 +255,7 @@ def test_gpt_oss_sinks_and_sliding_window_through_gqa(tmp_path, form):
     from ffnx.lowering import runnable
     from ffnx.models.hf import load_hf
     from ffnx.models.hf_decoder import decoder_inputs
-    from ffnx.passes.optimize import optimize_model
+    from ffnx.passes.optimize import manifest_options, optimize_model
     from ffnx.runtime import Engine
     from ffnx.runtime.backends.ort import OrtBackend
 

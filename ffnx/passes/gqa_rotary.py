@@ -1,0 +1,113 @@
+"""Rotary into GroupQueryAttention: the `rotary_embedding` pass's RotaryEmbedding nodes before a
+GQA become the op's own rotary (do_rotary = 1), fed the graph's position_ids.
+
+After `rotary_embedding`, each of q and k reaches GQA as
+
+    q' = RotaryEmbedding(q, r, C, S)   q [B, S, H*D], r [B, S] rows of C, S [rows, D/2]
+
+with C and S computed every step from position_ids (the model's own rope: cos/sin of
+positions x inv_freq, any scaling), C[r[b, s]] = f(position_ids[b, s]). GQA with do_rotary
+computes, per (b, s, head), the same rotate-half map with cos_cache[p], sin_cache[p] at
+p = position_ids[b, s] (its position_ids input, ORT >= 1.22; CPU kernel: measured exact for
+left-padded prompts and decode steps, tests/passes/test_group_query_attention.py). So the
+rewrite tabulates f once, for every position the model can take:
+
+    cos_cache = C evaluated with position_ids = [[0, 1, ..., L-1]]   [L, D/2], sin likewise
+
+(L = the decoder's maximum length, `options["max_length"]`), by running the graph's own C/S
+subgraph on ONNX Runtime, and feeds GQA q, k, cos_cache, sin_cache and position_ids.
+
+Exact when C and S are an elementwise function of position_ids: checked, not assumed — the
+subgraph must read no graph input but position_ids, and C evaluated on a random [2, 5]
+position_ids must equal the table's rows at those positions (a rope that depends on the
+longest position, like dynamic NTK scaling, fails it). Then both graphs compute the same
+products per element (the kernel's multiply-add aside). Not fused (the separate
+RotaryEmbedding stays, the reason in the pass notes): no maximum length, C/S reading other
+inputs or not elementwise, a rotary over part of the head (GQA's fused rotary rotates the
+whole head here), an interleaved rotary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ffnx.graph.tensors import const, producer
+
+CHECK_POSITIONS = np.array([[3, 0, 7, 1, 2], [9, 4, 4, 11, 5]], np.int64)  # any order, repeats
+
+
+def _evaluate(graph: gs.Graph, outputs: list[gs.Tensor], feeds: dict) -> list | str:
+    """Run the part of `graph` computing `outputs` from the inputs in `feeds` on ORT, or why
+    it needs another graph input."""
+    from ffnx.graph.ort import ort_session
+
+    g = graph.copy()
+    t = g.tensors()
+    g.outputs = [t[o.name] for o in outputs]
+    for o in g.outputs:
+        o.dtype, o.shape = np.float32, None
+    g.inputs = [t[n] for n in feeds]
+    g.cleanup()
+    needed = {x.name for x in g.tensors().values()
+              if isinstance(x, gs.Variable) and not x.inputs} - set(feeds)  # fmt: skip
+    if needed:
+        return f"the rotary cos/sin read {sorted(needed)[0]}, not only position_ids"
+    model = gs.export_onnx(g)
+    model.ir_version = max(model.ir_version, 4)
+    sess = ort_session(model)
+    return sess.run([o.name for o in g.outputs], feeds)
+
+
+def _row_ids(t: gs.Tensor) -> bool:
+    """t is the `rotary_embedding` pass's row index Expand(Reshape(Range(0, rows, 1)))."""
+    ex = producer(t, "Expand")
+    rs = producer(ex.inputs[0], "Reshape") if ex is not None else None
+    rg = producer(rs.inputs[0], "Range") if rs is not None else None
+    if rg is None:
+        return False
+    start, delta = const(rg.inputs[0]), const(rg.inputs[2])
+    return start is not None and delta is not None and int(start) == 0 and int(delta) == 1
+
+
+def rotary_of(t: gs.Tensor) -> gs.Node | None:
+    """The com.microsoft::RotaryEmbedding writing `t` as the `rotary_embedding` pass builds it
+    (rotate-half over the whole head, rows b*S + s of its cos/sin)."""
+    n = producer(t, "RotaryEmbedding")
+    if n is None or n.attrs.get("interleaved", 0) or n.attrs.get("rotary_embedding_dim", 0):
+        return None
+    return n if len(n.inputs) == 4 and _row_ids(n.inputs[1]) else None
+
+
+def _tabulate(graph: gs.Graph, rot: gs.Node, max_len: int):
+    """(cos_cache, sin_cache) or why not (see the module docstring)."""
+    cs = [rot.inputs[2], rot.inputs[3]]
+    full = _evaluate(graph, cs, {"position_ids": np.arange(max_len, dtype=np.int64)[None, :]})
+    if isinstance(full, str):
+        return full
+    cos, sin = (np.asarray(x, np.float32).reshape(max_len, -1) for x in full)
+    few = _evaluate(graph, cs, {"position_ids": CHECK_POSITIONS})
+    idx = CHECK_POSITIONS.reshape(-1)
+    for got, table in zip(few if not isinstance(few, str) else [], (cos, sin)):
+        got = np.asarray(got, np.float32)
+        if got.shape != (idx.size, table.shape[1]) or not np.array_equal(got, table[idx]):
+            break
+    else:
+        if not isinstance(few, str):
+            return cos, sin
+    return "the rotary cos/sin are not an elementwise function of position_ids"
+
+
+def tables(graph: gs.Graph, rot: gs.Node, max_len: int | None,
+           cache: dict) -> tuple[np.ndarray, np.ndarray] | str:  # fmt: skip
+    """(cos_cache, sin_cache) [max_len, D/2] float32 for `rot`'s C and S, or why not
+    (see the module docstring); `cache` keeps them per (C, S) pair."""
+    key = (rot.inputs[2].name, rot.inputs[3].name)
+    if key not in cache:
+        if not max_len:
+            cache[key] = "no maximum length for the rotary tables (options max_length)"
+        elif "position_ids" not in {t.name for t in graph.inputs}:
+            cache[key] = "no position_ids input"
+        else:
+            cache[key] = _tabulate(graph, rot, int(max_len))
+    return cache[key]
