@@ -109,7 +109,8 @@ def _graph_bytes(g) -> int:
 def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
     """Weight bytes one decode step reads: every initializer of the graph ORT runs (of an If,
     the larger branch), less the
-    embedding table (a Gather reads `batch` rows), less the experts no token routes to: per MoE
+    embedding table (a Gather reads `batch` rows) and the rotary cos/sin tables of a GQA with
+    fused rotary (likewise), less the experts no token routes to: per MoE
     layer (E experts, top-k, from model.onnx's FfnxMoE) the expected unread fraction under
     uniform routing, (1 - k/E)^batch, of its expert bytes in the run graph (fp32, or int4/int8
     bits + one fp32 scale per 32 with --quantize)."""
@@ -121,11 +122,15 @@ def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
     run = onnx.load(str(artifact.model_path(d, manifest)), load_external_data=False)
     inits = {i.name: i for i in run.graph.initializer}
     total = _graph_bytes(run.graph)
-    embed = 0
+    embed = rotary = 0
     for n in run.graph.node:
         if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
             t = inits[n.input[0]]
             embed += _nbytes(t) - batch * _nbytes(t) // int(t.dims[0])
+        if n.op_type == "GroupQueryAttention":  # fused rotary: one table row per position
+            for name in set(n.input[7:9]) & set(inits):
+                t = inits.pop(name)  # shared by every layer: counted once
+                rotary += _nbytes(t) - batch * _nbytes(t) // int(t.dims[0])
     q = manifest.get("quantize", {})
     scheme = q.get("experts", {}).get("scheme", "fp32") if q else "fp32"
     per_param = {"fp32": 4.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}[scheme]
@@ -143,8 +148,9 @@ def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
             e = int(pinit[weights[0]].dims[0]) if weights else 1
             k = int(attrs.get("top_k", 2))
             unread += (1 - min(k, e) / e) ** batch * params * per_param
-    return {"weight_bytes_per_step": total - embed - unread, "weight_bytes_total": total,
-            "embedding_bytes_unread": embed, "expert_bytes_unread": unread}  # fmt: skip
+    return {"weight_bytes_per_step": total - embed - rotary - unread,
+            "weight_bytes_total": total, "embedding_bytes_unread": embed,
+            "rotary_table_bytes_unread": rotary, "expert_bytes_unread": unread}  # fmt: skip
 
 
 def _llc_bytes() -> int:

@@ -185,3 +185,29 @@ def test_compare_without_its_package_is_one_line_before_any_timing(monkeypatch):
     with pytest.raises(InputError, match=r"--compare genai needs onnxruntime-genai: "
                                          r"pip install 'ffnx\[bench\]'"):  # fmt: skip
         bench_decode.parse_compare("torch,genai")
+
+
+def test_weight_bytes_per_step_reads_one_row_of_the_fused_rotary_tables(tmp_path):
+    """A GQA with fused rotary reads `batch` rows of its cos/sin tables (shared by every layer:
+    counted once), not the whole tables."""
+    from ffnx import artifact
+    from ffnx.commands.bench_decode import weight_bytes_per_step
+
+    tables = [numpy_helper.from_array(np.zeros((50, 4), np.float32), n) for n in ("cos", "sin")]
+    w = numpy_helper.from_array(np.zeros((16, 16), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["q"])] + [
+        helper.make_node("GroupQueryAttention", ["q", "q", "q", "pk", "pv", "sl", "tot", "cos",
+                                                 "sin"], [f"o{i}", f"k{i}", f"v{i}"],
+                         domain="com.microsoft", num_heads=1, kv_num_heads=1, do_rotary=1)
+        for i in range(2)
+    ]  # fmt: skip
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [1, 16])],
+                          [helper.make_tensor_value_info("o1", TensorProto.FLOAT, None)],
+                          [w, *tables])  # fmt: skip
+    (tmp_path / artifact.MODEL_OPT).write_bytes(helper.make_model(g).SerializeToString())
+    manifest = artifact.write_manifest(tmp_path, {})
+    for batch in (1, 3):
+        got = weight_bytes_per_step(str(tmp_path), manifest, batch)
+        assert got["rotary_table_bytes_unread"] == 2 * 4 * (50 - batch) * 4
+        assert got["weight_bytes_per_step"] == 4 * 16 * 16 + 2 * 4 * batch * 4
