@@ -88,7 +88,8 @@ def _weight(node, inits: dict, producers: dict) -> np.ndarray | str | None:
 
 def _normalized(model: onnx.ModelProto):
     """-> (copy of model with every quantizable linear as MatMul(x, W [K, N] initializer) [+ Add],
-    names of those MatMuls, kept [{node, reason}]). Gemm -> MatMul + Add is exact."""
+    {name of each of those MatMuls: fp32 bytes of its W}, kept [{node, reason}]). Gemm -> MatMul +
+    Add is exact."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -98,7 +99,7 @@ def _normalized(model: onnx.ModelProto):
     for n in _all_nodes(g):  # If branches (lowered MoE) read outer tensors by name
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    nodes, targets, kept, made = [], [], [], {}
+    nodes, targets, kept, made = [], {}, [], {}
     for k, node in enumerate(g.node):
         w = _weight(node, inits, producers)
         name = node.name or f"linear_{k}"
@@ -121,7 +122,7 @@ def _normalized(model: onnx.ModelProto):
         nodes.append(helper.make_node("MatMul", [node.input[0], b], [y], name=name))
         if bias:
             nodes.append(helper.make_node("Add", [y, bias], list(node.output), name=f"{name}/bias"))
-        targets.append(name)
+        targets[name] = int(w.nbytes)
     del g.node[:]
     g.node.extend(nodes)
     return out, targets, kept
@@ -148,6 +149,7 @@ def quantize_linears(
               "linears": len(targets), "kept_fp32": kept}  # fmt: skip
     if not targets:
         report["weight_bytes"] = {"before": before, "after": before}
+        report["linear_bytes"] = {"before": 0, "after": 0}
         return model, report
     cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
                                        accuracy_level=accuracy_level)  # fmt: skip
@@ -172,6 +174,11 @@ def quantize_linears(
     if done != len(targets):
         raise ValueError(f"internal: {len(targets)} linears planned, {done} quantized")
     report["weight_bytes"] = {"before": before, "after": _weight_bytes(out.graph)}
+    inits = {i.name: i for i in out.graph.initializer}
+    old = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    report["linear_bytes"] = {"before": sum(targets.values()), "after": sum(
+        _nbytes(inits[i]) for n in out.graph.node if n.op_type == "MatMulNBits"
+        and n.input[1] not in old for i in n.input[1:] if i in inits)}  # fmt: skip
     return out, report
 
 
@@ -197,8 +204,11 @@ def _drop_unused(g) -> None:
 
 
 def _weight_bytes(g) -> int:
-    return int(sum(int(np.prod(i.dims, dtype=np.int64)) * _itemsize(i.data_type)
-                   for i in g.initializer))  # fmt: skip
+    return int(sum(_nbytes(i) for i in g.initializer))
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type)
 
 
 def _itemsize(data_type: int) -> int:
@@ -304,9 +314,9 @@ def quantize_decoder(
 
 def summary(report: dict) -> str:
     """One line for the CLI."""
-    a, w = report["accuracy"], report["weight_bytes"]
+    a, w = report["accuracy"], report["linear_bytes"]
     return (f"quantized {report['linears']} linears to {report['scheme']} MatMulNBits (block "
-            f"{report['block']}; {len(report['kept_fp32'])} kept fp32); weights "
+            f"{report['block']}; {len(report['kept_fp32'])} kept fp32); their weights "
             f"{w['before'] / 2**20:.1f} -> {w['after'] / 2**20:.1f} MiB; vs fp32 over "
             f"{a['steps']} greedy steps: token agreement {a['token_agreement']:.3f}, logits "
             f"cosine {a['logits_cosine']:.5f} (min {a['logits_cosine_min']:.5f}), identical "

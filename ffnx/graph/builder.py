@@ -51,7 +51,7 @@ class Builder:
             return v
         if isinstance(v, np.ndarray):
             return self.const(v)
-        if isinstance(v, (bool, np.bool_)):
+        if isinstance(v, (bool, np.generic)):  # a numpy scalar keeps its dtype
             return self.const(np.asarray(v))
         if isinstance(v, int):
             return self.const(i64(v).reshape(()))

@@ -33,3 +33,31 @@ def run_session(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
     return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def subgraph_inputs(graph, outputs) -> list:
+    """The graph inputs (gs tensors) that `outputs` (tensors of the onnx-graphsurgeon `graph`)
+    are computed from."""
+    g = graph.copy()
+    t = g.tensors()
+    g.outputs = [t[o.name] for o in outputs]
+    g.cleanup(remove_unused_graph_inputs=True)
+    names = {x.name for x in g.inputs}
+    return [x for x in graph.inputs if x.name in names]
+
+
+def run_subgraph(graph, outputs, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Evaluate the part of the onnx-graphsurgeon `graph` that computes `outputs` (float32
+    tensors) from the graph inputs named in `feeds` (the rest of the graph is dropped) on ORT."""
+    import onnx_graphsurgeon as gs
+
+    g = graph.copy()
+    t = g.tensors()
+    g.outputs = [t[o.name] for o in outputs]
+    for o in g.outputs:
+        o.dtype, o.shape = np.float32, None
+    g.inputs = [t[n] for n in feeds]
+    g.cleanup()
+    model = gs.export_onnx(g)
+    model.ir_version = max(model.ir_version, 4)
+    return ort_session(model).run([o.name for o in g.outputs], feeds)

@@ -8,9 +8,10 @@ After `rotary_embedding`, each of q and k reaches GQA as
 with C and S computed every step from position_ids (the model's own rope: cos/sin of
 positions x inv_freq, any scaling), C[r[b, s]] = f(position_ids[b, s]). GQA with do_rotary
 computes, per (b, s, head), the same rotate-half map with cos_cache[p], sin_cache[p] at
-p = position_ids[b, s] (its position_ids input, ORT >= 1.22; CPU kernel: measured exact for
-left-padded prompts and decode steps, tests/passes/test_group_query_attention.py). So the
-rewrite tabulates f once, for every position the model can take:
+p = position_ids[b, s] (its position_ids input; measured on the CPU kernel of ORT 1.32, the
+oldest version the pass fuses with (MIN_ORT): equal to the unfused graph for left-padded
+prompts and decode steps, tests/runtime/test_generate.py). So the rewrite tabulates f once, for
+every position the model can take:
 
     cos_cache = C evaluated with position_ids = [[0, 1, ..., L-1]]   [L, D/2], sin likewise
 
@@ -34,29 +35,18 @@ import onnx_graphsurgeon as gs
 
 from ffnx.graph.tensors import const, producer
 
+MIN_ORT = (1, 32)  # GQA's per-row position_ids verified from this ONNX Runtime on
 CHECK_POSITIONS = np.array([[3, 0, 7, 1, 2], [9, 4, 4, 11, 5]], np.int64)  # any order, repeats
 
 
 def _evaluate(graph: gs.Graph, outputs: list[gs.Tensor], feeds: dict) -> list | str:
-    """Run the part of `graph` computing `outputs` from the inputs in `feeds` on ORT, or why
-    it needs another graph input."""
-    from ffnx.graph.ort import ort_session
+    """`outputs` computed from position_ids alone, or why they need another graph input."""
+    from ffnx.graph.ort import run_subgraph, subgraph_inputs
 
-    g = graph.copy()
-    t = g.tensors()
-    g.outputs = [t[o.name] for o in outputs]
-    for o in g.outputs:
-        o.dtype, o.shape = np.float32, None
-    g.inputs = [t[n] for n in feeds]
-    g.cleanup()
-    needed = {x.name for x in g.tensors().values()
-              if isinstance(x, gs.Variable) and not x.inputs} - set(feeds)  # fmt: skip
-    if needed:
-        return f"the rotary cos/sin read {sorted(needed)[0]}, not only position_ids"
-    model = gs.export_onnx(g)
-    model.ir_version = max(model.ir_version, 4)
-    sess = ort_session(model)
-    return sess.run([o.name for o in g.outputs], feeds)
+    other = [t.name for t in subgraph_inputs(graph, outputs) if t.name not in feeds]
+    if other:
+        return f"the rotary cos/sin read {other[0]}, not only position_ids"
+    return run_subgraph(graph, outputs, feeds)
 
 
 def _row_ids(t: gs.Tensor) -> bool:
@@ -104,8 +94,14 @@ def tables(graph: gs.Graph, rot: gs.Node, max_len: int | None,
     (see the module docstring); `cache` keeps them per (C, S) pair."""
     key = (rot.inputs[2].name, rot.inputs[3].name)
     if key not in cache:
+        import onnxruntime
+
+        version = tuple(int(v) for v in onnxruntime.__version__.split(".")[:2])
         if not max_len:
             cache[key] = "no maximum length for the rotary tables (options max_length)"
+        elif version < MIN_ORT:
+            cache[key] = (f"ONNX Runtime {onnxruntime.__version__}: GQA's per-row position_ids "
+                          f"verified from {'.'.join(map(str, MIN_ORT))}")  # fmt: skip
         elif "position_ids" not in {t.name for t in graph.inputs}:
             cache[key] = "no position_ids input"
         else:

@@ -63,7 +63,7 @@ from ffnx.graph.attention_match import consumers, is_key_cache, only, parse_site
 from ffnx.graph.builder import Builder, i64
 from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.graph.tensors import producer
-from ffnx.passes import gqa_rotary
+from ffnx.passes import gqa_mask, gqa_rotary
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
 
@@ -121,6 +121,19 @@ def _fused_rotary(graph: gs.Graph, q3: gs.Tensor, k3: gs.Tensor, max_len, shared
     return rq.inputs[0], rk.inputs[0], *consts[key], pos
 
 
+def _bias(graph: gs.Graph, b: Builder, mask: gs.Tensor, max_len, shared: dict):
+    """-> (GQA's attention_bias, total length [1] int64): the padding-only bias where the
+    model's mask adds nothing inside GQA's causal region (ffnx.passes.gqa_mask), else the mask
+    itself (the reason kept in shared["mask_why"])."""
+    value = gqa_mask.check(graph, mask, max_len)
+    if isinstance(value, str):
+        shared.setdefault("mask_why", value)
+        return mask, b.op("Shape", mask, start=3, end=4)  # [1] int64: P + S
+    shared["mask_replaced"] = shared.get("mask_replaced", 0) + 1
+    am = next(t for t in graph.inputs if t.name == "attention_mask")
+    return gqa_mask.padding_bias(graph, value), b.op("Shape", am, start=1, end=2)
+
+
 def rewrite_site(graph: gs.Graph, s: dict, shared: dict, max_len: int | None = None) -> gs.Node:
     """Replace one matched attention by a GroupQueryAttention node (see the module docstring);
     `shared` caches the length tensors built once per mask tensor and the rotary tables;
@@ -135,14 +148,14 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict, max_len: int | None = N
         shared["rotary_fused"] = shared.get("rotary_fused", 0) + 1
     key = s["mask"].name
     if key not in shared:
-        total = b.op("Shape", s["mask"], start=3, end=4)  # [1] int64: P + S
+        bias, total = _bias(graph, b, s["mask"], max_len, shared)
         batch = b.op("Shape", q3, start=0, end=1)
         seq = b.op("Shape", q3, start=1, end=2)
         seqlens = b.op("Expand", b.op("Cast", b.op("Sub", total, i64(1)), to=6), batch)
         qlens = b.op("Expand", b.op("Cast", seq, to=6), batch)
         total32 = b.op("Reshape", b.op("Cast", total, to=6), i64())
-        shared[key] = (seqlens, total32, qlens)
-    seqlens, total32, qlens = shared[key]
+        shared[key] = (seqlens, total32, qlens, bias)
+    seqlens, total32, qlens, bias = shared[key]
     flat = _flat_reader(s["out"], H * D)
     out3 = flat if flat is not None else gs.Variable(b.name("gqa_out"), dtype=s["q"].dtype)
     for cat in (s["cat_k"], s["cat_v"]):  # the presents are written by GQA now
@@ -152,7 +165,7 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict, max_len: int | None = N
     if rotary is not None:
         attrs["do_rotary"] = 1
     b.op("GroupQueryAttention", q3, k3, _heads_last(b, s["v"], KV * D), s["past_k"],
-         s["past_v"], seqlens, total32, cos, sin, pos, s["mask"], _sink_input(b, s), None,
+         s["past_v"], seqlens, total32, cos, sin, pos, bias, _sink_input(b, s), None,
          None, None, None, qlens, outputs=[out3, s["present_k"], s["present_v"]],
          domain=MS_DOMAIN, **attrs)  # fmt: skip
     s["out_node"].outputs.clear()
@@ -247,9 +260,8 @@ class GroupQueryAttentionPass(GraphPass):
         shared_why = finish_form(graph, state["kv_dims"])
         kv = "shared" if choice.form == "gqa_shared" and shared_why is None else "concat"
         res.notes["kv_buffer"] = kv
+        res.notes.update(_site_notes(state["shared"], res.applied))
         fused = state["shared"].get("rotary_fused", 0)
-        res.notes["rotary"] = "fused (do_rotary)" if fused == res.applied else (
-            state["shared"].get("rotary_why", "not fused"))  # fmt: skip
         if choice.form == "gqa_shared" and shared_why:
             res.notes["kv_buffer_why"] = shared_why
         for m in matches:  # the runtime binds one shared buffer when these say kv_buffer=shared
@@ -257,6 +269,17 @@ class GroupQueryAttentionPass(GraphPass):
                 layer = m.nodes[0].name if m.nodes else m.describe()
                 form = f"{choice.form} kv_buffer={kv}" + (" rotary=fused" if fused else "")
                 lowering_meta.record(graph, self.name, layer, form, choice.why)
+
+
+def _site_notes(shared: dict, applied: int) -> dict:
+    """The pass notes on the rotary and the mask of the rewritten sites."""
+    fused, masks = shared.get("rotary_fused", 0), shared.get("mask_replaced", 0)
+    notes = {"rotary": "fused (do_rotary)" if fused == applied else
+             shared.get("rotary_why", "not fused")}  # fmt: skip
+    notes["mask"] = f"padding only, {masks} mask(s)" if masks else shared.get("mask_why", "")
+    if masks and "mask_why" in shared:  # some masks kept (sliding-window layers)
+        notes["mask_kept_why"] = shared["mask_why"]
+    return notes
 
 
 def finish_form(graph: gs.Graph, kv_dims: dict) -> str | None:

@@ -139,7 +139,11 @@ def test_export_int8_matmulnbits_and_token_agreement(int8_artifact):
     consts = {i.name for i in model.graph.initializer}
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
     assert all(n.domain == "com.microsoft" for n in model.graph.node if n.op_type == "MatMulNBits")
-    assert q["weight_bytes"]["after"] < 0.45 * q["weight_bytes"]["before"]
+    # int8 + one fp32 scale per 32: 1.125 of 4 bytes per parameter; the whole model shrinks less
+    # (fp32 embedding Gather table, norms, the fused rotary's cos/sin tables)
+    lin = q["linear_bytes"]
+    assert 0.28 * lin["before"] <= lin["after"] < 0.29 * lin["before"]
+    assert lin["before"] - lin["after"] <= q["weight_bytes"]["before"] - q["weight_bytes"]["after"]
     a = q["accuracy"]
     # measured: agreement 1.0 over 64 steps, cosine 0.99995 (tiny random Llama, seed 0 prompt)
     assert a["steps"] == 64 and a["fp32_prefill_agreement"] == 1.0
