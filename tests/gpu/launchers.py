@@ -1,4 +1,4 @@
-"""torch-facing launchers of the ffnx CUDA kernels (GPU tests and benchmarks/kernels.py).
+"""torch-facing launchers of the ffnx CUDA kernels (GPU tests and benchmarks/cuda_kernels.py).
 
 They fill the C ABI structs of `ffnx.plugins.build` from torch CUDA tensors and call the
 library loaded by `build.load_kernels()`; the package itself never imports torch for this.

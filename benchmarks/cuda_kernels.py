@@ -1,6 +1,6 @@
 """Benchmark the ffnx CUDA kernels against torch baselines, with the device's own ceilings.
 
-    python benchmarks/kernels.py [--json out.json] [--small]
+    python benchmarks/cuda_kernels.py [--json out.json] [--small]
 
 MoE (Mixtral-like: D=4096, H=14336, E=8, k=2, fp16, SwiGLU; --small: D=2048, H=7168) at
 T in {1, 16, 256, 4096}: ffnx kernels, a torch per-expert loop, a torch padded bmm over experts
