@@ -95,14 +95,20 @@ def _nbytes(t) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type)
 
 
-def _graph_bytes(g) -> int:
-    """Initializer bytes of a graph and the subgraphs that run: an If (a lowered MoE layer's
-    token-count switch) runs one branch, counted as the larger."""
-    total = sum(_nbytes(i) for i in g.initializer)
+def _graph_bytes(g, outer: dict | None = None) -> int:
+    """Initializer bytes a run of graph `g` reads: its own and its enclosing graphs' (`outer`)
+    that its nodes read; an If (a lowered MoE layer's token-count switch) runs one branch,
+    counted as the larger (a weight both branches read, stored once in the enclosing graph:
+    `ffnx.graph.export`, is counted once)."""
+    inits = {**(outer or {}), **{i.name: i for i in g.initializer}}
+    here = {i for n in g.node for i in n.input}
+    total = sum(_nbytes(inits[name]) for name in here if name in inits)
     for n in g.node:
-        subs = [_graph_bytes(a.g) for a in n.attribute if a.HasField("g")]
+        subs = [a.g for a in n.attribute if a.HasField("g")]
         if subs:
-            total += max(subs) if n.op_type == "If" else sum(subs)
+            rest = {k: v for k, v in inits.items() if k not in here}
+            sizes = [_graph_bytes(sub, rest) for sub in subs]
+            total += max(sizes) if n.op_type == "If" else sum(sizes)
     return total
 
 

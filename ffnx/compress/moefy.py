@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 from ffnx.compress.calibrate import Calibration, LayerStats, ffn_sites
 from ffnx.errors import PassError
 from ffnx.graph import lowering_meta
+from ffnx.graph.export import export_model
 from ffnx.graph.ffn_match import FFN
 from ffnx.lowering.sparse import act_numpy
 from ffnx.plugins.schema import DOMAIN, DOMAIN_VERSION, GATED_ACTIVATION, MOE
@@ -189,7 +190,7 @@ def moefy_model(
     if not layers:
         raise PassError("no FFN with a relu/gelu/silu (or gated) activation to MoEfy")
     graph.cleanup().toposort()
-    out = lowering_meta.finish(gs.export_onnx(graph), model, graph)  # earlier lowerings kept
+    out = lowering_meta.finish(export_model(graph), model, graph)  # earlier lowerings kept
     out.ir_version = model.ir_version
     del out.opset_import[:]
     out.opset_import.extend([o for o in model.opset_import if o.domain != DOMAIN])

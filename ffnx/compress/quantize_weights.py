@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ffnx.graph.export import hoist_branch_initializers
 from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.lowering.moe_ort import ACCURACY_LEVEL
 from ffnx.lowering.quantize import BITS
@@ -166,6 +167,7 @@ def quantize_linears(
     finally:
         log.setLevel(level)
     out = q.model.model
+    hoist_branch_initializers(out.graph)  # a weight both If branches read is quantized per branch
     _drop_unused(out.graph)
     if not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -191,13 +193,11 @@ def _all_nodes(g):
 
 
 def _drop_unused(g) -> None:
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    used |= {i for n in g.node for a in n.attribute if a.g for m in a.g.node for i in m.input}
+    used = {i for n in _all_nodes(g) for i in n.input} | {o.name for o in g.output}
     dead = [n for n in g.node if n.op_type == "Transpose" and n.output[0] not in used]
     for n in dead:  # a Transpose of a now-quantized weight
         g.node.remove(n)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    used |= {i for n in g.node for a in n.attribute if a.g for m in a.g.node for i in m.input}
+    used = {i for n in _all_nodes(g) for i in n.input} | {o.name for o in g.output}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)

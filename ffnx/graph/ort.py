@@ -49,7 +49,7 @@ def subgraph_inputs(graph, outputs) -> list:
 def run_subgraph(graph, outputs, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Evaluate the part of the onnx-graphsurgeon `graph` that computes `outputs` (float32
     tensors) from the graph inputs named in `feeds` (the rest of the graph is dropped) on ORT."""
-    import onnx_graphsurgeon as gs
+    from ffnx.graph.export import export_model
 
     g = graph.copy()
     t = g.tensors()
@@ -58,6 +58,4 @@ def run_subgraph(graph, outputs, feeds: dict[str, np.ndarray]) -> list[np.ndarra
         o.dtype, o.shape = np.float32, None
     g.inputs = [t[n] for n in feeds]
     g.cleanup()
-    model = gs.export_onnx(g)
-    model.ir_version = max(model.ir_version, 4)
-    return ort_session(model).run([o.name for o in g.outputs], feeds)
+    return ort_session(export_model(g)).run([o.name for o in g.outputs], feeds)

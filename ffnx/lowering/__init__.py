@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from ffnx.graph import lowering_meta
 from ffnx.graph.builder import Builder, i64
+from ffnx.graph.export import export_model
 from ffnx.graph.opsets import set_opsets
 from ffnx.lowering.moe_common import LoweringError, MoESite, finish, flatten, route, shared
 from ffnx.lowering.moe_forms import FORMS
@@ -95,8 +96,7 @@ def decompose_ffnx_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             raise LoweringError(f"{node.name}: no decomposition for {DOMAIN}::{node.op}")
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    return set_opsets(out, model.opset_import)
+    return set_opsets(export_model(graph), model.opset_import)
 
 
 def lowering_report(model: onnx.ModelProto) -> dict[str, str]:

@@ -18,7 +18,7 @@ ops used here are float32).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -49,6 +49,15 @@ class MoESite:
     D: int
     H1: int
     H: int
+    made: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def constant(self, b: Builder, key: tuple, make, hint: str) -> gs.Constant:
+        """One constant per `key` for this site (`make()` its value): the branches of a
+        token-count `If` that read the same expert weights share one tensor, which
+        `ffnx.graph.export` then stores once."""
+        if key not in self.made:
+            self.made[key] = b.const(make(), hint)
+        return self.made[key]
 
     @classmethod
     def of(cls, node: gs.Node) -> MoESite:

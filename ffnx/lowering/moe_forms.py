@@ -103,7 +103,7 @@ def _expert_param(b: Builder, s: MoESite, name: str, e: int, rows: tuple | None 
     v = s.value(name)
     if v is not None:
         # a copy: a view would keep the whole stacked [E, ...] array alive per expert
-        return b.const(v[e, lo:hi].copy(), f"{name}{e}")
+        return s.constant(b, (name, e, lo, hi), lambda: v[e, lo:hi].copy(), f"{name}{e}")
     t = b.op("Gather", s.tensor(b, name), i64(e).reshape(()), axis=0)
     return t if rows is None else b.op("Slice", t, i64(lo), i64(hi), i64(0))
 
@@ -145,7 +145,8 @@ def _wide(b: Builder, s: MoESite, name: str, perm: tuple, shape: tuple):
     """The stacked weight transposed by `perm` and reshaped to one 2-D GEMM operand."""
     v = s.value(name)
     if v is not None:
-        return b.const(np.ascontiguousarray(v.transpose(perm)).reshape(shape), f"{name}_wide")
+        return s.constant(b, ("wide", name, perm, shape), lambda: np.ascontiguousarray(
+            v.transpose(perm)).reshape(shape), f"{name}_wide")  # fmt: skip
     return b.reshape(b.op("Transpose", s.tensor(b, name), perm=list(perm)), *shape)
 
 

@@ -121,7 +121,9 @@ def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
 
 def _bias(b: Builder, s: MoESite, name: str, interleave: bool = False):
     v = s.value(name)
-    return None if v is None else b.const(_interleave(v, interleave), name)
+    if v is None:
+        return None
+    return s.constant(b, ("ort", name, interleave), lambda: _interleave(v, interleave), name)
 
 
 def ort_moe(b: Builder, s: MoESite, x):
@@ -182,11 +184,17 @@ def sorted_nbits(bits: int, accuracy_level: int = ACCURACY_LEVEL):
             return b.op(
                 "MatMulNBits",
                 rows,
-                b.const(q.blocked()[e], f"{fc}{e}_q"),
-                b.const(q.scales[e].reshape(-1), f"{fc}{e}_scales"),
+                s.constant(b, (fc, e, bits, "q"), lambda: q.blocked()[e], f"{fc}{e}_q"),
+                s.constant(
+                    b, (fc, e, bits, "scales"), lambda: q.scales[e].reshape(-1), f"{fc}{e}_scales"
+                ),  # fmt: skip
                 None,
                 None,
-                None if bias is None else b.const(bias[e].copy(), f"{fc}{e}_bias"),
+                None
+                if bias is None
+                else s.constant(
+                    b, (fc, e, "bias"), lambda: bias[e].copy(), f"{fc}{e}_bias"
+                ),  # fmt: skip
                 domain=MS_DOMAIN,
                 K=K,
                 N=N,

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from ffnx.errors import LoweringError
 from ffnx.graph.builder import Builder, f32, i64
+from ffnx.graph.export import export_model
 from ffnx.graph.opsets import set_opsets
 from ffnx.graph.tensors import const
 from ffnx.plugins.schema import (
@@ -58,7 +59,7 @@ def lower_sparse_ffn_nodes(model: onnx.ModelProto, variant: str | None = None) -
     for node in nodes:
         lower_sparse_ffn(graph, node, variant or PLAIN)
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
+    out = export_model(graph)
     out.ir_version = model.ir_version
     return set_opsets(out, model.opset_import)
 

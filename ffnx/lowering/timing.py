@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ffnx.graph.export import export_model
 from ffnx.graph.opsets import set_opsets
 from ffnx.graph.ort import ort_session  # sessions that stop spinning after a run
 from ffnx.lowering.moe_model import MoEConfig, moe_feeds, moe_model, moe_weights
@@ -28,7 +29,7 @@ def lowered_model(model: onnx.ModelProto, choice: str, why: str = "") -> onnx.Mo
     for node in [n for n in graph.nodes if n.op == "FfnxMoE"]:
         lower_moe_node(graph, node, choice, why)
     graph.cleanup().toposort()
-    out = finish(gs.export_onnx(graph), model, graph)  # metadata kept, `why` recorded
+    out = finish(export_model(graph), model, graph)  # metadata kept, `why` recorded
     return set_opsets(out, model.opset_import)
 
 

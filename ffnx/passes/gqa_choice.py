@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ffnx.graph.export import export_model
+
 FORMS = ("standard", "gqa", "gqa_shared")
 RULE = "gqa_shared"  # without measurement: one fused node per layer, no cache copy per step
 PASTS = (64, 256)
@@ -77,9 +79,7 @@ def decide(timings: dict) -> tuple[str, str]:
 def _model(graph: gs.Graph) -> onnx.ModelProto:
     g = graph.copy()
     g.cleanup().toposort()
-    m = gs.export_onnx(g)
-    m.ir_version = max(m.ir_version, 4)
-    return m
+    return export_model(g)
 
 
 def cache_file() -> Path:

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ffnx.graph.export import export_model
+
 
 def to_model(graph: gs.Graph, extra_outputs: list[str] = ()) -> onnx.ModelProto:
     """A runnable copy of `graph` (cleaned, sorted), optionally exposing more tensors."""
@@ -22,7 +24,7 @@ def to_model(graph: gs.Graph, extra_outputs: list[str] = ()) -> onnx.ModelProto:
         t.dtype = t.dtype if t.dtype is not None else np.float32
         g.outputs.append(t)
     g.cleanup().toposort()
-    return gs.export_onnx(g)
+    return export_model(g)
 
 
 def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[dict]:

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from ffnx import artifact
 from ffnx.errors import PassError, VerificationError
 from ffnx.graph import lowering_meta, verify
+from ffnx.graph.export import export_model
 from ffnx.graph.opsets import set_opsets
 from ffnx.graph.stats import graph_stats
 from ffnx.lowering import run_model
@@ -53,10 +54,7 @@ def _example_dims(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
 
 def _finish(graph: gs.Graph, opset_imports) -> onnx.ModelProto:
     graph.cleanup().toposort()
-    model = gs.export_onnx(graph)
-    # graphsurgeon drops initializers from the inputs but keeps the IR version; IR < 4 requires
-    # every initializer to be an input, so such a model would fail the checker.
-    model.ir_version = max(model.ir_version, 4)
+    model = export_model(graph)
     set_opsets(model, opset_imports)
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)

@@ -39,7 +39,7 @@ def test_gemv_models_and_bandwidth(bits):
 
 def _moe_artifact(d) -> dict:
     """An artifact holding an embedding table [100, 16] and one FfnxMoE (E 4, top-2, D 16,
-    H 16): model.onnx with the node; model.opt.onnx a lowering as an If whose then-branch holds
+    H 16): model.onnx with the node; model.opt.onnx a lowering as an If whose then-branch reads
     both expert weights and whose else-branch only fc1 (only read, never run)."""
     rng = np.random.default_rng(0)
     arrays = {"embed": (100, 16), "fc1": (4, 32, 16), "fc2": (4, 16, 16), "norm": (16,)}
@@ -66,18 +66,18 @@ def _moe_artifact(d) -> dict:
     (d / artifact.MODEL).write_bytes(helper.make_model(g).SerializeToString())
     out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
 
-    def branch(names):
-        ws = [i for i in inits if i.name in names]
-        node = helper.make_node("Identity", [names[0]], ["y"])
-        return helper.make_graph([node], "b", [], out, ws)
+    def branch(reads, own):
+        node = helper.make_node("Sum", reads, ["y"])
+        return helper.make_graph([node], "b", [], out, [i for i in inits if i.name in own])
 
+    # fc1, which both branches read, is stored once in the enclosing graph (ffnx.graph.export)
     lowered = helper.make_graph(
         [nodes[0], nodes[1], helper.make_node("If", ["c"], ["y"],
-                                              then_branch=branch(["fc1", "fc2"]),
-                                              else_branch=branch(["fc1"]))],
+                                              then_branch=branch(["fc1", "fc2"], ["fc2"]),
+                                              else_branch=branch(["fc1"], []))],
         "opt", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
                 helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-        out, [i for i in inits if i.name in ("embed", "norm")],
+        out, [i for i in inits if i.name in ("embed", "norm", "fc1")],
     )  # fmt: skip
     (d / artifact.MODEL_OPT).write_bytes(helper.make_model(lowered).SerializeToString())
     return artifact.write_manifest(d, {})
