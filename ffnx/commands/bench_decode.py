@@ -85,24 +85,16 @@ def torch_decode(source: str, prompt_len: int, new_tokens: int, batch: int, thre
     return {**decode_stats(ttft, times, batch, prompt_len), "tokens": np.stack(toks, axis=1)}
 
 
-def _itemsize(data_type: int) -> int:
-    from onnx import helper
-
-    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
-
-
-def _nbytes(t) -> int:
-    return int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type)
-
-
 def _graph_bytes(g, outer: dict | None = None) -> int:
     """Initializer bytes a run of graph `g` reads: its own and its enclosing graphs' (`outer`)
     that its nodes read; an If (a lowered MoE layer's token-count switch) runs one branch,
     counted as the larger (a weight both branches read, stored once in the enclosing graph:
     `ffnx.graph.export`, is counted once)."""
+    from ffnx.graph.stats import tensor_bytes
+
     inits = {**(outer or {}), **{i.name: i for i in g.initializer}}
     here = {i for n in g.node for i in n.input}
-    total = sum(_nbytes(inits[name]) for name in here if name in inits)
+    total = sum(tensor_bytes(inits[name]) for name in here if name in inits)
     for n in g.node:
         subs = [a.g for a in n.attribute if a.HasField("g")]
         if subs:
@@ -123,6 +115,7 @@ def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
     import onnx
 
     from ffnx import artifact
+    from ffnx.graph.stats import tensor_bytes
 
     d = Path(directory)
     run = onnx.load(str(artifact.model_path(d, manifest)), load_external_data=False)
@@ -132,11 +125,11 @@ def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
     for n in run.graph.node:
         if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
             t = inits[n.input[0]]
-            embed += _nbytes(t) - batch * _nbytes(t) // int(t.dims[0])
+            embed += tensor_bytes(t) - batch * tensor_bytes(t) // int(t.dims[0])
         if n.op_type == "GroupQueryAttention":  # fused rotary: one table row per position
             for name in set(n.input[7:9]) & set(inits):
                 t = inits.pop(name)  # shared by every layer: counted once
-                rotary += _nbytes(t) - batch * _nbytes(t) // int(t.dims[0])
+                rotary += tensor_bytes(t) - batch * tensor_bytes(t) // int(t.dims[0])
     q = manifest.get("quantize", {})
     scheme = q.get("experts", {}).get("scheme", "fp32") if q else "fp32"
     per_param = {"fp32": 4.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}[scheme]

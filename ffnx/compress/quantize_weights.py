@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 
 from ffnx.graph.export import hoist_branch_initializers
 from ffnx.graph.opsets import MS_DOMAIN
+from ffnx.graph.stats import tensor_bytes
 from ffnx.lowering.moe_ort import ACCURACY_LEVEL
 from ffnx.lowering.quantize import BITS
 
@@ -179,7 +180,7 @@ def quantize_linears(
     inits = {i.name: i for i in out.graph.initializer}
     old = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
     report["linear_bytes"] = {"before": sum(targets.values()), "after": sum(
-        _nbytes(inits[i]) for n in out.graph.node if n.op_type == "MatMulNBits"
+        tensor_bytes(inits[i]) for n in out.graph.node if n.op_type == "MatMulNBits"
         and n.input[1] not in old for i in n.input[1:] if i in inits)}  # fmt: skip
     return out, report
 
@@ -204,15 +205,7 @@ def _drop_unused(g) -> None:
 
 
 def _weight_bytes(g) -> int:
-    return int(sum(_nbytes(i) for i in g.initializer))
-
-
-def _nbytes(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type)
-
-
-def _itemsize(data_type: int) -> int:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    return int(sum(tensor_bytes(i) for i in g.initializer))
 
 
 def _prefill_logits(session, meta: dict, ids: np.ndarray) -> np.ndarray:

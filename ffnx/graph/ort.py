@@ -35,27 +35,38 @@ def run_session(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
 
 
-def subgraph_inputs(graph, outputs) -> list:
-    """The graph inputs (gs tensors) that `outputs` (tensors of the onnx-graphsurgeon `graph`)
-    are computed from."""
+def _cut(graph, outputs):
+    """A copy of the onnx-graphsurgeon `graph` whose outputs are `outputs` (by name)."""
     g = graph.copy()
     t = g.tensors()
     g.outputs = [t[o.name] for o in outputs]
+    return g, t
+
+
+def subgraph_inputs(graph, outputs) -> list:
+    """The graph inputs (gs tensors) that `outputs` (tensors of the onnx-graphsurgeon `graph`)
+    are computed from."""
+    g, _ = _cut(graph, outputs)
     g.cleanup(remove_unused_graph_inputs=True)
     names = {x.name for x in g.inputs}
     return [x for x in graph.inputs if x.name in names]
 
 
-def run_subgraph(graph, outputs, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Evaluate the part of the onnx-graphsurgeon `graph` that computes `outputs` (float32
-    tensors) from the graph inputs named in `feeds` (the rest of the graph is dropped) on ORT."""
+def subgraph_runner(graph, outputs, inputs: list[str]):
+    """One ORT session for the part of the onnx-graphsurgeon `graph` that computes `outputs`
+    (float32 tensors) from the graph inputs named `inputs` (the rest of the graph is dropped):
+    -> run(feeds) -> [arrays of `outputs`]; built once, run on as many feeds as needed."""
     from ffnx.graph.export import export_model
 
-    g = graph.copy()
-    t = g.tensors()
-    g.outputs = [t[o.name] for o in outputs]
+    g, t = _cut(graph, outputs)
     for o in g.outputs:
         o.dtype, o.shape = np.float32, None
-    g.inputs = [t[n] for n in feeds]
+    g.inputs = [t[n] for n in inputs]
     g.cleanup()
-    return ort_session(export_model(g)).run([o.name for o in g.outputs], feeds)
+    sess, names = ort_session(export_model(g)), [o.name for o in g.outputs]
+    return lambda feeds: sess.run(names, feeds)
+
+
+def run_subgraph(graph, outputs, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """`subgraph_runner` run once on `feeds`."""
+    return subgraph_runner(graph, outputs, list(feeds))(feeds)

@@ -20,6 +20,12 @@ def _op_name(n: onnx.NodeProto) -> str:
     return f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
 
 
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of an initializer's values (dims x element size; external data included)."""
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
 def param_count(model: onnx.ModelProto) -> int:
     total = 0
     for init in model.graph.initializer:

@@ -39,14 +39,16 @@ MIN_ORT = (1, 32)  # GQA's per-row position_ids verified from this ONNX Runtime 
 CHECK_POSITIONS = np.array([[3, 0, 7, 1, 2], [9, 4, 4, 11, 5]], np.int64)  # any order, repeats
 
 
-def _evaluate(graph: gs.Graph, outputs: list[gs.Tensor], feeds: dict) -> list | str:
-    """`outputs` computed from position_ids alone, or why they need another graph input."""
-    from ffnx.graph.ort import run_subgraph, subgraph_inputs
+def _runner(graph: gs.Graph, outputs: list[gs.Tensor]):
+    """run(position_ids) -> `outputs` computed from position_ids alone, or why they need
+    another graph input."""
+    from ffnx.graph.ort import subgraph_inputs, subgraph_runner
 
-    other = [t.name for t in subgraph_inputs(graph, outputs) if t.name not in feeds]
+    other = [t.name for t in subgraph_inputs(graph, outputs) if t.name != "position_ids"]
     if other:
         return f"the rotary cos/sin read {other[0]}, not only position_ids"
-    return run_subgraph(graph, outputs, feeds)
+    run = subgraph_runner(graph, outputs, ["position_ids"])
+    return lambda positions: run({"position_ids": positions})
 
 
 def _row_ids(t: gs.Tensor) -> bool:
@@ -71,21 +73,17 @@ def rotary_of(t: gs.Tensor) -> gs.Node | None:
 
 def _tabulate(graph: gs.Graph, rot: gs.Node, max_len: int):
     """(cos_cache, sin_cache) or why not (see the module docstring)."""
-    cs = [rot.inputs[2], rot.inputs[3]]
-    full = _evaluate(graph, cs, {"position_ids": np.arange(max_len, dtype=np.int64)[None, :]})
-    if isinstance(full, str):
-        return full
+    run = _runner(graph, [rot.inputs[2], rot.inputs[3]])
+    if isinstance(run, str):
+        return run
+    full = run(np.arange(max_len, dtype=np.int64)[None, :])
     cos, sin = (np.asarray(x, np.float32).reshape(max_len, -1) for x in full)
-    few = _evaluate(graph, cs, {"position_ids": CHECK_POSITIONS})
     idx = CHECK_POSITIONS.reshape(-1)
-    for got, table in zip(few if not isinstance(few, str) else [], (cos, sin)):
+    for got, table in zip(run(CHECK_POSITIONS), (cos, sin)):
         got = np.asarray(got, np.float32)
         if got.shape != (idx.size, table.shape[1]) or not np.array_equal(got, table[idx]):
-            break
-    else:
-        if not isinstance(few, str):
-            return cos, sin
-    return "the rotary cos/sin are not an elementwise function of position_ids"
+            return "the rotary cos/sin are not an elementwise function of position_ids"
+    return cos, sin
 
 
 def tables(graph: gs.Graph, rot: gs.Node, max_len: int | None,
