@@ -184,7 +184,7 @@ def test_no_import_cycle_between_folders():
 
 # The layers, top to bottom: a folder imports only folders after it (README "Layout").
 LAYERS = ["ffnx.cli", "ffnx.commands", "ffnx.bench", "ffnx.export", "ffnx.models", "ffnx.passes",
-          "ffnx.compress", "ffnx.lowering", "ffnx.graph", "ffnx.build", "ffnx.plugins",
+          "ffnx.compress", "ffnx.lowering", "ffnx.build", "ffnx.graph", "ffnx.plugins",
           "ffnx.runtime", "ffnx.artifact", "ffnx.errors", "ffnx"]  # fmt: skip
 
 

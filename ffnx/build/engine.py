@@ -107,6 +107,7 @@ def _prepare_graph(onnx_path: Path, plan: PrecisionPlan, work: Path) -> tuple[Pa
         has_ffnx_nodes,
         materialize_optional_inputs,
     )
+    from ffnx.graph.model_io import save_model
 
     model = onnx.load(str(onnx_path))  # external data next to the file is loaded too
     materialize_optional_inputs(model)
@@ -120,8 +121,7 @@ def _prepare_graph(onnx_path: Path, plan: PrecisionPlan, work: Path) -> tuple[Pa
     if plan.convert_fp16:
         model = convert_to_fp16(model)
     out = work / "model.trt.onnx"
-    big = model.ByteSize() > 1_800_000_000
-    onnx.save(model, str(out), save_as_external_data=big, location="model.trt.onnx.data")
+    save_model(model, out)  # past 2 GiB with model.trt.onnx.data beside it
     return out, has_ffnx_nodes(model), problems
 
 

@@ -21,6 +21,7 @@ import onnx
 import ffnx.build.flavour as flavour_mod
 from ffnx.build.trt_graph_check import check_graph, has_ffnx_nodes, materialize_optional_inputs
 from ffnx.errors import BackendError
+from ffnx.graph.model_io import save_model
 
 LIST_CHECKER = "supported-op list (ffnx/build/data/trt_supported_ops.txt)"
 
@@ -115,8 +116,7 @@ def check_trt_file(
     network = trt.Builder(logger).create_network(0)
     with tempfile.TemporaryDirectory(prefix="ffnx-trt-check-") as work:
         staged = Path(work) / path.name
-        big = model.ByteSize() > 1_800_000_000
-        onnx.save(model, str(staged), save_as_external_data=big, location=path.name + ".data")
+        save_model(model, staged)
         parse_network(trt, network, logger, staged)
     return {
         "checker": f"{builder_name(trt)} ONNX parser",

@@ -90,7 +90,7 @@ def _graph_bytes(g, outer: dict | None = None) -> int:
     that its nodes read; an If (a lowered MoE layer's token-count switch) runs one branch,
     counted as the larger (a weight both branches read, stored once in the enclosing graph:
     `ffnx.graph.export`, is counted once)."""
-    from ffnx.graph.stats import tensor_bytes
+    from ffnx.graph.model_io import tensor_bytes
 
     inits = {**(outer or {}), **{i.name: i for i in g.initializer}}
     here = {i for n in g.node for i in n.input}
@@ -115,7 +115,7 @@ def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
     import onnx
 
     from ffnx import artifact
-    from ffnx.graph.stats import tensor_bytes
+    from ffnx.graph.model_io import tensor_bytes
 
     d = Path(directory)
     run = onnx.load(str(artifact.model_path(d, manifest)), load_external_data=False)

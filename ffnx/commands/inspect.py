@@ -14,9 +14,11 @@ from ffnx.errors import ArtifactError
 def load_onnx(path: Path):
     import onnx
 
+    from ffnx.graph.model_io import check
+
     try:
         model = onnx.load(str(path))
-        onnx.checker.check_model(model) if path.stat().st_size < 2**31 else None
+        check(model)
     except Exception as e:  # protobuf DecodeError, checker errors: the file is unusable
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(

@@ -285,15 +285,17 @@ def optimize_cmd(
         ui.err.print(summary(manifest["quantize"]))
     elif p.is_dir():
         manifest.pop("quantize", None)
+    from ffnx.graph.model_io import save_model
+
     if p.is_dir():
-        artifact.write_bytes_atomic(p / artifact.MODEL_OPT, new.SerializeToString())
+        save_model(new, p / artifact.MODEL_OPT)
         manifest["passes"] = (manifest.get("passes", []) if keep_moefied else []) + reports
         # moefied: model.opt.onnx keeps the provenance it had (model.onnx via moefy)
         made = None if keep_moefied else {artifact.MODEL_OPT: [artifact.MODEL]}
         artifact.write_manifest(p, manifest, made)
         ui.err.print(f"updated {p / artifact.MODEL_OPT} and the manifest")
     else:
-        artifact.write_bytes_atomic(out, new.SerializeToString())
+        save_model(new, out)
         ui.err.print(f"wrote {out}")
     if as_json:
         written = str(p / artifact.MODEL_OPT) if p.is_dir() else out

@@ -61,6 +61,7 @@ def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda 
     from ffnx.commands.feeds import random_feeds
     from ffnx.commands.inspect import load_onnx
     from ffnx.compress.quantize_weights import quantize_decoder
+    from ffnx.graph.model_io import save_model
     from ffnx.passes.optimize import manifest_options, optimize_model
 
     directory = Path(directory)
@@ -78,6 +79,6 @@ def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda 
         lowered = load_onnx(directory / artifact.MODEL_OPT)
     step(f"quantizing linears to {scheme}, measuring token agreement")
     new, manifest["quantize"] = quantize_decoder(plain, lowered, manifest, scheme)
-    artifact.write_bytes_atomic(directory / artifact.MODEL_OPT, new.SerializeToString())
+    save_model(new, directory / artifact.MODEL_OPT)
     artifact.write_manifest(directory, manifest, {artifact.MODEL_OPT: [artifact.MODEL]})
     return manifest["quantize"]

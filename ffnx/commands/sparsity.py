@@ -125,6 +125,7 @@ def moefy_cmd(
     from ffnx.compress.calibrate import FILE, Calibration
     from ffnx.compress.moefy import moefy_model, output_error
     from ffnx.errors import ArtifactError, PassError
+    from ffnx.graph.model_io import save_model
 
     _random_only(ctx)
     d = Path(directory)
@@ -152,7 +153,7 @@ def moefy_cmd(
     err = report["error"]["max_abs"]
     if max_error is not None and err > max_error:
         raise PassError(f"moefy refused: max abs error {err:.3g} exceeds --max-error {max_error}")
-    artifact.write_bytes_atomic(d / artifact.MODEL_OPT, new.SerializeToString())
+    save_model(new, d / artifact.MODEL_OPT)
     manifest["moefy"] = report
     made = {artifact.MODEL_OPT: [artifact.MODEL, FILE]}  # a plan built before is now stale
     artifact.write_manifest(d, manifest, made)

@@ -38,8 +38,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ffnx.graph.export import hoist_branch_initializers
+from ffnx.graph.model_io import tensor_bytes
 from ffnx.graph.opsets import MS_DOMAIN
-from ffnx.graph.stats import tensor_bytes
 from ffnx.lowering.moe_ort import ACCURACY_LEVEL
 from ffnx.lowering.quantize import BITS
 

@@ -28,6 +28,7 @@ from ffnx.export.inputs import (
 )
 from ffnx.export.torch_export import DEFAULT_OPSET, export_onnx
 from ffnx.graph import verify
+from ffnx.graph.model_io import save_model
 from ffnx.graph.ort import ort_session, run_session
 from ffnx.models.spec import ModelSpec
 from ffnx.runtime.backends.base import TensorInfo
@@ -225,7 +226,7 @@ def export_artifact(
                         onnx.load(str(onnx_path)), sample_feeds(spec), larger_feeds(spec),
                         threads=threads, timing_sets=decoder_timing_sets(spec), **kw,
                     )  # fmt: skip
-                    artifact.write_bytes_atomic(stage / dst, new.SerializeToString())
+                    save_model(new, stage / dst)
                     return reports
                 return optimize_file(onnx_path, stage / dst, sample_feeds(spec), **kw)
 
@@ -235,7 +236,7 @@ def export_artifact(
                 manifest["passes_trt"] = run_passes(artifact.MODEL_TRT, "trt")
                 made_from[artifact.MODEL_TRT] = [artifact.MODEL]
             manifest["passes"] = run_passes(artifact.MODEL_OPT, "ort")
-            made_from[artifact.MODEL_OPT] = [artifact.MODEL]
+            made_from[artifact.MODEL_OPT] = [artifact.MODEL, artifact.MODEL + ".data"]
         if target == "trt":
             step("checking the graph against TensorRT's ONNX parser")
             manifest["tensorrt_graph_check"] = check_trt_graph(stage, manifest, trt)

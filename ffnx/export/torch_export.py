@@ -16,10 +16,10 @@ import torch
 
 from ffnx.errors import ExportError
 from ffnx.export.inputs import output_names
+from ffnx.graph import model_io
 from ffnx.models.spec import ModelSpec
 
 DEFAULT_OPSET = 18  # ORT >= 1.14, TensorRT >= 8.6 and every Jetson TensorRT read it
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph
 DATA_DEPENDENT = re.compile(r"data.dependent|GuardOnDataDependent|Could not guard|nonzero", re.I)
 
 
@@ -123,7 +123,7 @@ def export_onnx(spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -
                 opset_version=opset,
                 verbose=False,
             )
-            program.save(str(path), external_data=nbytes > EXTERNAL_DATA_BYTES)
+            program.save(str(path), external_data=nbytes > model_io.LIMIT)
     except ExportError:
         raise
     except Exception as e:

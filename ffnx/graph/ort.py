@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from ffnx.errors import VerificationError
+from ffnx.graph.model_io import is_big, session_path
 
 
 def ort_session(model, threads: int | None = None):
-    """An ORT CPU session from an onnx.ModelProto, bytes or a path (errors -> VerificationError).
+    """An ORT CPU session from an onnx.ModelProto (of any size), bytes or a path (errors ->
+    VerificationError).
 
     Workers spin between the kernels of a run (ORT's default: what a deployed model gets), but
     stop when it ends: otherwise they go on spinning for tens of ms and steal the cores from the
@@ -21,8 +24,11 @@ def ort_session(model, threads: int | None = None):
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         so.intra_op_num_threads = threads
-    src = model.SerializeToString() if hasattr(model, "SerializeToString") else model
     try:
+        if isinstance(model, onnx.ModelProto) and is_big(model):
+            with session_path(model) as path:  # past protobuf's 2 GiB: external data
+                return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -11,6 +11,8 @@ from collections import Counter
 import numpy as np
 import onnx
 
+from ffnx.graph.model_io import infer_shapes
+
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(_op_name(n) for n in model.graph.node).most_common())
@@ -18,12 +20,6 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 def _op_name(n: onnx.NodeProto) -> str:
     return f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-
-
-def tensor_bytes(t: onnx.TensorProto) -> int:
-    """Bytes of an initializer's values (dims x element size; external data included)."""
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
 
 
 def param_count(model: onnx.ModelProto) -> int:
@@ -50,7 +46,7 @@ def concrete_shapes(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str, l
     for vi in m.graph.output:
         vi.type.tensor_type.ClearField("shape")
     try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        m = infer_shapes(m, data_prop=True)
     except Exception:  # shape inference is best effort for stats (custom ops, odd graphs)
         return {}
     shapes = {}

@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ffnx import artifact
 from ffnx.errors import PassError, VerificationError
-from ffnx.graph import lowering_meta, verify
+from ffnx.graph import lowering_meta, model_io, verify
 from ffnx.graph.export import export_model
 from ffnx.graph.opsets import set_opsets
 from ffnx.graph.stats import graph_stats
@@ -56,8 +55,8 @@ def _finish(graph: gs.Graph, opset_imports) -> onnx.ModelProto:
     graph.cleanup().toposort()
     model = export_model(graph)
     set_opsets(model, opset_imports)
-    model = onnx.shape_inference.infer_shapes(model)
-    onnx.checker.check_model(model)
+    model = model_io.infer_shapes(model)
+    model_io.check(model)
     return model
 
 
@@ -171,5 +170,5 @@ def optimize_file(
     passes whose removal times faster on ORT.)"""
     model = onnx.load(str(src))
     new, reports = optimize_model(model, feeds, **kwargs)
-    artifact.write_bytes_atomic(dst, new.SerializeToString())
+    model_io.save_model(new, dst)
     return reports

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ffnx.graph.model_io import digest
+
 MARGIN = 0.02
 RULE = 2  # bump when the decision rule changes: older cached decisions are not reused
 MIN_WINS = 0.75  # share of paired rounds a graph must win to count as faster (see `faster`)
@@ -107,7 +109,7 @@ def cache_key(model: onnx.ModelProto, passes: list[str], shapes, threads) -> str
 
     import onnxruntime
 
-    sig = {"model": hashlib.sha256(model.SerializeToString()).hexdigest(), "passes": passes,
+    sig = {"model": digest(model), "passes": passes,
            "shapes": shapes, "threads": threads, "ort": onnxruntime.__version__,
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "rule": RULE}  # fmt: skip
