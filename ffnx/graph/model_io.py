@@ -12,9 +12,11 @@ step that serializes a model goes through here:
                  large tensors detached (shapes and types need no values)
   digest         sha256 of the model's structure and every tensor's bytes
 
-`detached(model)` is the one mechanism: inside it, each tensor of more than SMALL bytes held as
-`raw_data` is marked as ONNX external data and its bytes are held aside; on exit they are put
-back, so the model is unchanged.
+`detached(model, file)` is the one mechanism: inside it, each tensor of more than SMALL bytes
+held as `raw_data` has its bytes in `file` and is marked as ONNX external data there; on exit each
+reads its bytes back, so the model is unchanged. The bytes move one tensor at a time, so a large
+model costs no second copy of its weights in memory (`save_model` writes the `.data` file that
+way directly).
 """
 
 from __future__ import annotations
@@ -74,46 +76,54 @@ def _external(t: onnx.TensorProto) -> bool:
 
 
 @contextmanager
-def detached(model: onnx.ModelProto) -> Iterator[list[tuple[onnx.TensorProto, bytes]]]:
-    """The model with its large raw tensors marked external and their bytes held aside (yields
-    [(tensor, bytes)] in `all_tensors` order); restored on exit."""
+def detached(model: onnx.ModelProto, data: Path, location: str = "") -> Iterator[Path]:
+    """The model with the bytes of its large raw tensors moved to the file `data` (each
+    ALIGN-aligned) and those tensors marked as external data there (`location`: the name they
+    record; default the file's own); each reads its bytes back on exit. One tensor at a time,
+    so no second copy of the weights is held in memory."""
+    location = location or data.name
     moved = []
     try:
-        for t in all_tensors(model):
-            if not _external(t) and t.HasField("raw_data") and tensor_bytes(t) > SMALL:
-                moved.append((t, t.raw_data))
+        with open(data, "wb") as f:
+            for t in all_tensors(model):
+                if _external(t) or not t.HasField("raw_data") or tensor_bytes(t) <= SMALL:
+                    continue
+                f.write(b"\0" * (-f.tell() % ALIGN))
+                offset, blob = f.tell(), t.raw_data
+                f.write(blob)
                 t.ClearField("raw_data")
                 t.data_location = onnx.TensorProto.EXTERNAL
-                t.external_data.add(key="location", value=_DETACHED)
-        yield moved
+                for key, value in (("location", location), ("offset", str(offset)),
+                                   ("length", str(len(blob)))):  # fmt: skip
+                    t.external_data.add(key=key, value=value)
+                moved.append(t)
+                del blob
+        yield data
     finally:
-        for t, data in moved:
-            _restore(t, data)
+        _reattach(moved, data, location)
 
 
-def _reattach(model: onnx.ModelProto, moved: list[tuple[onnx.TensorProto, bytes]]) -> None:
-    """Give a model derived from a detached one (same tensors, same order) its bytes back."""
-    pending = iter(moved)
-    for t in all_tensors(model):
-        if _external(t) and any(e.value == _DETACHED for e in t.external_data):
-            src, data = next(pending)
-            assert src.name == t.name, (src.name, t.name)
-            _restore(t, data)
-
-
-def _restore(t: onnx.TensorProto, data: bytes) -> None:
-    del t.external_data[:]
-    t.ClearField("data_location")  # DEFAULT, as it was (only DEFAULT tensors are detached)
-    t.raw_data = data
+def _reattach(tensors, data: Path, location: str) -> None:
+    """Read the bytes of `tensors` (external data in `data` under `location`) back in."""
+    with open(data, "rb") as f:
+        for t in tensors:
+            ext = {e.key: e.value for e in t.external_data}
+            if ext.get("location") != location:
+                continue
+            f.seek(int(ext["offset"]))
+            blob = f.read(int(ext["length"]))
+            del t.external_data[:]
+            t.ClearField("data_location")  # DEFAULT, as it was (only DEFAULT tensors move)
+            t.raw_data = blob
 
 
 def infer_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
     """`onnx.shape_inference.infer_shapes` for a model of any size (a new model)."""
     if not is_big(model):
         return onnx.shape_inference.infer_shapes(model, **kwargs)
-    with detached(model) as moved:
+    with _tmpdir() as d, detached(model, d / "w.data", _DETACHED) as data:
         out = onnx.shape_inference.infer_shapes(model, **kwargs)
-    _reattach(out, moved)
+        _reattach(all_tensors(out), data, _DETACHED)
     return out
 
 
@@ -123,27 +133,25 @@ def check(model: onnx.ModelProto) -> None:
     if not is_big(model):
         onnx.checker.check_model(model)
         return
-    with detached(model) as moved:
+    with _tmpdir() as d, detached(model, d / "w.data", _DETACHED):
         light = onnx.ModelProto()
         light.CopyFrom(model)
-    for t in all_tensors(light):  # a tensor's bytes are not the checker's business
-        if _external(t) and any(e.value == _DETACHED for e in t.external_data):
+    for t in all_tensors(light):
+        if _external(t):
             del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-            del t.dims[:]  # one element in place of the values (the checker's own check
-            t.dims.append(1)  # runs no shape inference)
+            t.ClearField("data_location")
+            del t.dims[:]
+            t.dims.append(1)
             t.raw_data = b"\0" * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    del moved
     onnx.checker.check_model(light)
 
 
 def digest(model: onnx.ModelProto) -> str:
     """sha256 of the model: its structure and the bytes of every tensor."""
     h = hashlib.sha256()
-    with detached(model) as moved:
+    with _tmpdir() as d, detached(model, d / "w.data", _DETACHED) as data:
         h.update(model.SerializeToString())
-        for _, data in moved:
-            h.update(data)
+        h.update(artifact.sha256(data).encode())
     return h.hexdigest()
 
 
@@ -154,33 +162,28 @@ def data_path(path: str | Path) -> Path:
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write `model` to `path` atomically; over LIMIT its tensor data goes to `<name>.data`
-    (written first, each under a temporary name until complete). Returns `path`."""
+    (written first, under a temporary name until complete). Returns `path`."""
     path = Path(path)
     data = data_path(path)
     if not is_big(model):
         artifact.write_bytes_atomic(path, model.SerializeToString())
         data.unlink(missing_ok=True)  # a stale one from a larger model of the same name
         return path
-    with detached(model) as moved, artifact.atomic_path(data) as tmp:
-        offset = 0
-        with open(tmp, "wb") as f:
-            for t, blob in moved:
-                pad = -offset % ALIGN
-                f.write(b"\0" * pad)
-                offset += pad
-                f.write(blob)
-                del t.external_data[:]
-                for key, value in (("location", data.name), ("offset", str(offset)),
-                                   ("length", str(len(blob)))):  # fmt: skip
-                    t.external_data.add(key=key, value=value)
-                offset += len(blob)
+    with artifact.atomic_path(data) as tmp, detached(model, tmp, data.name):
         light = model.SerializeToString()  # references the final data name
     artifact.write_bytes_atomic(path, light)
     return path
 
 
 @contextmanager
+def _tmpdir() -> Iterator[Path]:
+    """A temporary directory (on disk: detached bytes, models for ONNX Runtime)."""
+    with tempfile.TemporaryDirectory(prefix="ffnx-model-") as d:
+        yield Path(d)
+
+
+@contextmanager
 def session_path(model: onnx.ModelProto) -> Iterator[Path]:
     """The model saved (with external data) in a temporary directory, removed on exit."""
-    with tempfile.TemporaryDirectory(prefix="ffnx-model-") as d:
-        yield save_model(model, Path(d) / "model.onnx")
+    with _tmpdir() as d:
+        yield save_model(model, d / "model.onnx")
