@@ -1,14 +1,15 @@
 """Token-by-token decode: ffnx's KV-cache decoder (fp32 and int4) on ONNX Runtime against
 transformers eager and onnxruntime-genai, with the weight-bandwidth roofline.
 
-    python benchmarks/decode.py [--size tiny|qwen3] [--arch qwen3 qwen3_moe mixtral]
+    python benchmarks/decode.py [--size tiny|qwen3|qwen3-0.6b] [--arch qwen3 qwen3_moe mixtral]
                                 [--precision fp32 int4] [--runtimes ffnx transformers genai]
                                 [--prompt-len 64] [--new-tokens 64] [--batch 1] [--threads 2]
                                 [--rounds 3] [--work DIR] [--json out.json] [--plot out.png]
 
 Per architecture: a random-weight checkpoint config is written to --work (`tiny`: hidden 64,
 2 layers, vocab 256, for a smoke run; `qwen3`: the issue-14 shape, hidden 512, 8 layers, 8 heads
-/ 4 KV heads, vocab 32000; MoE: Qwen3-MoE 16 experts top-2, Mixtral 8 experts top-2), exported
+/ 4 KV heads, vocab 32000; `qwen3-0.6b`: Qwen3-0.6B's shape, 28 layers, vocab 151936, tied
+embeddings, 2.4 GB in fp32, written with external data; MoE: Qwen3-MoE 16 experts top-2, Mixtral 8 experts top-2), exported
 with `ffnx export hf:DIR` (KV cache, default passes) and, for int4, quantized as `ffnx export
 --quantize int4` does (`ffnx.commands.quantize.quantize_artifact`: MatMulNBits block 32, int4
 experts where they fit; its token agreement and logits cosine against fp32 are reported). Timed
@@ -43,6 +44,10 @@ SIZES = {
                  num_key_value_heads=2, vocab_size=256, head_dim=16),
     "qwen3": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=4, vocab_size=32000, head_dim=64),
+    # Qwen3-0.6B's shape (0.6 B parameters, 2.4 GB in fp32: past protobuf's 2 GiB)
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, vocab_size=151936,
+                       head_dim=128, tie_word_embeddings=True, rope_theta=1000000),
 }  # fmt: skip
 MOE = {
     "qwen3_moe": dict(num_experts=16, num_experts_per_tok=2, norm_topk_prob=True),
@@ -52,8 +57,8 @@ RUNTIMES = ("ffnx", "transformers", "genai")
 
 
 def write_config(directory: Path, arch: str, size: str) -> Path:
-    cfg = {"model_type": arch, **SIZES[size], "max_position_embeddings": 4096,
-           "tie_word_embeddings": False, **MOE.get(arch, {})}  # fmt: skip
+    cfg = {"model_type": arch, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+           **SIZES[size], **MOE.get(arch, {})}  # fmt: skip
     if arch == "qwen3_moe":  # a multiple of 32, so the experts quantize block-wise
         cfg["moe_intermediate_size"] = max(32, cfg["intermediate_size"] // 4 // 32 * 32)
     if arch == "mixtral":

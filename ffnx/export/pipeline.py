@@ -83,7 +83,7 @@ def verify_export(
     ffnx op nodes (MoE, sparse FFN) are checked through their ONNX decomposition."""
     from ffnx.lowering import runnable
 
-    sess = ort_session(runnable(onnx.load(str(onnx_path))))
+    sess = ort_session(runnable(onnx.load(str(onnx_path))), prepack=False)
     shapes = [example_dims(spec)]
     if spec.dynamic:
         shapes.append(other_dims(spec))

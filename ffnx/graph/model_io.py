@@ -10,6 +10,8 @@ step that serializes a model goes through here:
   session_path   a model over LIMIT saved to a temporary directory for ONNX Runtime
   infer_shapes   onnx shape inference, and `check`, the onnx checker: run on the model with its
                  large tensors detached (shapes and types need no values)
+  is_big         past LIMIT: measured choices (the speed guard, the attention form), which
+                 would hold the model in memory several times over, are not taken
   digest         sha256 of the model's structure and every tensor's bytes
 
 `detached(model, file)` is the one mechanism: inside it, each tensor of more than SMALL bytes
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from ffnx import artifact
 
@@ -118,13 +121,53 @@ def _reattach(tensors, data: Path, location: str) -> None:
 
 
 def infer_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
-    """`onnx.shape_inference.infer_shapes` for a model of any size (a new model)."""
+    """`onnx.shape_inference.infer_shapes` for a model of any size. A model past LIMIT is not
+    copied: it gets the inferred value_info and output types of its main graph, in place."""
     if not is_big(model):
         return onnx.shape_inference.infer_shapes(model, **kwargs)
-    with _tmpdir() as d, detached(model, d / "w.data", _DETACHED) as data:
-        out = onnx.shape_inference.infer_shapes(model, **kwargs)
-        _reattach(all_tensors(out), data, _DETACHED)
-    return out
+    out = onnx.shape_inference.infer_shapes(structure(model), **kwargs)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(out.graph.value_info)
+    for mine, inferred in zip(model.graph.output, out.graph.output):
+        mine.type.CopyFrom(inferred.type)
+    return model
+
+
+def constant_bytes(graph) -> int:
+    """Bytes of an onnx-graphsurgeon graph's constants (from shapes: nothing is loaded)."""
+    consts = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    return sum(int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize for t in consts)
+
+
+def structure(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model without the values of its main graph's initializers over SMALL
+    bytes (name, type and dims kept, marked external): for analyses of shapes and ops, cheap at
+    any size. (Subgraphs and Constant nodes are copied whole.)"""
+    light = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _assign(light, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _assign(light.graph, fd, value)
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and tensor_bytes(t) > SMALL:
+            meta = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+            meta.data_location = onnx.TensorProto.EXTERNAL
+            meta.external_data.add(key="location", value=_DETACHED)
+        else:
+            light.graph.initializer.add().CopyFrom(t)
+    return light
+
+
+def _assign(msg, fd, value) -> None:
+    field = getattr(msg, fd.name)
+    if hasattr(field, "extend"):  # repeated
+        field.extend(value)
+    elif fd.message_type:
+        field.CopyFrom(value)
+    else:
+        setattr(msg, fd.name, value)
 
 
 def check(model: onnx.ModelProto) -> None:
@@ -133,10 +176,8 @@ def check(model: onnx.ModelProto) -> None:
     if not is_big(model):
         onnx.checker.check_model(model)
         return
-    with _tmpdir() as d, detached(model, d / "w.data", _DETACHED):
-        light = onnx.ModelProto()
-        light.CopyFrom(model)
-    for t in all_tensors(light):
+    light = structure(model)
+    for t in light.graph.initializer:
         if _external(t):
             del t.external_data[:]
             t.ClearField("data_location")

@@ -9,14 +9,15 @@ from ffnx.errors import VerificationError
 from ffnx.graph.model_io import is_big, session_path
 
 
-def ort_session(model, threads: int | None = None):
+def ort_session(model, threads: int | None = None, prepack: bool = True):
     """An ORT CPU session from an onnx.ModelProto (of any size), bytes or a path (errors ->
     VerificationError).
 
     Workers spin between the kernels of a run (ORT's default: what a deployed model gets), but
     stop when it ends: otherwise they go on spinning for tens of ms and steal the cores from the
     next session timed (3 sessions of one FFN round-robin ran 2.4x slower than one alone). Every
-    timing in ffnx (lowering choices, benchmarks) uses these sessions."""
+    timing in ffnx (lowering choices, benchmarks) uses these sessions. prepack=False: no packed
+    copy of the weights (a session run once to check outputs: half the memory, faster to make)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -24,6 +25,8 @@ def ort_session(model, threads: int | None = None):
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         so.intra_op_num_threads = threads
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     try:
         if isinstance(model, onnx.ModelProto) and is_big(model):
             with session_path(model) as path:  # past protobuf's 2 GiB: external data
@@ -69,7 +72,7 @@ def subgraph_runner(graph, outputs, inputs: list[str]):
         o.dtype, o.shape = np.float32, None
     g.inputs = [t[n] for n in inputs]
     g.cleanup()
-    sess, names = ort_session(export_model(g)), [o.name for o in g.outputs]
+    sess, names = ort_session(export_model(g), prepack=False), [o.name for o in g.outputs]
     return lambda feeds: sess.run(names, feeds)
 
 

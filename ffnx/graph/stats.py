@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from ffnx.graph.model_io import infer_shapes
+from ffnx.graph.model_io import infer_shapes, structure
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
@@ -36,8 +36,7 @@ def param_count(model: onnx.ModelProto) -> int:
 
 def concrete_shapes(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str, list[int]]:
     """Shape of every tensor with dynamic input dims bound to `dims` (unknown labels -> 1)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = structure(model)  # weights not copied: shapes only
     del m.graph.value_info[:]
     for vi in m.graph.input:
         for d in vi.type.tensor_type.shape.dim:

@@ -128,5 +128,5 @@ def runnable(model: onnx.ModelProto) -> onnx.ModelProto:
 def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[dict]:
     from ffnx.graph.ort import ort_session, run_session
 
-    sess = ort_session(runnable(model))
+    sess = ort_session(runnable(model), prepack=False)  # run once: no packed weight copies
     return [run_session(sess, f) for f in feeds]

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ffnx.graph import model_io
 from ffnx.graph.export import export_model
 
 FORMS = ("standard", "gqa", "gqa_shared")
@@ -194,6 +195,9 @@ def choose(graph: gs.Graph, options: dict, build) -> Choice:
 
             raise PassError(f"{by}={forced!r}: choose one of {', '.join(FORMS)} or rule")
         return Choice(forced, f"forced by {by}")
+    if model_io.constant_bytes(graph) > model_io.LIMIT:
+        return Choice(RULE, "rule: the model is past 2 GiB; timing the forms would hold it in "
+                      "memory three times")  # fmt: skip
     copy = graph.copy()
     geometry, shared_why = build(copy)
     inputs = {t.name for t in graph.inputs} - set(geometry)

@@ -84,6 +84,7 @@ def apply_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict], tol
         return model, report
     try:
         new = lowering_meta.finish(_finish(graph, model.opset_import), model, graph)
+        del graph  # its loaded weights, before ORT holds a copy of the new model
         outs = run_model(new, ctx.feeds)
         checks = [verify.compare_outputs(r, o, tol, p.name) for r, o in zip(ref, outs)]
     except (

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ffnx.graph.model_io import digest
+from ffnx.graph.model_io import digest, is_big
 
 MARGIN = 0.02
 RULE = 2  # bump when the decision rule changes: older cached decisions are not reused
@@ -222,6 +222,9 @@ def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
     new, reports = optimize_model(model, feeds, **kwargs)
     if kwargs.get("passes"):
         return new, reports, {"dropped": [], "speedup": None, "skipped": "explicit --passes"}
+    if is_big(model):
+        return new, reports, {"dropped": [], "speedup": None, "skipped": "model past 2 GiB: "
+                              "timing needs it in memory three times"}  # fmt: skip
     rest = {k: v for k, v in kwargs.items() if k not in ("passes", "step")}
     step = kwargs.get("step") or (lambda s: None)
     step("speed guard: timing the optimized graph against its input on ONNX Runtime")
