@@ -173,6 +173,7 @@ def export_cmd(
             guard=not no_guard,
             threads=threads,
             trt=flavour,
+            keep_module=False,  # its weights are not needed past verification
         )
         if target == "trt" and not no_build:
             from ffnx.build.engine import build_engine

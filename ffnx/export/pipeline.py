@@ -27,7 +27,7 @@ from ffnx.export.inputs import (
     torch_outputs,
 )
 from ffnx.export.torch_export import DEFAULT_OPSET, export_onnx
-from ffnx.graph import verify
+from ffnx.graph import model_io, verify
 from ffnx.graph.model_io import save_model
 from ffnx.graph.ort import ort_session, run_session
 from ffnx.models.spec import ModelSpec
@@ -177,8 +177,12 @@ def export_artifact(
     guard: bool = True,
     threads: int | None = None,
     trt: str = "auto",
+    keep_module: bool = True,
 ) -> dict:
     """Export, verify at two shapes, optimize, write the manifest; return the manifest.
+
+    keep_module=False: the torch module's weights are released once verified (moved to the
+    meta device), before the graph passes hold the model: the CLI's export of a large model.
 
     guard: the default passes for ONNX Runtime go through `ffnx.passes.speed_guard` (passes
     whose removal times faster at `threads` are dropped; manifest["speed_guard"] says which).
@@ -205,6 +209,9 @@ def export_artifact(
         manifest["export"]["max_abs_error"] = verify.worst([c["outputs"] for c in checks])[
             "max_abs"
         ]
+        if not keep_module:
+            spec.module.to("meta")
+        big = model_io.data_path(onnx_path).exists()  # the export wrote external data
         made_from: dict[str, list[str]] = {}
         if optimize:
             from ffnx.passes import speed_guard
@@ -221,7 +228,11 @@ def export_artifact(
                     options={**({"threads": threads} if threads else {}),  # choices' timing
                              **manifest_options(getattr(spec, "manifest_extra", None) or {})},
                 )  # fmt: skip
-                if tgt == "ort" and guard and not passes and speed_guard.enabled():
+                guarded = tgt == "ort" and guard and not passes and speed_guard.enabled()
+                if guarded and big:  # optimize_file holds the model twice at most
+                    manifest["speed_guard"] = {"dropped": [], "speedup": None,
+                                               "skipped": speed_guard.BIG}  # fmt: skip
+                elif guarded:
                     new, reports, manifest["speed_guard"] = speed_guard.optimize_guarded(
                         onnx.load(str(onnx_path)), sample_feeds(spec), larger_feeds(spec),
                         threads=threads, timing_sets=decoder_timing_sets(spec), **kw,

@@ -8,17 +8,17 @@ step that serializes a model goes through here:
                  one `<name>.data` beside it (ONNX external data, each tensor 4 KiB-aligned),
                  else a stale `<name>.data` is removed
   session_path   a model over LIMIT saved to a temporary directory for ONNX Runtime
-  infer_shapes   onnx shape inference, and `check`, the onnx checker: run on the model with its
-                 large tensors detached (shapes and types need no values)
+  infer_shapes   onnx shape inference, and `check`, the onnx checker: run on `structure(model)`
+                 (shapes and types need no values)
   is_big         past LIMIT: measured choices (the speed guard, the attention form), which
                  would hold the model in memory several times over, are not taken
   digest         sha256 of the model's structure and every tensor's bytes
 
-`detached(model, file)` is the one mechanism: inside it, each tensor of more than SMALL bytes
-held as `raw_data` has its bytes in `file` and is marked as ONNX external data there; on exit each
-reads its bytes back, so the model is unchanged. The bytes move one tensor at a time, so a large
-model costs no second copy of its weights in memory (`save_model` writes the `.data` file that
-way directly).
+`structure(model)` is the one mechanism: a copy of the model whose large main-graph initializers
+keep their name, type and dims but no values. The model itself is never modified (protobuf's upb
+runtime frees a cleared field's bytes only with the whole message: clearing the weights and
+setting them back grew the model by its size on every save). A large tensor's bytes are read one
+at a time, a transient copy, to be written out or hashed.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ffnx import artifact
 LIMIT = 1_800_000_000  # protobuf's hard limit is 2 GiB; room for the graph itself
 SMALL = 1024  # tensors up to this stay inline (shape constants shape inference may read)
 ALIGN = 4096  # offsets in the .data file (ONNX Runtime maps aligned external data)
-_DETACHED = "ffnx-detached"  # the location a detached tensor names while in memory
+_VALUELESS = "ffnx-valueless"  # the location `structure` gives the tensors it leaves empty
 
 
 def tensor_bytes(t: onnx.TensorProto) -> int:
@@ -78,48 +78,6 @@ def _external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
-@contextmanager
-def detached(model: onnx.ModelProto, data: Path, location: str = "") -> Iterator[Path]:
-    """The model with the bytes of its large raw tensors moved to the file `data` (each
-    ALIGN-aligned) and those tensors marked as external data there (`location`: the name they
-    record; default the file's own); each reads its bytes back on exit. One tensor at a time,
-    so no second copy of the weights is held in memory."""
-    location = location or data.name
-    moved = []
-    try:
-        with open(data, "wb") as f:
-            for t in all_tensors(model):
-                if _external(t) or not t.HasField("raw_data") or tensor_bytes(t) <= SMALL:
-                    continue
-                f.write(b"\0" * (-f.tell() % ALIGN))
-                offset, blob = f.tell(), t.raw_data
-                f.write(blob)
-                t.ClearField("raw_data")
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", location), ("offset", str(offset)),
-                                   ("length", str(len(blob)))):  # fmt: skip
-                    t.external_data.add(key=key, value=value)
-                moved.append(t)
-                del blob
-        yield data
-    finally:
-        _reattach(moved, data, location)
-
-
-def _reattach(tensors, data: Path, location: str) -> None:
-    """Read the bytes of `tensors` (external data in `data` under `location`) back in."""
-    with open(data, "rb") as f:
-        for t in tensors:
-            ext = {e.key: e.value for e in t.external_data}
-            if ext.get("location") != location:
-                continue
-            f.seek(int(ext["offset"]))
-            blob = f.read(int(ext["length"]))
-            del t.external_data[:]
-            t.ClearField("data_location")  # DEFAULT, as it was (only DEFAULT tensors move)
-            t.raw_data = blob
-
-
 def infer_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
     """`onnx.shape_inference.infer_shapes` for a model of any size. A model past LIMIT is not
     copied: it gets the inferred value_info and output types of its main graph, in place."""
@@ -151,10 +109,10 @@ def structure(model: onnx.ModelProto) -> onnx.ModelProto:
         if fd.name != "initializer":
             _assign(light.graph, fd, value)
     for t in model.graph.initializer:
-        if t.HasField("raw_data") and tensor_bytes(t) > SMALL:
+        if _large(t):
             meta = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
             meta.data_location = onnx.TensorProto.EXTERNAL
-            meta.external_data.add(key="location", value=_DETACHED)
+            meta.external_data.add(key="location", value=_VALUELESS)
         else:
             light.graph.initializer.add().CopyFrom(t)
     return light
@@ -189,11 +147,19 @@ def check(model: onnx.ModelProto) -> None:
 
 def digest(model: onnx.ModelProto) -> str:
     """sha256 of the model: its structure and the bytes of every tensor."""
-    h = hashlib.sha256()
-    with _tmpdir() as d, detached(model, d / "w.data", _DETACHED) as data:
-        h.update(model.SerializeToString())
-        h.update(artifact.sha256(data).encode())
+    h = hashlib.sha256(structure(model).SerializeToString())
+    for t in _valueless(model):
+        h.update(t.raw_data)
     return h.hexdigest()
+
+
+def _valueless(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The initializers `structure` keeps without values, in order."""
+    return [t for t in model.graph.initializer if _large(t)]
+
+
+def _large(t: onnx.TensorProto) -> bool:
+    return not _external(t) and t.HasField("raw_data") and tensor_bytes(t) > SMALL
 
 
 def data_path(path: str | Path) -> Path:
@@ -202,29 +168,32 @@ def data_path(path: str | Path) -> Path:
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write `model` to `path` atomically; over LIMIT its tensor data goes to `<name>.data`
-    (written first, under a temporary name until complete). Returns `path`."""
+    """Write `model` to `path` atomically; over LIMIT the values of its large initializers go
+    to `<name>.data` (written first, under a temporary name until complete). Returns `path`."""
     path = Path(path)
     data = data_path(path)
     if not is_big(model):
         artifact.write_bytes_atomic(path, model.SerializeToString())
         data.unlink(missing_ok=True)  # a stale one from a larger model of the same name
         return path
-    with artifact.atomic_path(data) as tmp, detached(model, tmp, data.name):
-        light = model.SerializeToString()  # references the final data name
-    artifact.write_bytes_atomic(path, light)
+    light = structure(model)
+    metas = [t for t in light.graph.initializer if _external(t)]
+    with artifact.atomic_path(data) as tmp, open(tmp, "wb") as f:
+        for t, meta in zip(_valueless(model), metas):
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            offset, blob = f.tell(), t.raw_data  # a transient copy of one tensor
+            f.write(blob)
+            del meta.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)),
+                               ("length", str(len(blob)))):  # fmt: skip
+                meta.external_data.add(key=key, value=value)
+            del blob
+    artifact.write_bytes_atomic(path, light.SerializeToString())
     return path
-
-
-@contextmanager
-def _tmpdir() -> Iterator[Path]:
-    """A temporary directory (on disk: detached bytes, models for ONNX Runtime)."""
-    with tempfile.TemporaryDirectory(prefix="ffnx-model-") as d:
-        yield Path(d)
 
 
 @contextmanager
 def session_path(model: onnx.ModelProto) -> Iterator[Path]:
     """The model saved (with external data) in a temporary directory, removed on exit."""
-    with _tmpdir() as d:
-        yield save_model(model, d / "model.onnx")
+    with tempfile.TemporaryDirectory(prefix="ffnx-model-") as d:
+        yield save_model(model, Path(d) / "model.onnx")

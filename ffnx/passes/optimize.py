@@ -112,7 +112,7 @@ def manifest_options(manifest: dict) -> dict:
 
 
 def optimize_model(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str | Path,
     feeds: list[dict[str, np.ndarray]],
     passes: list[str] | None = None,
     skip: list[str] = (),
@@ -123,7 +123,11 @@ def optimize_model(
     options: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """Apply the selected passes in registry order; every pass is verified against the model
-    before it on `feeds` (each pass's error is measured against its own input graph)."""
+    before it on `feeds` (each pass's error is measured against its own input graph). A path is
+    loaded here, so that the input is freed once a pass replaces it (a large model is held
+    twice at most, not three times)."""
+    if isinstance(model, str | Path):
+        model = onnx.load(str(model))
     if not feeds:
         raise PassError("graph passes need sample inputs to verify against")
     if any(n.domain == "ffnx" for n in model.graph.node):
@@ -169,7 +173,6 @@ def optimize_file(
     """Optimize `src` into `dst` (written atomically); return the per-pass reports.
     (`ffnx.passes.speed_guard.optimize_guarded` is the variant that also drops the applied
     passes whose removal times faster on ORT.)"""
-    model = onnx.load(str(src))
-    new, reports = optimize_model(model, feeds, **kwargs)
+    new, reports = optimize_model(src, feeds, **kwargs)
     model_io.save_model(new, dst)
     return reports

@@ -43,6 +43,7 @@ REQUIRED = ("cleanup", "lower_moe", "group_query_attention")
 # past), not at its example shapes (a short prefill): batch 1 and 4, past 64 and 256.
 DECODE_STEPS = ({"batch": 1, "seq": 1, "past": 64}, {"batch": 4, "seq": 1, "past": 256})
 OFF = ("off", "0", "false", "no")
+BIG = "model past 2 GiB: timing would hold it in memory three times"
 Timer = Callable[[dict[str, onnx.ModelProto], list[dict[str, np.ndarray]]], dict]
 
 
@@ -223,8 +224,7 @@ def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
     if kwargs.get("passes"):
         return new, reports, {"dropped": [], "speedup": None, "skipped": "explicit --passes"}
     if is_big(model):
-        return new, reports, {"dropped": [], "speedup": None, "skipped": "model past 2 GiB: "
-                              "timing needs it in memory three times"}  # fmt: skip
+        return new, reports, {"dropped": [], "speedup": None, "skipped": BIG}
     rest = {k: v for k, v in kwargs.items() if k not in ("passes", "step")}
     step = kwargs.get("step") or (lambda s: None)
     step("speed guard: timing the optimized graph against its input on ONNX Runtime")
