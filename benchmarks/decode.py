@@ -9,7 +9,8 @@ transformers eager and onnxruntime-genai, with the weight-bandwidth roofline.
 Per architecture: a random-weight checkpoint config is written to --work (`tiny`: hidden 64,
 2 layers, vocab 256, for a smoke run; `qwen3`: the issue-14 shape, hidden 512, 8 layers, 8 heads
 / 4 KV heads, vocab 32000; `qwen3-0.6b`: Qwen3-0.6B's shape, 28 layers, vocab 151936, tied
-embeddings, 2.4 GB in fp32, written with external data; MoE: Qwen3-MoE 16 experts top-2, Mixtral 8 experts top-2), exported
+embeddings, 2.4 GB in fp32, written with external data; MoE: Qwen3-MoE 16 experts top-2,
+Mixtral 8 experts top-2), exported
 with `ffnx export hf:DIR` (KV cache, default passes) and, for int4, quantized as `ffnx export
 --quantize int4` does (`ffnx.commands.quantize.quantize_artifact`: MatMulNBits block 32, int4
 experts where they fit; its token agreement and logits cosine against fp32 are reported). Timed
