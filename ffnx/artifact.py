@@ -116,12 +116,14 @@ def write_manifest(
     """Refresh `files` hashes and write the manifest last, atomically.
 
     made_from: {file: [files it was made from]}; their current sha256 is recorded under
-    `made_from` so that `check_fresh` can refuse a file built from an older source."""
+    `made_from` so that `check_fresh` can refuse a file built from an older source (a source's
+    ONNX external data, `<source>.data`, is recorded with it when present)."""
     manifest = dict(manifest)
     manifest["schema_version"] = SCHEMA_VERSION
     manifest["files"] = file_hashes(directory)
     prov = dict(manifest.get("made_from", {}))
     for target, sources in (made_from or {}).items():
+        sources = [*sources, *(f"{s}.data" for s in sources)]  # ONNX external data, if any
         prov[target] = {s: manifest["files"][s] for s in sources if s in manifest["files"]}
     manifest["made_from"] = {t: v for t, v in prov.items() if t in manifest["files"]}
     write_json_atomic(Path(directory) / MANIFEST, manifest)

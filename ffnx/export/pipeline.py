@@ -27,7 +27,7 @@ from ffnx.export.inputs import (
     torch_outputs,
 )
 from ffnx.export.torch_export import DEFAULT_OPSET, export_onnx
-from ffnx.graph import model_io, verify
+from ffnx.graph import verify
 from ffnx.graph.model_io import save_model
 from ffnx.graph.ort import ort_session, run_session
 from ffnx.models.spec import ModelSpec
@@ -211,7 +211,6 @@ def export_artifact(
         ]
         if not keep_module:
             spec.module.to("meta")
-        big = model_io.data_path(onnx_path).exists()  # the export wrote external data
         made_from: dict[str, list[str]] = {}
         if optimize:
             from ffnx.passes import speed_guard
@@ -228,13 +227,9 @@ def export_artifact(
                     options={**({"threads": threads} if threads else {}),  # choices' timing
                              **manifest_options(getattr(spec, "manifest_extra", None) or {})},
                 )  # fmt: skip
-                guarded = tgt == "ort" and guard and not passes and speed_guard.enabled()
-                if guarded and big:  # optimize_file holds the model twice at most
-                    manifest["speed_guard"] = {"dropped": [], "speedup": None,
-                                               "skipped": speed_guard.BIG}  # fmt: skip
-                elif guarded:
+                if tgt == "ort" and guard and not passes and speed_guard.enabled():
                     new, reports, manifest["speed_guard"] = speed_guard.optimize_guarded(
-                        onnx.load(str(onnx_path)), sample_feeds(spec), larger_feeds(spec),
+                        onnx_path, sample_feeds(spec), larger_feeds(spec),
                         threads=threads, timing_sets=decoder_timing_sets(spec), **kw,
                     )  # fmt: skip
                     save_model(new, stage / dst)
@@ -247,7 +242,7 @@ def export_artifact(
                 manifest["passes_trt"] = run_passes(artifact.MODEL_TRT, "trt")
                 made_from[artifact.MODEL_TRT] = [artifact.MODEL]
             manifest["passes"] = run_passes(artifact.MODEL_OPT, "ort")
-            made_from[artifact.MODEL_OPT] = [artifact.MODEL, artifact.MODEL + ".data"]
+            made_from[artifact.MODEL_OPT] = [artifact.MODEL]
         if target == "trt":
             step("checking the graph against TensorRT's ONNX parser")
             manifest["tensorrt_graph_check"] = check_trt_graph(stage, manifest, trt)

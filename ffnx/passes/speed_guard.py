@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ffnx.graph.model_io import digest, is_big
+from ffnx.graph.model_io import data_path, digest, is_big
 
 MARGIN = 0.02
 RULE = 2  # bump when the decision rule changes: older cached decisions are not reused
@@ -217,14 +217,23 @@ def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
     """`optimize_model` (default passes), then `guard`: -> (model, reports, guard report).
     Explicit `passes=` bypasses the guard (the caller asked for exactly those). The guard times
     on `feeds` and `larger_feeds`, or on `timing_sets` when given (a decoder's decode steps:
-    `decode_step_sets`); sets the input graph cannot run are left out."""
+    `decode_step_sets`); sets the input graph cannot run are left out.
+
+    `model`: a ModelProto or a path. Past model_io.LIMIT (a path with external data beside it)
+    there is no guard: it would hold the model three times; a path is then left to the passes
+    to load, so that they hold it twice at most."""
     from ffnx.passes.optimize import optimize_model
 
+    skipped = lambda why: {"dropped": [], "speedup": None, "skipped": why}  # noqa: E731
+    if isinstance(model, str | Path):
+        if data_path(model).exists():
+            return *optimize_model(model, feeds, **kwargs), skipped(BIG)
+        model = onnx.load(str(model))
     new, reports = optimize_model(model, feeds, **kwargs)
     if kwargs.get("passes"):
-        return new, reports, {"dropped": [], "speedup": None, "skipped": "explicit --passes"}
+        return new, reports, skipped("explicit --passes")
     if is_big(model):
-        return new, reports, {"dropped": [], "speedup": None, "skipped": BIG}
+        return new, reports, skipped(BIG)
     rest = {k: v for k, v in kwargs.items() if k not in ("passes", "step")}
     step = kwargs.get("step") or (lambda s: None)
     step("speed guard: timing the optimized graph against its input on ONNX Runtime")

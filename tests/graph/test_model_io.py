@@ -109,12 +109,14 @@ def test_save_writes_external_data_that_ort_loads(low_limit, tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_speed_guard_is_skipped_past_the_limit(low_limit):
+@pytest.mark.parametrize("as_path", [False, True])
+def test_speed_guard_is_skipped_past_the_limit(low_limit, tmp_path, as_path):
     from ffnx.passes.speed_guard import optimize_guarded
 
     m, ws = two_matmuls()
+    src = model_io.save_model(m, tmp_path / "m.onnx") if as_path else m
     x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
-    new, reports, guard = optimize_guarded(m, [{"x": x}], timer=lambda *a: pytest.fail("timed"))
+    new, reports, guard = optimize_guarded(src, [{"x": x}], timer=lambda *a: pytest.fail("timed"))
     assert "2 GiB" in guard["skipped"] and not guard["dropped"]
     np.testing.assert_allclose(ort_session(new).run(None, {"x": x})[0], reference(x, ws),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
