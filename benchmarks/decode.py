@@ -4,7 +4,8 @@ transformers eager and onnxruntime-genai, with the weight-bandwidth roofline.
     python benchmarks/decode.py [--size tiny|qwen3|qwen3-0.6b] [--arch qwen3 qwen3_moe mixtral]
                                 [--precision fp32 int4] [--runtimes ffnx transformers genai]
                                 [--prompt-len 64] [--new-tokens 64] [--batch 1] [--threads 2]
-                                [--rounds 3] [--work DIR] [--json out.json] [--plot out.png]
+                                [--rounds 3] [--work DIR] [--reuse] [--json out.json]
+                                [--plot out.png]
 
 Per architecture: a random-weight checkpoint config is written to --work (`tiny`: hidden 64,
 2 layers, vocab 256, for a smoke run; `qwen3`: the issue-14 shape, hidden 512, 8 layers, 8 heads
@@ -69,18 +70,23 @@ def write_config(directory: Path, arch: str, size: str) -> Path:
     return directory
 
 
-def artifacts(src: Path, work: Path, name: str, precisions) -> dict[str, Path]:
-    """{precision: artifact dir}: the fp32 export, and a quantized copy per int precision."""
+def artifacts(src: Path, work: Path, name: str, precisions, reuse: bool = False) -> dict[str, Path]:
+    """{precision: artifact dir}: the fp32 export, and a quantized copy per int precision;
+    `reuse`: keep the artifacts a previous run left in `work` (their manifests exist)."""
     from ffnx.commands.quantize import quantize_artifact
     from ffnx.export.pipeline import export_artifact
     from ffnx.models.hf import load_hf
 
     fp32 = work / f"{name}-fp32"
-    export_artifact(load_hf(str(src), cache=True), fp32, force=True, source=f"hf:{src}")
+    kept = reuse and (fp32 / "manifest.json").exists()
+    if not kept:
+        export_artifact(load_hf(str(src), cache=True), fp32, force=True, source=f"hf:{src}")
     out = {"fp32": fp32}
     for p in precisions:
         if p != "fp32":
             out[p] = work / f"{name}-{p}"
+            if kept and (out[p] / "manifest.json").exists():
+                continue
             shutil.rmtree(out[p], ignore_errors=True)
             shutil.copytree(fp32, out[p])
             quantize_artifact(out[p], p)
@@ -103,7 +109,7 @@ def bench_arch(arch: str, a) -> list[dict]:
     from ffnx.runtime.decode_bench import random_prompt, roofline, time_decode
 
     src = write_config(a.work / f"{arch}-{a.size}-src", arch, a.size)
-    arts = artifacts(src, a.work, f"{arch}-{a.size}", a.precision)
+    arts = artifacts(src, a.work, f"{arch}-{a.size}", a.precision, a.reuse)
     model = load_hf(str(src)).module.model
     base = {"arch": arch, "size": a.size}
     rows, gemv = [], {}
@@ -134,9 +140,9 @@ def bench_arch(arch: str, a) -> list[dict]:
         res = {name: median_round(r) for name, r in runs.items()}
         ours = res.pop("ffnx (ort)")
         tokens = ours.pop("tokens")
-        for k, v in bd.measure_rooflines(manifest, a.threads).items():
-            gemv.setdefault(k, v)
         wb = bd.weight_bytes_per_step(str(art), manifest, a.batch)
+        for k, v in bd.measure_rooflines(manifest, a.threads, wb["weight_bytes_per_step"]).items():
+            gemv.setdefault(k, v)
         row = {**base, "precision": prec, "runtime": "ffnx (ort)", **ours, **wb,
                **roofline(wb["weight_bytes_per_step"], a.batch / ours["decode_tok_s"],
                           gemv[prec if prec in gemv else "fp32"]["gemv_gbs"])}  # fmt: skip
@@ -241,6 +247,11 @@ def main(argv=None) -> int:
         help="timed generations per runtime, interleaved; the median is reported",
     )
     ap.add_argument("--work", type=Path, default=Path("artifacts/decode-bench"))
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="time the artifacts a previous run left in --work (no export)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG of decode tokens/s")
     a = ap.parse_args(argv)

@@ -107,7 +107,8 @@ def _graph_bytes(g, outer: dict | None = None) -> int:
 def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
     """Weight bytes one decode step reads: every initializer of the graph ORT runs (of an If,
     the larger branch), less the
-    embedding table (a Gather reads `batch` rows) and the rotary cos/sin tables of a GQA with
+    embedding table (a Gather reads `batch` rows; unless tied: also the lm_head's weight, read
+    whole) and the rotary cos/sin tables of a GQA with
     fused rotary (likewise), less the experts no token routes to: per MoE
     layer (E experts, top-k, from model.onnx's FfnxMoE) the expected unread fraction under
     uniform routing, (1 - k/E)^batch, of its expert bytes in the run graph (fp32, or int4/int8
@@ -122,9 +123,11 @@ def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
     inits = {i.name: i for i in run.graph.initializer}
     total = _graph_bytes(run.graph)
     embed = rotary = 0
+    other_reads = {i for n in run.graph.node if n.op_type != "Gather" for i in n.input}
     for n in run.graph.node:
-        if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
-            t = inits[n.input[0]]
+        table = n.input[0] if n.op_type == "Gather" else ""
+        if table in inits and len(inits[table].dims) == 2 and table not in other_reads:
+            t = inits[table]  # (a tied lm_head reads the table whole: not subtracted)
             embed += tensor_bytes(t) - batch * tensor_bytes(t) // int(t.dims[0])
         if n.op_type == "GroupQueryAttention":  # fused rotary: one table row per position
             for name in set(n.input[7:9]) & set(inits):
@@ -162,12 +165,13 @@ def _llc_bytes() -> int:
 
 
 def gemv_models(bits: int | None, target_bytes: int | None = None) -> tuple[bytes, int, int]:
-    """(ONNX GEMV model, its weight bytes, K): y [1, N] = x [1, K] @ W with W >= 4x the
-    last-level cache (at least 64 MiB) - fp32 MatMul (bits None) or MatMulNBits int4/int8 (block
-    32, accuracy level 4, random codes: the bytes read are what counts)."""
+    """(ONNX GEMV model, its weight bytes, K): y [1, N] = x [1, K] @ W with W of `target_bytes`
+    (default `roofline_bytes()`: 4x the last-level cache, at least 64 MiB) - fp32 MatMul (bits
+    None) or MatMulNBits int4/int8 (block 32, accuracy level 4, random codes: the bytes read are
+    what counts)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    target = target_bytes or max(4 * _llc_bytes(), 64 * 2**20)
+    target = target_bytes or roofline_bytes()
     k = 4096
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
@@ -191,14 +195,28 @@ def gemv_models(bits: int | None, target_bytes: int | None = None) -> tuple[byte
     return helper.make_model(g, opset_imports=opsets).SerializeToString(), int(nbytes), k
 
 
-def measure_rooflines(manifest: dict, threads) -> dict:
-    """{"fp32": gemv_bandwidth, and "int4"/"int8" for quantized artifacts}."""
+GEMV_CAP = 512 << 20  # bytes: a roofline GEMV's weight is never larger (memory, set-up time)
+
+
+def roofline_bytes(step_bytes: int | None = None) -> int:
+    """The roofline GEMV's weight size: at least 4x the last-level cache (64 MiB or more) and
+    at least the bytes a decode step reads, up to GEMV_CAP - a working set like the decoder's,
+    so a cache larger than /sys reports (a VM's) favours neither side."""
+    return int(max(4 * _llc_bytes(), 64 * 2**20, min(int(step_bytes or 0), GEMV_CAP)))
+
+
+def measure_rooflines(manifest: dict, threads, step_bytes: int | None = None) -> dict:
+    """{"fp32": gemv_bandwidth, and "int4"/"int8" for quantized artifacts}; `step_bytes`: the
+    weight bytes a decode step reads (`roofline_bytes`)."""
     from ffnx.runtime.decode_bench import gemv_bandwidth
 
-    out = {"fp32": gemv_bandwidth(*gemv_models(None), threads=threads)}
+    size = roofline_bytes(step_bytes)
+    out = {}
     bits = manifest.get("quantize", {}).get("bits")
     if bits:
-        out[manifest["quantize"]["scheme"]] = gemv_bandwidth(*gemv_models(bits), threads=threads)
+        model = gemv_models(bits, size)
+        out[manifest["quantize"]["scheme"]] = gemv_bandwidth(*model, threads=threads)
+    out["fp32"] = gemv_bandwidth(*gemv_models(None, size), threads=threads)
     return out
 
 
@@ -243,9 +261,9 @@ def bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads,
             toks = r.pop("tokens")
             r["tokens_equal_ffnx"] = float((toks == ref_tokens).mean())
             r["decode_speedup_of_ffnx"] = results[0]["decode_tok_s"] / r["decode_tok_s"]
-    with ui.steps("measuring the GEMV bandwidth roofline"):
-        gemv = measure_rooflines(engine.manifest, threads)
     wb = weight_bytes_per_step(engine.path or path, engine.manifest, batch)
+    with ui.steps("measuring the GEMV bandwidth roofline"):
+        gemv = measure_rooflines(engine.manifest, threads, wb["weight_bytes_per_step"])
     roof = gemv.get(scheme, gemv["fp32"])["gemv_gbs"]
     itl = batch / results[0]["decode_tok_s"]
     results[0].update(roofline(wb["weight_bytes_per_step"], itl, roof), **wb,

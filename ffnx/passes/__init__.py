@@ -12,6 +12,7 @@ from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
 ORDER = [
     "cleanup",
+    "static_reshape",
     "fold_batchnorm",
     "merge_conv_branches",
     "fold_prepbn",

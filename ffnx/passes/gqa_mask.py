@@ -9,7 +9,7 @@ elsewhere. So M may be replaced by
 
     M'[b, 0, s, t] = 0 if attention_mask[b, t] != 0 else v      (v: M's masked value)
 
-(built from attention_mask in 6 ops: Cast, Where, Unsqueeze, Shape, Concat, Expand) exactly
+(built from attention_mask in 5 ops: Cast, Where, Unsqueeze, Concat, Expand; S is GQA's own) exactly
 when M equals M' on the causal region C = {(s, t): t <= P + s}. That is checked by evaluating
 M's own subgraph on ONNX Runtime, not assumed from its pattern:
 
@@ -112,12 +112,14 @@ def check(graph: gs.Graph, mask: gs.Tensor, max_len: int | None) -> float | str:
     return masked if masked is not None else float(np.finfo(np.float32).min)
 
 
-def padding_bias(graph: gs.Graph, value: float) -> gs.Tensor:
-    """M' [B, 1, S, T] from attention_mask [B, T] and input_ids [B, S] (module docstring)."""
+def padding_bias(graph: gs.Graph, value: float, seq: gs.Tensor | None = None) -> gs.Tensor:
+    """M' [B, 1, S, T] from attention_mask [B, T] and input_ids [B, S] (module docstring);
+    `seq`: S as a [1] int64 tensor the caller has already (else read from input_ids)."""
     names = {t.name: t for t in graph.inputs}
     b = Builder(graph, "group_query_attention/padding_bias")
     keep = b.op("Cast", names["attention_mask"], to=9)  # bool
     bias = b.op("Where", keep, np.float32(0.0).reshape(()), np.float32(value).reshape(()))
-    seq = b.op("Shape", names["input_ids"], start=1, end=2)
+    if seq is None:
+        seq = b.op("Shape", names["input_ids"], start=1, end=2)
     return b.op("Expand", b.op("Unsqueeze", bias, i64(1, 2)),
                 b.op("Concat", i64(1, 1), seq, i64(1), axis=0))  # fmt: skip

@@ -121,17 +121,17 @@ def _fused_rotary(graph: gs.Graph, q3: gs.Tensor, k3: gs.Tensor, max_len, shared
     return rq.inputs[0], rk.inputs[0], *consts[key], pos
 
 
-def _bias(graph: gs.Graph, b: Builder, mask: gs.Tensor, max_len, shared: dict):
+def _bias(graph: gs.Graph, b: Builder, mask: gs.Tensor, max_len, shared: dict, seq: gs.Tensor):
     """-> (GQA's attention_bias, total length [1] int64): the padding-only bias where the
     model's mask adds nothing inside GQA's causal region (ffnx.passes.gqa_mask), else the mask
-    itself (the reason kept in shared["mask_why"])."""
+    itself (the reason kept in shared["mask_why"]); `seq`: S, [1] int64."""
     value = gqa_mask.check(graph, mask, max_len)
     if isinstance(value, str):
         shared.setdefault("mask_why", value)
         return mask, b.op("Shape", mask, start=3, end=4)  # [1] int64: P + S
     shared["mask_replaced"] = shared.get("mask_replaced", 0) + 1
     am = next(t for t in graph.inputs if t.name == "attention_mask")
-    return gqa_mask.padding_bias(graph, value), b.op("Shape", am, start=1, end=2)
+    return gqa_mask.padding_bias(graph, value, seq), b.op("Shape", am, start=1, end=2)
 
 
 def rewrite_site(graph: gs.Graph, s: dict, shared: dict, max_len: int | None = None) -> gs.Node:
@@ -148,9 +148,9 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict, max_len: int | None = N
         shared["rotary_fused"] = shared.get("rotary_fused", 0) + 1
     key = s["mask"].name
     if key not in shared:
-        bias, total = _bias(graph, b, s["mask"], max_len, shared)
         batch = b.op("Shape", q3, start=0, end=1)
         seq = b.op("Shape", q3, start=1, end=2)
+        bias, total = _bias(graph, b, s["mask"], max_len, shared, seq)
         seqlens = b.op("Expand", b.op("Cast", b.op("Sub", total, i64(1)), to=6), batch)
         qlens = b.op("Expand", b.op("Cast", seq, to=6), batch)
         total32 = b.op("Reshape", b.op("Cast", total, to=6), i64())

@@ -63,7 +63,8 @@ def test_shape_inference_and_checker_on_a_big_model(low_limit, monkeypatch):
     assert got is m  # in place, no copy of the weights
     for field in ("value_info", "output", "initializer"):
         assert [x.SerializeToString() for x in getattr(got.graph, field)] == [
-            x.SerializeToString() for x in getattr(want.graph, field)]
+            x.SerializeToString() for x in getattr(want.graph, field)
+        ]
     model_io.check(m)
     bad = onnx.ModelProto()
     bad.CopyFrom(m)
