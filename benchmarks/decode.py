@@ -27,8 +27,11 @@ round with the median decode tokens/s reported (`decode_tok_s_rounds` has them a
 
 Reported per row: TTFT, prefill tokens/s, decode tokens/s, inter-token p50/p99, greedy tokens
 equal to ffnx's at the same precision, and for ffnx the weight bytes read per step, the achieved
-weight bandwidth and its fraction of the GEMV roofline measured in the same run (fp32 MatMul /
-int4 MatMulNBits with a weight larger than the last-level cache). JSON (--json), a table, and a
+weight bandwidth and its fraction of the GEMV roofline (fp32 MatMul / int4 MatMulNBits whose
+weight is as large as a step's, at least 4x the last-level cache, at most 512 MiB). The GEMV is
+timed in every round beside the runtimes, and the fraction reported is the median of the rounds'
+paired fractions: on a shared host both the bandwidth and a cache larger than /sys reports move
+between runs (a 128 MiB GEMV measured 48-88 GB/s across runs here). JSON (--json), a table, and a
 bar plot of decode tokens/s (--plot, matplotlib).
 """
 
@@ -101,18 +104,20 @@ def median_round(runs: list[dict]) -> dict:
 
 
 def bench_arch(arch: str, a) -> list[dict]:
+    import numpy as np
+
     from ffnx import artifact
     from ffnx.commands import bench_decode as bd
     from ffnx.commands import bench_genai as bg
     from ffnx.models.hf import load_hf
     from ffnx.runtime import Engine
-    from ffnx.runtime.decode_bench import random_prompt, roofline, time_decode
+    from ffnx.runtime.decode_bench import gemv_bandwidth, random_prompt, roofline, time_decode
 
     src = write_config(a.work / f"{arch}-{a.size}-src", arch, a.size)
     arts = artifacts(src, a.work, f"{arch}-{a.size}", a.precision, a.reuse)
     model = load_hf(str(src)).module.model
     base = {"arch": arch, "size": a.size}
-    rows, gemv = [], {}
+    rows = []
     for prec, art in arts.items():
         manifest = artifact.read_manifest(art)
         vocab = int(manifest["decoder"]["vocab"])
@@ -133,19 +138,31 @@ def bench_arch(arch: str, a) -> list[dict]:
                 timers["onnxruntime-genai"] = lambda b=built, p=prompt: bg.genai_decode(
                     b, p, a.new_tokens, a.threads
                 )
+        # the roofline GEMV (at the artifact's precision, sized like a step's weights) is timed
+        # in every round too: each round's fraction pairs a decode with the GEMV beside it
+        wb = bd.weight_bytes_per_step(str(art), manifest, a.batch)
+        step = wb["weight_bytes_per_step"]
+        bits = manifest.get("quantize", {}).get("bits")
+        gemv_model = bd.gemv_models(bits, bd.roofline_bytes(step))
+        timers["roofline GEMV"] = lambda m=gemv_model: gemv_bandwidth(*m, threads=a.threads)
         runs = {name: [] for name in timers}
         for _ in range(a.rounds):  # interleaved: a slow spell of the machine hits every runtime
             for name, timer in timers.items():
                 runs[name].append(timer())
+        gemvs = runs.pop("roofline GEMV")
+        fractions = [roofline(step, a.batch / r["decode_tok_s"], g["gemv_gbs"])["roofline_fraction"]
+                     for r, g in zip(runs["ffnx (ort)"], gemvs)]  # fmt: skip
         res = {name: median_round(r) for name, r in runs.items()}
         ours = res.pop("ffnx (ort)")
         tokens = ours.pop("tokens")
-        wb = bd.weight_bytes_per_step(str(art), manifest, a.batch)
-        for k, v in bd.measure_rooflines(manifest, a.threads, wb["weight_bytes_per_step"]).items():
-            gemv.setdefault(k, v)
+        gemv = sorted(gemvs, key=lambda g: g["gemv_gbs"])[len(gemvs) // 2]
         row = {**base, "precision": prec, "runtime": "ffnx (ort)", **ours, **wb,
-               **roofline(wb["weight_bytes_per_step"], a.batch / ours["decode_tok_s"],
-                          gemv[prec if prec in gemv else "fp32"]["gemv_gbs"])}  # fmt: skip
+               **roofline(step, a.batch / ours["decode_tok_s"], gemv["gemv_gbs"]),
+               "roofline_fraction": float(np.median(fractions)),
+               "roofline_fraction_rounds": [round(f, 3) for f in fractions],
+               "roofline_gbs_rounds": [round(g["gemv_gbs"], 1) for g in gemvs],
+               "roofline_kind": f"{manifest.get('quantize', {}).get('scheme', 'fp32')} GEMV",
+               "gemv": gemv}  # fmt: skip
         if "quantize" in manifest:
             row["accuracy_vs_fp32"] = manifest["quantize"]["accuracy"]
         if "ffnx" in a.runtimes:  # (ffnx always runs: its tokens are the reference)
