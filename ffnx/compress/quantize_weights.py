@@ -23,10 +23,18 @@ A linear is a MatMul whose B is a rank-2 fp32 initializer (or the Transpose of o
 with alpha = beta = 1, transA = 0 and constant B and bias (rewritten MatMul + Add first, exact).
 Kept fp32: routers (a linear whose output reaches, through Reshape/Cast/Softmax/Sigmoid/Add, a
 TopK or the router input of MoE/QMoE: a flipped expert choice costs more than their few bytes
-save) and the embedding table (a Gather reads one row per token). The LM head is quantized, tied
-or not (a tied head is its own transposed initializer after constant folding; the Gather keeps
-the fp32 table): on the issue's Qwen3 it is 28 % of the weight bytes read per token, so leaving
-it fp32 would cap int4 decode near 2.7x fp32.
+save) and an untied embedding table (a Gather reads one row per token). The LM head is
+quantized, tied or not: on the issue's Qwen3 it is 28 % of the weight bytes read per token, so
+leaving it fp32 would cap int4 decode near 2.7x fp32.
+
+Tied embeddings (the head is Transpose(E) of the table E [V, K] a Gather reads): the head's
+MatMulNBits holds E's rows quantized along K in blocks, which is exactly the layout of
+`com.microsoft::GatherBlockQuantized` (gather_axis 0, quantize_axis 1, the same block, no zero
+points: 2^(bits-1) in both), so the Gather becomes one reading the head's bytes through two
+Reshapes (data [V, K*bits/8], scales [V, K/block]) and the fp32 table is dropped, as
+onnxruntime-genai's builder does: Qwen3-0.6B's int4 artifact loses its 622 MB fp32 table. The
+embedding rows are then the dequantized W~ (exact against that W~; `decoder_accuracy` measures
+the whole against fp32). `share_embedding=False` keeps the fp32 table.
 """
 
 from __future__ import annotations
@@ -101,7 +109,9 @@ def _normalized(model: onnx.ModelProto):
     for n in _all_nodes(g):  # If branches (lowered MoE) read outer tensors by name
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    nodes, targets, kept, made = [], {}, [], {}
+    gathered = {n.input[0] for n in g.node if n.op_type == "Gather"
+                and _attrs(n).get("axis", 0) == 0 and n.input[0] in inits}  # fmt: skip
+    nodes, targets, kept, made, tied = [], {}, [], {}, {}
     for k, node in enumerate(g.node):
         w = _weight(node, inits, producers)
         name = node.name or f"linear_{k}"
@@ -125,17 +135,68 @@ def _normalized(model: onnx.ModelProto):
         if bias:
             nodes.append(helper.make_node("Add", [y, bias], list(node.output), name=f"{name}/bias"))
         targets[name] = int(w.nbytes)
+        t = producers.get(node.input[1])
+        if node.op_type == "MatMul" and t is not None and t.op_type == "Transpose" \
+                and t.input[0] in gathered:  # fmt: skip
+            tied[y] = t.input[0]  # the head's output -> the embedding table it transposes
     del g.node[:]
     g.node.extend(nodes)
-    return out, targets, kept
+    return out, targets, kept, tied
+
+
+def share_tied_embedding(g, tied: dict[str, str], bits: int, block: int) -> list[str]:
+    """Gather(E) -> GatherBlockQuantized on the bytes of the MatMulNBits head that reads E^T
+    (module docstring), for every tied table; -> the tables shared."""
+    heads = {n.output[0]: n for n in g.node if n.op_type == "MatMulNBits"}
+    inits = {i.name: i for i in g.initializer}
+    done = []
+    for out, table in tied.items():
+        head = heads.get(out)
+        if head is None or len(head.input) > 3 and head.input[3]:
+            continue  # not quantized, or with zero points (asymmetric)
+        a = _attrs(head)
+        b, s = inits.get(head.input[1]), inits.get(head.input[2])
+        V, K = (int(d) for d in inits[table].dims)
+        if b is None or s is None or (a["N"], a["K"], a["bits"]) != (V, K, bits) \
+                or a["block_size"] != block:  # fmt: skip
+            continue
+        new = []
+        for n in g.node:
+            if n.op_type == "Gather" and n.input[0] == table:
+                data = helper.make_node("Reshape", [b.name, _shape(g, f"{table}/q_shape",
+                                        [V, K * bits // 8])], [f"{table}/q_data"])  # fmt: skip
+                scales = helper.make_node("Reshape", [s.name, _shape(g, f"{table}/s_shape",
+                                          [V, K // block])], [f"{table}/q_scales"])  # fmt: skip
+                gbq = helper.make_node("GatherBlockQuantized", [data.output[0], n.input[1],
+                                       scales.output[0]], list(n.output), name=n.name,
+                                       domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                                       block_size=block, bits=bits)  # fmt: skip
+                new += [data, scales, gbq]
+            else:
+                new.append(n)
+        del g.node[:]
+        g.node.extend(new)
+        done.append(table)
+    return done
+
+
+def _shape(g, name: str, dims: list[int]) -> str:
+    if not any(i.name == name for i in g.initializer):
+        g.initializer.append(numpy_helper.from_array(np.asarray(dims, np.int64), name))
+    return name
 
 
 def quantize_linears(
-    model: onnx.ModelProto, scheme: str, block: int = 32, accuracy_level: int = ACCURACY_LEVEL
+    model: onnx.ModelProto,
+    scheme: str,
+    block: int = 32,
+    accuracy_level: int = ACCURACY_LEVEL,
+    share_embedding: bool = True,
 ) -> tuple[onnx.ModelProto, dict]:
     """Every linear of `model` -> MatMulNBits (see the module docstring). Returns a new model
     (the input is left as it was; a model without linears comes back byte-identical) and the
-    report {scheme, bits, block, accuracy_level, linears, kept_fp32, weight_bytes}."""
+    report {scheme, bits, block, accuracy_level, linears, kept_fp32, embedding_shared,
+    weight_bytes}."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
@@ -145,7 +206,7 @@ def quantize_linears(
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(BITS)}")
     bits = BITS[scheme]
     before = _weight_bytes(model.graph)
-    norm, targets, kept = _normalized(model)
+    norm, targets, kept, tied = _normalized(model)
     report = {"scheme": scheme, "bits": bits, "block": block, "accuracy_level": accuracy_level,
               "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer (symmetric RTN)",
               "linears": len(targets), "kept_fp32": kept}  # fmt: skip
@@ -169,6 +230,8 @@ def quantize_linears(
         log.setLevel(level)
     out = q.model.model
     hoist_branch_initializers(out.graph)  # a weight both If branches read is quantized per branch
+    shared = share_tied_embedding(out.graph, tied, bits, block) if share_embedding else []
+    report["embedding_shared"] = shared
     _drop_unused(out.graph)
     if not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -314,5 +377,7 @@ def summary(report: dict) -> str:
             f"{a['steps']} greedy steps: token agreement {a['token_agreement']:.3f}, logits "
             f"cosine {a['logits_cosine']:.5f} (min {a['logits_cosine_min']:.5f}), identical "
             f"prefix {a['greedy_identical_prefix']}"
+            + ("; the tied embedding reads the head's bytes" if report.get("embedding_shared")
+               else "")
             + (f"; MoE experts fp32: {next(iter(e['kept_fp32'].values()))}"
                if (e := report.get("experts")) and e["kept_fp32"] else ""))  # fmt: skip

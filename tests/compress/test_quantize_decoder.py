@@ -97,6 +97,61 @@ def test_model_without_linears_is_byte_identical():
     assert q.SerializeToString() == model.SerializeToString() and report["linears"] == 0
 
 
+V = 40  # the tied table's rows
+
+
+def _tied_model(rng) -> onnx.ModelProto:
+    """ids [T] -> Gather(E) -> MatMul(W1) -> MatMul(Transpose(E)) = logits [T, V]: a tied head."""
+    e = rng.standard_normal((V, K)).astype(np.float32)
+    w1 = rng.standard_normal((K, K)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+        helper.make_node("MatMul", ["h", "w1"], ["h2"], name="mid"),
+        helper.make_node("Transpose", ["E"], ["et"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h2", "et"], ["logits"], name="head"),
+    ]
+    g = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(e, "E"), numpy_helper.from_array(w1, "w1")],
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _w_tilde(q: onnx.ModelProto, node_name: str) -> np.ndarray:
+    """W~ [N, K] read back from the bytes of the MatMulNBits `node_name`_Q*."""
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    n = next(m for m in q.graph.node if m.name.rsplit("_Q", 1)[0] == node_name)
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    codes = unpack(inits[n.input[1]].reshape(a["N"], -1), a["bits"])[:, : a["K"]]
+    scales = np.repeat(inits[n.input[2]].reshape(a["N"], -1), a["block_size"], axis=1)
+    return (codes.astype(np.float32) - 2 ** (a["bits"] - 1)) * scales[:, : a["K"]]
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_tied_embedding_reads_the_quantized_head(scheme):
+    rng = np.random.default_rng(1)
+    model = _tied_model(rng)
+    q, report = quantize_linears(model, scheme, accuracy_level=0)
+    ops = [n.op_type for n in q.graph.node]
+    assert "Gather" not in ops and ops.count("GatherBlockQuantized") == 1
+    assert report["embedding_shared"] == ["E"]
+    assert "E" not in {i.name for i in q.graph.initializer}  # the fp32 table is gone
+    # exact against the fp32 graph whose table and weights are the heads' W~
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    for init in ref.graph.initializer:
+        w = _w_tilde(q, "head") if init.name == "E" else _w_tilde(q, "mid").T
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+    ids = {"ids": np.array([0, 7, V - 1, 7], np.int64)}
+    got = ort_session(q).run(None, ids)[0]
+    want = ort_session(ref).run(None, ids)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    kept, report = quantize_linears(model, scheme, share_embedding=False)
+    assert report["embedding_shared"] == [] and "E" in {i.name for i in kept.graph.initializer}
+    assert [n.op_type for n in kept.graph.node].count("Gather") == 1
+
+
 def test_unknown_scheme_is_refused():
     with pytest.raises(ValueError, match="unknown scheme 'int2'"):
         quantize_linears(_linears_model(np.random.default_rng(0)), "int2")
@@ -191,6 +246,27 @@ def test_bad_quantize_values_one_error_line(int8_artifact, tmp_path):
     assert r.exit_code == 2 and "--quantize needs the ORT graph passes" in r.output
     assert not (tmp_path / "nc").exists() and not (tmp_path / "trt").exists()
     assert json.loads((art / "manifest.json").read_text())["quantize"]["scheme"] == "int8"
+
+
+def test_tied_decoder_int4_drops_the_fp32_table(tmp_path):
+    """A tiny random Qwen3 with tied embeddings: `--quantize int4` shares the head's bytes with
+    the embedding; the artifact generates, and its accuracy against fp32 is reported."""
+    from ffnx import artifact
+    from ffnx.runtime import Engine
+
+    src = write_config(tmp_path / "src", "qwen3", tie_word_embeddings=True)
+    r = cli("export", f"hf:{src}", "-o", tmp_path / "q", "--quantize", "int4")
+    assert r.exit_code == 0, r.output
+    q = artifact.read_manifest(tmp_path / "q")["quantize"]
+    assert len(q["embedding_shared"]) == 1
+    model = onnx.load(str(tmp_path / "q" / artifact.MODEL_OPT))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops
+    fp32 = [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT]
+    assert not [i.name for i in fp32 if list(i.dims) == [256, 64]]  # no [vocab, hidden] table
+    assert q["accuracy"]["logits_cosine"] > 0.97
+    tokens = Engine.load(tmp_path / "q", backend="ort").generate([[5, 17, 99]], 8, ignore_eos=True)
+    assert tokens.shape == (1, 8)
 
 
 def test_moe_experts_qmoe_int4_routers_fp32(tmp_path):
