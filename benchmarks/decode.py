@@ -17,8 +17,12 @@ with `ffnx export hf:DIR` (KV cache, default passes) and, for int4, quantized as
 experts where they fit; its token agreement and logits cosine against fp32 are reported). Timed
 in one process, every runtime with --threads threads, the same random prompt ids, greedy, EOS
 ignored, one warm-up generation each, --rounds timed generations per runtime interleaved (ffnx,
-transformers, genai, ffnx, ...: a slow spell of a shared machine hits every runtime) and the
-round with the median decode tokens/s reported (`decode_tok_s_rounds` has them all):
+transformers, genai, then genai, transformers, ffnx, ...: a slow spell of a shared machine hits
+every runtime, and none always runs first) and the
+round with the median decode tokens/s reported (`decode_tok_s_rounds` has them all), and per
+compared runtime ffnx's tokens/s over its own in each round and the median of those paired
+ratios (`ffnx_over_this_rounds`, `ffnx_over_this_paired`: the machine's speed shifts between
+rounds by up to 1.5x here, which cancels within a round):
 
   ffnx          `ffnx.runtime.decode_bench.time_decode`
   transformers  `ffnx.commands.bench_decode.torch_decode` (eager, its DynamicCache; fp32 only)
@@ -28,7 +32,8 @@ round with the median decode tokens/s reported (`decode_tok_s_rounds` has them a
 Reported per row: TTFT, prefill tokens/s, decode tokens/s, inter-token p50/p99, greedy tokens
 equal to ffnx's at the same precision, and for ffnx the weight bytes read per step, the achieved
 weight bandwidth and its fraction of the GEMV roofline (fp32 MatMul / int4 MatMulNBits whose
-weight is as large as a step's, at least 4x the last-level cache, at most 512 MiB). The GEMV is
+weight is as large as the decoder's working set - a step's weights plus, for MoE, the experts
+other tokens route to -, at least 4x the last-level cache, at most 512 MiB). The GEMV is
 timed in every round beside the runtimes, and the fraction reported is the median of the rounds'
 paired fractions: on a shared host both the bandwidth and a cache larger than /sys reports move
 between runs (a 128 MiB GEMV measured 48-88 GB/s across runs here). JSON (--json), a table, and a
@@ -138,16 +143,17 @@ def bench_arch(arch: str, a) -> list[dict]:
                 timers["onnxruntime-genai"] = lambda b=built, p=prompt: bg.genai_decode(
                     b, p, a.new_tokens, a.threads
                 )
-        # the roofline GEMV (at the artifact's precision, sized like a step's weights) is timed
-        # in every round too: each round's fraction pairs a decode with the GEMV beside it
+        # the roofline GEMV (at the artifact's precision, sized like the weights decoding
+        # streams) is timed in every round too: a round's fraction pairs a decode with its GEMV
         wb = bd.weight_bytes_per_step(str(art), manifest, a.batch)
         step = wb["weight_bytes_per_step"]
         bits = manifest.get("quantize", {}).get("bits")
-        gemv_model = bd.gemv_models(bits, bd.roofline_bytes(step))
+        gemv_model = bd.gemv_models(bits, bd.roofline_bytes(bd.working_set(wb)))
         timers["roofline GEMV"] = lambda m=gemv_model: gemv_bandwidth(*m, threads=a.threads)
         runs = {name: [] for name in timers}
-        for _ in range(a.rounds):  # interleaved: a slow spell of the machine hits every runtime
-            for name, timer in timers.items():
+        for i in range(a.rounds):  # interleaved: a slow spell of the machine hits every runtime;
+            order = list(timers.items())  # every other round in reverse, so no runtime always
+            for name, timer in order[::-1] if i % 2 else order:  # runs first or last
                 runs[name].append(timer())
         gemvs = runs.pop("roofline GEMV")
         fractions = [roofline(step, a.batch / r["decode_tok_s"], g["gemv_gbs"])["roofline_fraction"]
@@ -169,8 +175,14 @@ def bench_arch(arch: str, a) -> list[dict]:
             rows.append(row)
         for name, r in res.items():
             same = float((r.pop("tokens") == tokens).mean())
+            # ffnx over this runtime within each round (the two ran seconds apart): a shift of
+            # the machine's speed between rounds cancels in the ratio, not in the medians
+            paired = [o["decode_tok_s"] / t["decode_tok_s"]
+                      for o, t in zip(runs["ffnx (ort)"], runs[name])]  # fmt: skip
             rows.append({**base, "precision": prec, "runtime": name, **r,
-                         "tokens_equal_ffnx": same})  # fmt: skip
+                         "tokens_equal_ffnx": same,
+                         "ffnx_over_this_rounds": [round(x, 3) for x in paired],
+                         "ffnx_over_this_paired": float(np.median(paired))})  # fmt: skip
         if refused:
             rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai",
                          "unsupported": refused})  # fmt: skip
@@ -207,6 +219,11 @@ def print_table(rows: list[dict]) -> None:
               f"{f('x_fp32', '6.2f'):>6} {f('achieved_gbs', '6.1f'):>6} "
               f"{f('roofline_fraction', '5.0%'):>5} "
               f"{f('tokens_equal_ffnx', '5.0%'):>5}")  # fmt: skip
+    for r in rows:
+        if "ffnx_over_this_paired" in r:
+            rounds = ", ".join(f"{x:.2f}" for x in r["ffnx_over_this_rounds"])
+            print(f"{r['arch']} {r['precision']} ffnx / {r['runtime']} per round: {rounds}; "
+                  f"median {r['ffnx_over_this_paired']:.2f}")  # fmt: skip
     for r in rows:
         if "accuracy_vs_fp32" in r:
             acc = r["accuracy_vs_fp32"]

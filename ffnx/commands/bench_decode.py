@@ -198,19 +198,25 @@ def gemv_models(bits: int | None, target_bytes: int | None = None) -> tuple[byte
 GEMV_CAP = 512 << 20  # bytes: a roofline GEMV's weight is never larger (memory, set-up time)
 
 
-def roofline_bytes(step_bytes: int | None = None) -> int:
+def working_set(wb: dict) -> int:
+    """Weight bytes a run of decode steps streams, from `weight_bytes_per_step`'s report: one
+    step's, plus the experts other steps route to (every expert is read within a few tokens)."""
+    return int(wb["weight_bytes_per_step"] + wb.get("expert_bytes_unread", 0))
+
+
+def roofline_bytes(working_set_bytes: int | None = None) -> int:
     """The roofline GEMV's weight size: at least 4x the last-level cache (64 MiB or more) and
-    at least the bytes a decode step reads, up to GEMV_CAP - a working set like the decoder's,
-    so a cache larger than /sys reports (a VM's) favours neither side."""
-    return int(max(4 * _llc_bytes(), 64 * 2**20, min(int(step_bytes or 0), GEMV_CAP)))
+    at least the decoder's working set (`working_set`), up to GEMV_CAP - so a cache larger than
+    /sys reports (a VM's) favours neither side."""
+    return int(max(4 * _llc_bytes(), 64 * 2**20, min(int(working_set_bytes or 0), GEMV_CAP)))
 
 
-def measure_rooflines(manifest: dict, threads, step_bytes: int | None = None) -> dict:
-    """{"fp32": gemv_bandwidth, and "int4"/"int8" for quantized artifacts}; `step_bytes`: the
-    weight bytes a decode step reads (`roofline_bytes`)."""
+def measure_rooflines(manifest: dict, threads, working_set_bytes: int | None = None) -> dict:
+    """{"fp32": gemv_bandwidth, and "int4"/"int8" for quantized artifacts}, the GEMV sized by
+    `roofline_bytes(working_set_bytes)`."""
     from ffnx.runtime.decode_bench import gemv_bandwidth
 
-    size = roofline_bytes(step_bytes)
+    size = roofline_bytes(working_set_bytes)
     out = {}
     bits = manifest.get("quantize", {}).get("bits")
     if bits:
@@ -263,7 +269,7 @@ def bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads,
             r["decode_speedup_of_ffnx"] = results[0]["decode_tok_s"] / r["decode_tok_s"]
     wb = weight_bytes_per_step(engine.path or path, engine.manifest, batch)
     with ui.steps("measuring the GEMV bandwidth roofline"):
-        gemv = measure_rooflines(engine.manifest, threads, wb["weight_bytes_per_step"])
+        gemv = measure_rooflines(engine.manifest, threads, working_set(wb))
     roof = gemv.get(scheme, gemv["fp32"])["gemv_gbs"]
     itl = batch / results[0]["decode_tok_s"]
     results[0].update(roofline(wb["weight_bytes_per_step"], itl, roof), **wb,

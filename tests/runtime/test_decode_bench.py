@@ -211,3 +211,30 @@ def test_weight_bytes_per_step_reads_one_row_of_the_fused_rotary_tables(tmp_path
         got = weight_bytes_per_step(str(tmp_path), manifest, batch)
         assert got["rotary_table_bytes_unread"] == 2 * 4 * (50 - batch) * 4
         assert got["weight_bytes_per_step"] == 4 * 16 * 16 + 2 * 4 * batch * 4
+
+
+def test_tied_table_is_read_whole_and_the_gemv_spans_the_working_set(tmp_path):
+    """A table the lm_head also reads (tied: Transpose -> MatMul) counts whole; the roofline
+    GEMV is sized by the working set (a step plus the experts other tokens route to), between
+    4x the last-level cache and GEMV_CAP."""
+    from ffnx import artifact
+    from ffnx.commands import bench_decode as bd
+
+    table = numpy_helper.from_array(np.zeros((100, 16), np.float32), "embed")
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"]),
+             helper.make_node("Transpose", ["embed"], ["et"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "et"], ["logits"])]  # fmt: skip
+    g = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64,
+                                                                        [1])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                          [table])  # fmt: skip
+    (tmp_path / artifact.MODEL_OPT).write_bytes(helper.make_model(g).SerializeToString())
+    got = bd.weight_bytes_per_step(str(tmp_path), artifact.write_manifest(tmp_path, {}), 1)
+    assert got["embedding_bytes_unread"] == 0 and got["weight_bytes_per_step"] == 4 * 100 * 16
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    w = bd.weight_bytes_per_step(str(moe), _moe_artifact(moe), 1)
+    assert bd.working_set(w) == w["weight_bytes_total"] - w["embedding_bytes_unread"]
+    floor = max(4 * bd._llc_bytes(), 64 * 2**20)
+    assert bd.roofline_bytes(1) == bd.roofline_bytes() == floor
+    assert bd.roofline_bytes(10 * bd.GEMV_CAP) == max(floor, bd.GEMV_CAP)
