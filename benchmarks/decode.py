@@ -1,7 +1,8 @@
 """Token-by-token decode: ffnx's KV-cache decoder (fp32 and int4) on ONNX Runtime against
 transformers eager and onnxruntime-genai, with the weight-bandwidth roofline.
 
-    python benchmarks/decode.py [--size tiny|qwen3|qwen3-0.6b] [--arch qwen3 qwen3_moe mixtral]
+    python benchmarks/decode.py [--size tiny|qwen3|qwen3-0.6b] [--arch qwen3 qwen3_moe mixtral
+                                 llama mistral gpt_oss deepseek_v3]
                                 [--precision fp32 int4] [--runtimes ffnx transformers genai]
                                 [--prompt-len 64] [--new-tokens 64] [--batch 1] [--threads 2]
                                 [--rounds 3] [--work DIR] [--reuse] [--json out.json]
@@ -10,8 +11,10 @@ transformers eager and onnxruntime-genai, with the weight-bandwidth roofline.
 Per architecture: a random-weight checkpoint config is written to --work (`tiny`: hidden 64,
 2 layers, vocab 256, for a smoke run; `qwen3`: the issue-14 shape, hidden 512, 8 layers, 8 heads
 / 4 KV heads, vocab 32000; `qwen3-0.6b`: Qwen3-0.6B's shape, 28 layers, vocab 151936, tied
-embeddings, 2.4 GB in fp32, written with external data; MoE: Qwen3-MoE 16 experts top-2,
-Mixtral 8 experts top-2), exported
+embeddings, 2.4 GB in fp32, written with external data; Llama and Mistral at the same size;
+MoE: Qwen3-MoE 16 experts top-2, Mixtral 8 experts top-2, GPT-OSS 8 experts top-2 with its
+clamped SwiGLU, sinks and 128-token window layers, DeepSeek-V3 with MLA and 16 grouped experts
+top-2 plus a shared one), exported
 with `ffnx export hf:DIR` (KV cache, default passes) and, for int4, quantized as `ffnx export
 --quantize int4` does (`ffnx.commands.quantize.quantize_artifact`: MatMulNBits block 32, int4
 experts where they fit; its token agreement and logits cosine against fp32 are reported). Timed
@@ -47,6 +50,7 @@ import json
 import os
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 SIZES = {
@@ -62,17 +66,53 @@ SIZES = {
 MOE = {
     "qwen3_moe": dict(num_experts=16, num_experts_per_tok=2, norm_topk_prob=True),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    # GPT-OSS: clamped-SwiGLU experts with biases, attention sinks, every other layer a
+    # 128-token sliding window, YaRN rope (gpt-oss-20b's settings, scaled down)
+    "gpt_oss": dict(
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=128,
+        swiglu_limit=7.0,
+        rope_parameters=dict(
+            rope_type="yarn",
+            factor=32.0,
+            original_max_position_embeddings=4096,
+            rope_theta=150000.0,
+            beta_fast=32.0,
+            beta_slow=1.0,
+        ),
+    ),
+    # DeepSeek-V3: MLA (latent KV), 16 routed experts in 4 groups (2 kept), top-2, one shared
+    # expert, sigmoid routing; the first layer dense
+    "deepseek_v3": dict(
+        n_routed_experts=16,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        kv_lora_rank=128,
+        q_lora_rank=192,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+    ),
 }
+# every architecture --arch takes: dense (Llama, Mistral, Qwen3) and MoE
+ARCHS = ("qwen3", "llama", "mistral", *MOE)
 RUNTIMES = ("ffnx", "transformers", "genai")
 
 
 def write_config(directory: Path, arch: str, size: str) -> Path:
     cfg = {"model_type": arch, "max_position_embeddings": 4096, "tie_word_embeddings": False,
            **SIZES[size], **MOE.get(arch, {})}  # fmt: skip
-    if arch == "qwen3_moe":  # a multiple of 32, so the experts quantize block-wise
+    if arch in ("qwen3_moe", "deepseek_v3"):  # a multiple of 32, so experts quantize block-wise
         cfg["moe_intermediate_size"] = max(32, cfg["intermediate_size"] // 4 // 32 * 32)
-    if arch == "mixtral":
+    if arch in ("mixtral", "deepseek_v3"):
         cfg.pop("head_dim")
+    if arch == "deepseek_v3":  # MLA: every head reads the one latent cache
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg))
     return directory
@@ -140,9 +180,12 @@ def bench_arch(arch: str, a) -> list[dict]:
             if isinstance(built, str):
                 refused = built
             else:
-                timers["onnxruntime-genai"] = lambda b=built, p=prompt: bg.genai_decode(
-                    b, p, a.new_tokens, a.threads
-                )
+                timer = partial(bg.genai_decode, built, prompt, a.new_tokens, a.threads)
+                first = timer()  # untimed: where genai fails at run time, it says so here
+                if isinstance(first, str):
+                    refused = first
+                else:
+                    timers["onnxruntime-genai"] = timer
         # the roofline GEMV (at the artifact's precision, sized like the weights decoding
         # streams) is timed in every round too: a round's fraction pairs a decode with its GEMV
         wb = bd.weight_bytes_per_step(str(art), manifest, a.batch)
@@ -266,7 +309,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="tiny")
-    ap.add_argument("--arch", nargs="+", default=["qwen3", "qwen3_moe", "mixtral"])
+    ap.add_argument("--arch", nargs="+", choices=ARCHS, default=["qwen3", "qwen3_moe", "mixtral"])
     ap.add_argument("--precision", nargs="+", choices=["fp32", "int4", "int8"],
                     default=["fp32", "int4"])  # fmt: skip
     ap.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))

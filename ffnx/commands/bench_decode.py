@@ -260,8 +260,14 @@ def bench_decode(engine, path, compare, prompt_len, new_tokens, batch, threads,
         else:
             vocab = int(engine.manifest["decoder"]["vocab"])
             r = genai_decode(built, random_prompt(vocab, batch, prompt_len), new_tokens, threads)
-            results.append({"runtime": "onnxruntime-genai", "precision": precision, **r,
-                            "peak_rss_mib": peak_rss_mib(), "genai_model": str(built)})  # fmt: skip
+            if isinstance(r, str):
+                ui.err.print(r)
+                results.append({"runtime": "onnxruntime-genai", "precision": precision,
+                                "unsupported": r})  # fmt: skip
+            else:
+                results.append({"runtime": "onnxruntime-genai", "precision": precision,
+                                **r, "peak_rss_mib": peak_rss_mib(),
+                                "genai_model": str(built)})  # fmt: skip
     for r in results[1:]:
         if "tokens" in r:
             toks = r.pop("tokens")

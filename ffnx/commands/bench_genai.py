@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ffnx.errors import BackendError
-
 
 def _cache_root() -> Path:
     return Path(os.environ.get("FFNX_CACHE_DIR") or Path.home() / ".cache" / "ffnx")
@@ -30,7 +28,9 @@ def _cache_root() -> Path:
 
 def genai_model(source: str, model, precision: str) -> Path | str:
     """The genai model directory for this checkpoint (built once, cached), or the one-line
-    reason the builder refused it ("genai does not support <model_type>")."""
+    reason the builder refused it ("genai does not support <model_type>", cached) or failed
+    ("onnxruntime-genai's model builder failed: <its last line>": GPT-OSS without its MXFP4
+    tensors, say), so that ffnx's own row is still reported."""
     import onnxruntime_genai as og
 
     h = hashlib.sha256(f"{precision} {og.__version__}".encode())
@@ -64,7 +64,7 @@ def genai_model(source: str, model, precision: str) -> Path | str:
                 refused.write_text(why + "\n")
                 return why
             last = (r.stderr.strip() or r.stdout.strip() or "no output").splitlines()[-1]
-            raise BackendError(f"onnxruntime-genai's model builder failed: {last}")
+            return f"onnxruntime-genai's model builder failed: {last}"  # (not cached)
         os.replace(f"{tmp}/model", out)
     return out
 
@@ -95,8 +95,9 @@ def _tokenizer(src: Path, dst: Path, config) -> None:
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
-def genai_decode(model_dir: Path, prompt: np.ndarray, new_tokens: int, threads) -> dict:
-    """onnxruntime-genai greedy generation (EOS ignored: min_length), timed like ffnx's."""
+def genai_decode(model_dir: Path, prompt: np.ndarray, new_tokens: int, threads) -> dict | str:
+    """onnxruntime-genai greedy generation (EOS ignored: min_length), timed like ffnx's; where
+    genai fails at run time, the line "onnxruntime-genai failed: <its first line>"."""
     import onnxruntime_genai as og
 
     from ffnx.runtime.decode_bench import decode_stats
@@ -122,6 +123,10 @@ def genai_decode(model_dir: Path, prompt: np.ndarray, new_tokens: int, threads) 
             toks.append(np.asarray(gen.get_next_tokens(), np.int64).reshape(batch))
         return times[0] - t0, times, toks
 
-    run(min(4, new_tokens))
-    ttft, times, toks = run(new_tokens)
+    try:
+        run(new_tokens)  # warm-up at the timed length: genai sizes its caches by max_length (a
+    except Exception as e:  # its runtime's checks (RuntimeError, OrtException): one line
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"onnxruntime-genai failed: {line}"
+    ttft, times, toks = run(new_tokens)  # sliding-window layer refuses one below its window)
     return {**decode_stats(ttft, times, batch, plen), "tokens": np.stack(toks, axis=1)}

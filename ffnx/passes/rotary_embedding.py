@@ -26,8 +26,17 @@ graph, cos and sin are Cos/Sin (then optionally Mul by a constant scalar or Cast
 Concat(f, f) along the last axis, transformers' emb = cat(freqs, freqs). Then both graphs
 compute x*c + (-x')*s per element with the same operands (bit-equal up to the kernel's
 fused multiply-add). A partial rotary (GPT-NeoX, Phi: x[..., :rot] rotated, the rest passed) is
-the same pattern on its slice. Not matched (left unchanged, with the reason): interleaved pairs,
-cos/sin not of that form, x of unknown rank or head dim. Target: ORT only.
+the same pattern on its slice.
+
+GPT-OSS writes the same rotation on halves (a, b) = Split(x, 2, last axis) with half-width
+cos/sin c, s [Bc, S, h] (no Concat(freqs, freqs)):
+
+    y = Concat(a * c4 - b * s4,  b * c4 + a * s4)
+
+which is the op's formula with C = c and S = s directly (y[i] = x[i] C - x[i+h] S for i < h,
+y[i+h] = x[i+h] C + x[i] S), so no half-equality condition is needed; the same tables and
+position ids are built from c and s. Not matched (left unchanged, with the reason): interleaved
+pairs, cos/sin not of these forms, x of unknown rank or head dim. Target: ORT only.
 """
 
 from __future__ import annotations
@@ -121,6 +130,54 @@ def parse_rotary(add: gs.Node) -> tuple[dict | None, str | None]:
     return None, None
 
 
+def _mul_of(n: gs.Node | None, t: gs.Tensor, u: gs.Tensor) -> bool:
+    """n is Mul(t, u) in either order."""
+    return n is not None and n.op == "Mul" and len(n.inputs) == 2 and {id(i) for i in n.inputs} \
+        == {id(t), id(u)}  # fmt: skip
+
+
+def parse_split_rotary(cat: gs.Node) -> tuple[dict | None, str | None]:
+    """From the Concat of GPT-OSS's Concat(a*c4 - b*s4, b*c4 + a*s4), (a, b) = Split(x): ->
+    (site, None) or (None, why); (None, None) when `cat` is not such a rotary."""
+    if cat.op != "Concat" or len(cat.inputs) != 2:
+        return None, None
+    sub, add = producer(cat.inputs[0], "Sub"), producer(cat.inputs[1], "Add")
+    if sub is None or add is None:
+        return None, None
+    m1, m2 = producer(sub.inputs[0], "Mul"), producer(sub.inputs[1], "Mul")
+    split = next((producer(t, "Split") for t in (m1.inputs if m1 else []) if producer(t, "Split")),
+                 None)  # fmt: skip
+    if m2 is None or split is None or len(split.outputs) != 2:
+        return None, None
+    a, b = split.outputs
+    c4, s4 = other_input(m1, a), other_input(m2, b)
+    if c4 is None or s4 is None:
+        return None, None
+    m3, m4 = (producer(t, "Mul") for t in add.inputs)
+    if not (_mul_of(m3, b, c4) and _mul_of(m4, a, s4) or _mul_of(m3, a, s4) and _mul_of(m4, b, c4)):
+        return None, "the second half is not b*cos + a*sin"
+    x = split.inputs[0]
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] % 2:
+        return None, "rotary input of unknown rank or odd head dim"
+    D, h = shape[3], shape[3] // 2
+    sizes = const(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1].name else None
+    if split.attrs.get("axis") not in (-1, 3) or (sizes is not None and list(sizes) != [h, h]):
+        return None, "the halves are not a last-axis split at D/2"
+    cos, sin = _cos_sin(c4), _cos_sin(s4)
+    if cos is None or sin is None:
+        return None, "cos/sin are not Unsqueeze(cos, 1) of [B, S, D/2] tensors"
+    if any(t.shape[-1] != h for t in (cos, sin)):
+        return None, "cos/sin width is not half the head dim"
+    if x.dtype is not None and np.dtype(x.dtype) != np.float32:
+        return None, f"dtype {x.dtype} (ORT's CPU RotaryEmbedding is float32)"
+    if any(len(t.outputs) != 2 for t in (a, b)) or any(
+            len(n.outputs[0].outputs) != 1 for n in (m1, m2, m3, m4, sub, add)):  # fmt: skip
+        return None, "an intermediate of the rotary is read elsewhere"
+    return dict(x=x, cos=cos, sin=sin, D=D, out=cat.outputs[0], H=shape[1],
+                nodes=[split, m1, m2, m3, m4, sub, add, cat]), None  # fmt: skip
+
+
 def _check_site(add, x, cos4, sin4, cat, s1, s2, neg, mul_c, mul_s):
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 4 or not isinstance(shape[3], int):
@@ -192,7 +249,8 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> None:
 
 
 class RotaryEmbeddingPass(GraphPass):
-    """x*cos + rotate_half(x)*sin (transformers' rotary) -> com.microsoft::RotaryEmbedding."""
+    """x*cos + rotate_half(x)*sin (transformers' rotary; GPT-OSS's split-halves form) ->
+    com.microsoft::RotaryEmbedding."""
 
     name = "rotary_embedding"
     targets = ("ort",)
@@ -200,7 +258,7 @@ class RotaryEmbeddingPass(GraphPass):
     def match(self, graph: gs.Graph) -> list[Match]:
         out = []
         for n in graph.nodes:
-            site, why = parse_rotary(n)
+            site, why = parse_rotary(n) if n.op == "Add" else parse_split_rotary(n)
             if site is not None or why is not None:
                 out.append(Match([n], {"site": site, "why": why}))
         return out

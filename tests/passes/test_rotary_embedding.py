@@ -135,3 +135,50 @@ def test_unmatched_rotary_is_left_unchanged_with_the_reason():
     assert rep["status"] == "skipped" and rep["applied"] == 0, rep
     assert "Concat of two different halves" in rep["skipped"][0]["reason"]
     assert new.SerializeToString() == m.SerializeToString()
+
+
+def _split_rotary(second_half_ok: bool = True):
+    """GPT-OSS's rotary as its modeling code writes it (chunk halves, half-width cos/sin scaled
+    like YaRN's attention factor), exported by ffnx's exporter with dynamic B and S."""
+    import torch
+
+    from tests.passes.helpers import export
+
+    class SplitRotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(D // 2) * 2.0 / D))
+
+        def forward(self, q, pos):
+            freqs = pos[..., None].float() * self.inv_freq  # [B, S, D/2]
+            c4, s4 = (freqs.cos() * 1.3).unsqueeze(1), (freqs.sin() * 1.3).unsqueeze(1)
+            a, b = torch.chunk(q.transpose(1, 2), 2, dim=-1)
+            second = b * c4 + a * s4 if second_half_ok else b * s4 + a * c4
+            return torch.cat((a * c4 - b * s4, second), dim=-1)
+
+    q, pos = torch.randn(2, 5, H, D), torch.arange(5).repeat(2, 1)
+    dyn = {"q": {0: "B", 1: "S"}, "pos": {0: "B", 1: "S"}}
+    return export(SplitRotary(), q, pos, dynamic=dyn, names=("q", "pos"))
+
+
+def test_gpt_oss_split_halves_rotary_becomes_one_op():
+    m = _split_rotary()
+    rng = np.random.default_rng(3)
+    feeds = [{"q": rng.standard_normal((b, s, H, D)).astype(np.float32),
+              "pos": (np.arange(s)[None] + 7 * np.arange(b)[:, None]).astype(np.int64)}
+             for b, s in ((2, 5), (1, 9))]  # fmt: skip
+    new, rep = apply("rotary_embedding", m, feeds)
+    assert rep["applied"] == 1, rep
+    ops = op_counts(new)
+    assert ops["RotaryEmbedding"] == 1 and "Split" not in ops and "Sub" not in ops
+    for f in feeds:
+        assert_close(run(m, f), run(new, f))
+
+
+def test_gpt_oss_form_with_the_wrong_pairing_is_left_unchanged():
+    m = _split_rotary(second_half_ok=False)
+    feeds = [{"q": np.ones((1, 3, H, D), np.float32), "pos": np.arange(3)[None]}]
+    before = m.SerializeToString()
+    new, rep = apply("rotary_embedding", m, feeds)
+    assert rep["applied"] == 0 and new.SerializeToString() == before
+    assert "not b*cos + a*sin" in " ".join(s["reason"] for s in rep["skipped"])
