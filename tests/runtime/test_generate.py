@@ -281,9 +281,9 @@ def test_gpt_oss_sinks_and_sliding_window_through_gqa(tmp_path, form):
         opts = manifest_options(spec.manifest_extra)
         new, (_, report) = optimize_model(graph, feeds, passes=passes, options=opts)
     assert report["status"] == "applied" and report["applied"] == 2, report
-    # GPT-OSS writes its rotary as chunk halves (x1*cos - x2*sin, x2*cos + x1*sin), which
-    # rotary_embedding does not match: the standard ops stay before GQA
-    assert report["notes"]["rotary"] == "q/k do not come from one RotaryEmbedding each"
+    # GPT-OSS writes its rotary as chunk halves (x1*cos - x2*sin, x2*cos + x1*sin):
+    # rotary_embedding matches that form, and GQA rotates q/k itself (yarn-scaled tables)
+    assert report["notes"]["rotary"] == "fused (do_rotary)"
     gqa = [n for n in new.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and all(n.input[11] for n in gqa)  # head_sink on both layers
     onnx.save(new, str(tmp_path / "gqa.onnx"))
