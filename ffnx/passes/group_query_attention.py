@@ -16,7 +16,12 @@ Rewrite: GroupQueryAttention(query=[B,S,H*D], key, value [B,S,KV*D], past_key, p
 seqlens_k = (P+S) - 1 for every row, total_sequence_length = P+S, attention_bias = M,
 query_seqlens = S for every row; num_heads=H, kv_num_heads=KV, scale) writing O (reshaped back
 to [B,S,H,D]) and the two presents, which stay the graph outputs: the input/output interface of
-the artifact is unchanged. P+S is read from M's last axis, so nothing new is fed. GQA computes
+the artifact is unchanged. Where q, k and v are the three outputs of one last-axis Split of a
+fused QKV projection P [B,S,(H+2KV)*D] (fuse_sibling_linears; Reshapes that keep the shape
+looked through), GQA reads P whole as its packed query, key and value empty: GQA splits it in
+the same q|k|v order, so the same values with no Split kernel (Llama, Mistral, GPT-OSS; not
+Qwen3, whose q/k norms sit between the Split and GQA). P+S is read from M's last axis, so
+nothing new is fed. GQA computes
 O[b,s,h] = sum_j softmax_j(scale * q[b,h,s].K[b,h//(H/KV),j] + M[b,s,j] + C[s,j]) V[...,j] with
 its own causal mask C (key j <= P + s), which M already contains; all rows have seqlens_k + 1 =
 P+S keys in the padded cache layout, so left padding is the mask's business, as in transformers.
@@ -62,7 +67,7 @@ from ffnx.graph import lowering_meta
 from ffnx.graph.attention_match import consumers, is_key_cache, only, parse_site, perm
 from ffnx.graph.builder import Builder, i64
 from ffnx.graph.opsets import MS_DOMAIN
-from ffnx.graph.tensors import producer
+from ffnx.graph.tensors import const, known_shape, producer
 from ffnx.passes import gqa_mask, gqa_rotary
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
@@ -89,6 +94,33 @@ def _flat_reader(t: gs.Tensor, width: int) -> gs.Tensor | None:
     out = rs.outputs[0] if rs is not None else None
     shape = getattr(out, "shape", None)
     return out if shape is not None and len(shape) == 3 and shape[2] == width else None
+
+
+def _before_reshapes(t: gs.Tensor) -> gs.Tensor:
+    """The earliest tensor of the Reshape chain ending in `t` whose shape is t's own (known,
+    symbolic dims by name): Reshape keeps element order, so it holds t's values."""
+    shape, best, cur = known_shape(t), t, t
+    while shape is not None and (r := producer(cur, "Reshape")) is not None:
+        cur = r.inputs[0]
+        if known_shape(cur) == shape:
+            best = cur
+    return best
+
+
+def _packed_qkv(q3: gs.Tensor, k3: gs.Tensor, v3: gs.Tensor, qw: int, kw: int):
+    """P when q3, k3, v3 [B, S, .] are (through same-shape Reshapes) the three outputs, in that
+    order, of a last-axis Split of P [B, S, qw + 2 kw] into [qw, kw, kw] (a fused QKV
+    projection): GQA's packed query input, which it splits in the same order. Else None."""
+    q, k, v = (_before_reshapes(t) for t in (q3, k3, v3))
+    sp = producer(q, "Split")
+    if sp is None or [id(o) for o in sp.outputs] != [id(q), id(k), id(v)]:
+        return None
+    rank = len(sp.inputs[0].shape or [])
+    sizes = const(sp.inputs[1]) if len(sp.inputs) > 1 and sp.inputs[1].name else None
+    sizes = sp.attrs.get("split") if sizes is None else sizes
+    if rank != 3 or sp.attrs.get("axis", 0) not in (-1, 2) or sizes is None:
+        return None
+    return sp.inputs[0] if [int(x) for x in np.ravel(sizes)] == [qw, kw, kw] else None
 
 
 def _sink_input(b: Builder, s: dict):
@@ -146,10 +178,16 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict, max_len: int | None = N
     if rotary is not None:
         q3, k3, cos, sin, pos = rotary
         shared["rotary_fused"] = shared.get("rotary_fused", 0) + 1
+    v3 = _heads_last(b, s["v"], KV * D)
+    packed = _packed_qkv(q3, k3, v3, H * D, KV * D)
+    if packed is not None:  # one fused QKV projection: GQA reads it whole, no Split
+        q3, k3, v3 = packed, None, None
+        shared["qkv_packed"] = shared.get("qkv_packed", 0) + 1
     key = s["mask"].name
-    if key not in shared:
-        batch = b.op("Shape", q3, start=0, end=1)
-        seq = b.op("Shape", q3, start=1, end=2)
+    if key not in shared:  # B and S of the step: from input_ids, so no layer's q is kept for it
+        ids = next((t for t in graph.inputs if t.name == "input_ids"), q3)
+        batch = b.op("Shape", ids, start=0, end=1)
+        seq = b.op("Shape", ids, start=1, end=2)
         bias, total = _bias(graph, b, s["mask"], max_len, shared, seq)
         seqlens = b.op("Expand", b.op("Cast", b.op("Sub", total, i64(1)), to=6), batch)
         qlens = b.op("Expand", b.op("Cast", seq, to=6), batch)
@@ -164,10 +202,9 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict, max_len: int | None = N
     attrs = dict(num_heads=H, kv_num_heads=KV, scale=float(s["scale"]))
     if rotary is not None:
         attrs["do_rotary"] = 1
-    b.op("GroupQueryAttention", q3, k3, _heads_last(b, s["v"], KV * D), s["past_k"],
-         s["past_v"], seqlens, total32, cos, sin, pos, bias, _sink_input(b, s), None,
-         None, None, None, qlens, outputs=[out3, s["present_k"], s["present_v"]],
-         domain=MS_DOMAIN, **attrs)  # fmt: skip
+    b.op("GroupQueryAttention", q3, k3, v3, s["past_k"], s["past_v"], seqlens, total32, cos,
+         sin, pos, bias, _sink_input(b, s), None, None, None, None, qlens,
+         outputs=[out3, s["present_k"], s["present_v"]], domain=MS_DOMAIN, **attrs)  # fmt: skip
     s["out_node"].outputs.clear()
     if flat is not None:  # GQA writes the [B, S, H*D] tensor o_proj reads
         flat.inputs[0].outputs.clear()
@@ -277,6 +314,8 @@ def _site_notes(shared: dict, applied: int) -> dict:
     notes = {"rotary": "fused (do_rotary)" if fused == applied else
              shared.get("rotary_why", "not fused")}  # fmt: skip
     notes["mask"] = f"padding only, {masks} mask(s)" if masks else shared.get("mask_why", "")
+    notes["qkv"] = f"packed, {shared['qkv_packed']} layer(s)" if shared.get("qkv_packed") else \
+        "separate"  # fmt: skip
     if masks and "mask_why" in shared:  # some masks kept (sliding-window layers)
         notes["mask_kept_why"] = shared["mask_why"]
     return notes

@@ -161,6 +161,11 @@ def test_gqa_greedy_tokens_equal_transformers_generate(gqa_engines, model_type, 
         assert not mask.startswith("padding only") and "window" in mask, report["notes"]
     elif model_type in ("llama", "qwen3"):
         assert mask.startswith("padding only"), report["notes"]
+    # a fused QKV projection feeds GQA whole (packed query); Qwen3's q/k norms sit in between
+    packed = model_type not in ("qwen3", "qwen3_moe")
+    assert report["notes"]["qkv"] == (f"packed, {layers} layer(s)" if packed else "separate")
+    if model_type in ("llama", "mistral", "qwen3"):  # (MoE lowerings split tokens themselves)
+        assert ops(engine, "Split") == (0 if packed else layers), report["notes"]
     _greedy_equal(engine, model)
 
 
