@@ -141,9 +141,14 @@ def artifacts(src: Path, work: Path, name: str, precisions, reuse: bool = False)
     return out
 
 
+def median_by(items: list[dict], key: str) -> dict:
+    """The item with the median `key` (the upper one of an even count)."""
+    return sorted(items, key=lambda r: r[key])[len(items) // 2]
+
+
 def median_round(runs: list[dict]) -> dict:
     """The round with the median decode tokens/s, every round's tokens/s beside it."""
-    mid = dict(sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2])
+    mid = dict(median_by(runs, "decode_tok_s"))
     mid["decode_tok_s_rounds"] = [round(r["decode_tok_s"], 2) for r in runs]
     return mid
 
@@ -204,7 +209,7 @@ def bench_arch(arch: str, a) -> list[dict]:
         res = {name: median_round(r) for name, r in runs.items()}
         ours = res.pop("ffnx (ort)")
         tokens = ours.pop("tokens")
-        gemv = sorted(gemvs, key=lambda g: g["gemv_gbs"])[len(gemvs) // 2]
+        gemv = median_by(gemvs, "gemv_gbs")
         row = {**base, "precision": prec, "runtime": "ffnx (ort)", **ours, **wb,
                **roofline(step, a.batch / ours["decode_tok_s"], gemv["gemv_gbs"]),
                "roofline_fraction": float(np.median(fractions)),

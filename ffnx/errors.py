@@ -1,6 +1,13 @@
 """One exception family per user-facing failure; the CLI prints `str(err)` as one line."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, else its type's name: how a foreign error
+    (ONNX Runtime, transformers, onnxruntime-genai) is quoted inside one of ours."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class FfnxError(Exception):
     """Base of every error ffnx reports to a user (one line, non-zero exit)."""
 

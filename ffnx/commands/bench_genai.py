@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ffnx.errors import first_line
+
 
 def _cache_root() -> Path:
     return Path(os.environ.get("FFNX_CACHE_DIR") or Path.home() / ".cache" / "ffnx")
@@ -123,10 +125,11 @@ def genai_decode(model_dir: Path, prompt: np.ndarray, new_tokens: int, threads) 
             toks.append(np.asarray(gen.get_next_tokens(), np.int64).reshape(batch))
         return times[0] - t0, times, toks
 
+    # warm-up at the timed length: genai sizes its caches by max_length, and a sliding-window
+    # layer refuses a cache below its window
     try:
-        run(new_tokens)  # warm-up at the timed length: genai sizes its caches by max_length (a
+        run(new_tokens)
     except Exception as e:  # its runtime's checks (RuntimeError, OrtException): one line
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"onnxruntime-genai failed: {line}"
-    ttft, times, toks = run(new_tokens)  # sliding-window layer refuses one below its window)
+        return f"onnxruntime-genai failed: {first_line(e)}"
+    ttft, times, toks = run(new_tokens)
     return {**decode_stats(ttft, times, batch, plen), "tokens": np.stack(toks, axis=1)}

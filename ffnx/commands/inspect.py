@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ffnx.commands import grammar, ui
-from ffnx.errors import ArtifactError
+from ffnx.errors import ArtifactError, first_line
 
 
 def load_onnx(path: Path):
@@ -20,7 +20,7 @@ def load_onnx(path: Path):
         model = onnx.load(str(path))
         check(model)
     except Exception as e:  # protobuf DecodeError, checker errors: the file is unusable
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        line = first_line(e)
         raise ArtifactError(
             f"{path} is not a valid ONNX model (corrupted or truncated?): {line}"
         ) from e

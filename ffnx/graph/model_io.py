@@ -97,6 +97,11 @@ def constant_bytes(graph) -> int:
     return sum(int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize for t in consts)
 
 
+def is_big_graph(graph) -> bool:
+    """`is_big` for an onnx-graphsurgeon graph (its constants past LIMIT)."""
+    return constant_bytes(graph) > LIMIT
+
+
 def structure(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model without the values of its main graph's initializers over SMALL
     bytes (name, type and dims kept, marked external): for analyses of shapes and ops, cheap at

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ffnx.errors import VerificationError
+from ffnx.errors import VerificationError, first_line
 from ffnx.graph.model_io import is_big, session_path
 
 
@@ -34,7 +34,7 @@ def ort_session(model, threads: int | None = None, prepack: bool = True):
         src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        line = first_line(e)
         raise VerificationError(f"ONNX Runtime cannot load the graph: {line}") from e
 
 

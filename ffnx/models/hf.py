@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ffnx.errors import ModelSpecError
+from ffnx.errors import ModelSpecError, first_line
 from ffnx.models.hf_config import SEED, _config_path, _import_transformers, build_model
 from ffnx.models.spec import ModelSpec
 
@@ -40,7 +40,7 @@ def _load_model(cfg_path: Path, weights: bool) -> torch.nn.Module:
     try:
         config = tf.AutoConfig.from_pretrained(str(cfg_path), trust_remote_code=False)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelSpecError(f"hf:{cfg_path}: cannot read the config: {first}") from e
     return build_model(tf.AutoModelForCausalLM, config, cfg_path.parent, weights, "a causal LM")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ffnx.errors import ModelSpecError
+from ffnx.errors import ModelSpecError, first_line
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 SEED = 0  # random weights when the checkpoint has none
@@ -57,7 +57,7 @@ def build_model(auto, config, model_dir: Path, weights: bool, what: str) -> torc
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
         # AttributeError: a config transformers' own model code cannot read (e.g. DBRX's
         # attn_config without rope_theta), reported as one line, not an internal error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelSpecError(
             f"hf:{model_dir}: cannot build {what} for model_type "
             f"{getattr(config, 'model_type', '?')!r}: {first}"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ffnx.errors import ModelSpecError
+from ffnx.errors import ModelSpecError, first_line
 from ffnx.models.hf_config import SEED, _config_path, _import_transformers, build_model
 from ffnx.models.spec import ModelSpec
 
@@ -172,7 +172,7 @@ def load_task(
     try:
         config = tf.AutoConfig.from_pretrained(str(cfg_path), trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelSpecError(f"hf:{cfg_path}: cannot read the config: {first}") from e
     task = task or infer_task(config)
     if task == CAUSAL:

@@ -195,7 +195,7 @@ def choose(graph: gs.Graph, options: dict, build) -> Choice:
 
             raise PassError(f"{by}={forced!r}: choose one of {', '.join(FORMS)} or rule")
         return Choice(forced, f"forced by {by}")
-    if model_io.constant_bytes(graph) > model_io.LIMIT:
+    if model_io.is_big_graph(graph):
         return Choice(RULE, "rule: the model is past 2 GiB; timing the forms would hold it in "
                       "memory three times")  # fmt: skip
     copy = graph.copy()

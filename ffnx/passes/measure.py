@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ffnx.errors import VerificationError, first_line
 from ffnx.graph.export import export_model
 
 
@@ -36,12 +37,10 @@ def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[dict
 def try_run(model: onnx.ModelProto, feeds: list[dict]) -> tuple[list[dict] | None, str | None]:
     """(outputs, None), or (None, why) when ONNX Runtime cannot load or run the model on the
     feeds (unknown ops, missing inputs): approximate passes then skip instead of crashing."""
-    from ffnx.errors import VerificationError
-
     try:
         return run(model, feeds), None
     except (VerificationError, RuntimeError, ValueError) as e:
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        line = first_line(e)
         return None, f"cannot run the graph on the calibration feeds: {line[:200]}"
 
 

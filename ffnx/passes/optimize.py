@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ffnx.errors import PassError, VerificationError
+from ffnx.errors import PassError, VerificationError, first_line
 from ffnx.graph import lowering_meta, model_io, verify
 from ffnx.graph.export import export_model
 from ffnx.graph.opsets import set_opsets
@@ -92,7 +92,7 @@ def apply_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict], tol
         onnx.shape_inference.InferenceError,
         VerificationError,
     ) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         report.update(status="rolled_back", reason=f"invalid graph: {first[:300]}", after=before)
         return model, report
     bad = [f for c in checks for f in verify.failures(c)]

@@ -47,7 +47,7 @@ def _known(shape) -> bool:
 def propagated_shapes(graph: gs.Graph) -> dict[str, list]:
     """Tensor name -> shape from ONNX shape inference with data propagation (main graph);
     empty past model_io.LIMIT (the export would copy every weight) or when inference fails."""
-    if model_io.constant_bytes(graph) > model_io.LIMIT:
+    if model_io.is_big_graph(graph):
         return {}
     try:
         model = onnx.shape_inference.infer_shapes(export_model(graph.copy()), data_prop=True)
@@ -64,7 +64,7 @@ def propagated_shapes(graph: gs.Graph) -> dict[str, list]:
 
 def constant_target(x_shape, y_shape, allow_infer: bool = True) -> list[int] | str:
     """c for Reshape(x) -> y (module docstring), or why there is none."""
-    if y_shape is None or any(d is None or d == "" for d in y_shape):
+    if not _known(y_shape):
         return "the output shape is not known"
     x_shape = list(x_shape or [])
     target, free = [], 0

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ffnx.errors import ArtifactError, BackendError
+from ffnx.errors import ArtifactError, BackendError, first_line
 from ffnx.runtime.backends.base import TensorInfo
 
 _ORT_TYPES = {
@@ -95,7 +95,7 @@ class OrtBackend:
                 str(path), sess_options=so, providers=providers or default_providers(device)
             )
         except Exception as e:  # ORT raises its own exception types; report them as one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {first}") from e
         return cls(sess, str(path))
 
