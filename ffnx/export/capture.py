@@ -1,8 +1,9 @@
 """Module swaps scoped to one export: blocks stock export cannot handle become ffnx ops.
 
 A capture rule is a function `(name, module, target) -> replacement | None`; a replacement is a
-torch module with the same numerics whose forward emits one ffnx op node at export time, and
-which names the op type it needs in `ffnx_op_type`. The rules are one explicit list,
+torch module with the same numerics whose forward emits one ffnx op node at export time (and
+names the op type it needs in `ffnx_op_type`), or computes the same function in a cheaper exact
+form of standard ops (`mla_absorb`). The rules are one explicit list,
 `default_rules()` (rule modules do not register themselves by import side effect, and import
 nothing from here). Rules are tried in order on every submodule
 (outermost first; a replaced module's children are not visited). The original modules are put
@@ -23,9 +24,10 @@ def default_rules() -> tuple[CaptureRule, ...]:
     """The capture rules, in the order they are tried (imported here, when an export runs, to
     keep `capture` import-light)."""
     from ffnx.export.hf_refusals import refuse_unexportable
+    from ffnx.export.mla_absorb import absorb_mla
     from ffnx.export.moe_capture import capture_moe
 
-    return (capture_moe, refuse_unexportable)
+    return (capture_moe, refuse_unexportable, absorb_mla)
 
 
 def _plan(
@@ -61,7 +63,8 @@ def captured(
         for parent, name, new in swaps:
             originals.append((parent, name, getattr(parent, name)))
             setattr(parent, name, new)
-            ops.add(getattr(new, "ffnx_op_type", type(new).__name__))
+            if getattr(new, "ffnx_op_type", None):  # a standard-op twin needs no plugin
+                ops.add(new.ffnx_op_type)
         yield ops
     finally:
         for parent, name, old in reversed(originals):

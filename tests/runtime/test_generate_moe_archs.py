@@ -175,9 +175,14 @@ def test_gpt_oss_graph_has_sinks_sliding_windows_and_clamped_experts(exported):
 
 
 def test_deepseek_v3_decoder_caches_mla_latents(exported):
-    engine, model, _ = exported("deepseek_v3")
+    engine, model, plain = exported("deepseek_v3")
     dec = engine.manifest["decoder"]
     assert dec["kv_heads"] == [1, 1] and dec["key_dim"] == [16, 16] and dec["value_dim"] == [8, 8]
+    # absorbed (`ffnx.export.mla_absorb`): no per-step key assembly by slice copies, and no
+    # kv_b_proj [R, H*(N+V)] applied to the cache; its halves are per-head [H, N, R] / [H, R, V]
+    assert not any(n.op_type == "ScatterND" for n in plain.graph.node)
+    shapes = {tuple(i.dims) for i in plain.graph.initializer}
+    assert (16, 4 * (16 + 16)) not in shapes and (4 * (16 + 16), 16) not in shapes
 
 
 @pytest.mark.parametrize("case", REFUSED)
