@@ -44,7 +44,7 @@ def _logits(model, steps: int = 4) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for _ in range(steps + 1):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
             r = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{CACHE_ARG: cache})  # fmt: skip
             out.append(r.logits)
