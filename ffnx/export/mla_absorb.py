@@ -26,13 +26,15 @@ so a decode step (S = 1) costs about T*H*(2R+P) instead of T*R*H*(N+V) (DeepSeek
 fewer), while a long prefill costs more (S = T = 1000 at DeepSeek-V3's sizes: ~2.7x the FLOPs);
 `bench --decode` reports time to first token beside decode speed.
 
-The rule applies where the module's forward builds key and value with `self.expand_kv(c, r)` and
-calls the attention interface the model's config names (transformers' MLA modules do both): the
-twin runs the original forward with `expand_kv` returning the latents unchanged and the
-attention interface replaced by `absorbed_attention`. The export is verified against the
-original modules (as every capture), so a forward that does not fit fails verification instead of
-exporting wrong numbers. Skipped (the expanded form is exported): kv_b_proj with a bias, and a
-config whose attention implementation is not eager (the masks differ).
+The twin runs the module's own forward with `expand_kv` returning the latents unchanged and the
+attention interface replaced by `absorbed_attention`, so it applies to the classes in ABSORBED:
+their forward passes expand_kv's key and value straight to the attention interface (checked by
+reading each, and tested: tests/export/test_mla_absorb.py). The other transformers MLA classes
+keep the expanded export: several put code between the two (the sparse-attention indexers of
+DeepSeek-V3.2, GLM-MoE-DSA, HY-V4 and Mistral-Large-4 build their mask from the expanded key's
+shape), and the rest are not tested here yet (Mistral 4, Kimi-Linear, Bailing-Hybrid, LongCat).
+So do a kv_b_proj with a bias and a config whose attention implementation is not eager (the masks
+differ). The export is verified against the original modules either way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ import torch
 from torch import nn
 
 ATTENTION_KEY = "ffnx_mla_absorbed"
+# transformers classes whose forward hands `expand_kv`'s key and value to the attention interface
+ABSORBED = ("DeepseekV3Attention", "Glm4MoeLiteAttention", "MiniCPM3Attention", "YoutuAttention",
+            "AXK1Attention")  # fmt: skip
 
 
 def absorbed_attention(module: nn.Module, query, key, value, attention_mask, scaling: float,
@@ -105,7 +110,8 @@ def _fits(module: nn.Module) -> bool:
     kv_b = getattr(module, "kv_b_proj", None)
     need = ("qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "num_heads", "expand_kv", "config")
     return (
-        isinstance(kv_b, nn.Linear)
+        type(module).__name__ in ABSORBED
+        and isinstance(kv_b, nn.Linear)
         and kv_b.bias is None
         and all(hasattr(module, a) for a in need)
         and kv_b.weight.shape == (

@@ -1,6 +1,6 @@
 """MLA weight absorption (`ffnx.export.mla_absorb`): the captured model gives transformers'
-logits over a prefill and decode steps on its own latent cache; modules it cannot absorb are left
-to the expanded export."""
+logits over a prefill and decode steps on its own latent cache, for every class in ABSORBED;
+modules it cannot absorb are left to the expanded export."""
 
 from __future__ import annotations
 
@@ -57,7 +57,10 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(
     transformers.DeepseekV3ForCausalLM.forward).parameters else "past_key_values"  # fmt: skip
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite"])
+TESTED = ("deepseek_v3", "glm4_moe_lite", "minicpm3", "youtu", "axk1")
+
+
+@pytest.mark.parametrize("model_type", TESTED)
 def test_absorbed_logits_equal_expanded_over_prefill_and_decode(model_type):
     model = _model(model_type)
     ref = _logits(model)
@@ -69,6 +72,13 @@ def test_absorbed_logits_equal_expanded_over_prefill_and_decode(model_type):
     for r, o in zip(ref, got, strict=True):
         err, scale = float((o - r).abs().max()), float(r.abs().max())
         assert err <= 1e-5 * scale, f"max abs error {err:.3g} at scale {scale:.3g}"
+
+
+def test_every_absorbed_class_is_tested():
+    from ffnx.export.mla_absorb import ABSORBED
+
+    tested = {type(m.model.layers[0].self_attn).__name__ for m in map(_model, TESTED)}
+    assert tested == set(ABSORBED)
 
 
 def test_modules_it_cannot_absorb_are_left_alone():
