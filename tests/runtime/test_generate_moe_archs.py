@@ -50,6 +50,8 @@ ARCHS = {
     "glm4_moe_lite": (dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, n_group=4,
                            topk_group=2, **MLA), 1),
     "jetmoe": (dict(kv_channels=16, num_local_experts=4, **TWO), 2),  # the FFN MoE only
+    # dense MLA (no MoE): absorbed like DeepSeek-V3's (`ffnx.export.mla_absorb`)
+    "minicpm3": (dict(**MLA), 0),
     # DBRX's own config layout (COMMON not used); clip_qkv as in dbrx-instruct: with None its
     # qkv.clamp(min=None, max=None) stops torch's exporter
     "dbrx": (dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=512,
