@@ -1,4 +1,4 @@
-"""Capture rule: multi-head latent attention (MLA: DeepSeek-V2/V3, Kimi, LongCat, Mistral 4, ...)
+"""Capture rule: multi-head latent attention (MLA: DeepSeek-V3, GLM-4.7-Flash, MiniCPM3, ...)
 exported in its weight-absorbed form.
 
 transformers caches MLA's latents, c [B, 1, T, R] (the normed compressed kv, R = kv_lora_rank)
