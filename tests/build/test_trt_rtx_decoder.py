@@ -1,6 +1,7 @@
-"""The KV-cache decoder (`ffnx export hf:DIR --target trt`) for a tiny Llama and Qwen3: a graph
-TensorRT-RTX's parser takes (standard ops only), built for real with one optimization profile
-over batch, seq and past length, past 0 (prefill) included, plus a decode-only profile."""
+"""The KV-cache decoder (`ffnx export hf:DIR --target trt`) for a tiny Llama, Qwen3 and MiniCPM3
+(MLA, exported weight-absorbed over its latent cache): a graph TensorRT-RTX's parser takes
+(standard ops only), built for real with one optimization profile over batch, seq and past
+length, past 0 (prefill) included, plus a decode-only profile."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 pytest.importorskip("transformers")
 
 STANDARD = {"", "ai.onnx"}
+MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+           num_key_value_heads=4)  # fmt: skip
+CONFIGS = {"minicpm3": MLA}
 
 
 def _export(tmp_path, model_type: str):
@@ -21,14 +25,15 @@ def _export(tmp_path, model_type: str):
     from ffnx.models.hf import load_hf
     from tests.models.test_hf_decoder import write_config
 
-    src = write_config(tmp_path / model_type, model_type, num_hidden_layers=1)
+    src = write_config(tmp_path / model_type, model_type, num_hidden_layers=1,
+                       **CONFIGS.get(model_type, {}))  # fmt: skip
     spec = load_hf(str(src), cache=True)
     out = tmp_path / "art"
     export_artifact(spec, out, target="trt", trt="rtx", force=True)
     return spec, out
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "minicpm3"])
 def test_decoder_trt_graph_builds_with_past_zero(tmp_path, rtx, model_type):
     from ffnx.build.engine import build_engine
     from ffnx.graph.ort import ort_session
@@ -40,6 +45,8 @@ def test_decoder_trt_graph_builds_with_past_zero(tmp_path, rtx, model_type):
     assert check["checker"].startswith("TensorRT-RTX"), check  # the real parser took it
     model = onnx.load(str(out / "model.trt.onnx"))
     assert {n.domain for n in model.graph.node} <= STANDARD  # no com.microsoft / ffnx ops
+    if model_type == "minicpm3":  # absorbed: no per-step key assembly by slice copies
+        assert "ScatterND" not in {n.op_type for n in model.graph.node}
 
     # past 0 (prefill) runs in the very graph TensorRT gets, equal to the torch wrapper
     feeds = decoder_inputs(spec.module.model.config, 2, 4, 0, 256, left_pad=1)
