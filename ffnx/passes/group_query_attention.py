@@ -66,8 +66,9 @@ import onnx_graphsurgeon as gs
 from ffnx.graph import lowering_meta
 from ffnx.graph.attention_match import consumers, is_key_cache, only, parse_site, perm
 from ffnx.graph.builder import Builder, i64
+from ffnx.graph.ffn_match import last_axis, split_sizes
 from ffnx.graph.opsets import MS_DOMAIN
-from ffnx.graph.tensors import const, known_shape, producer
+from ffnx.graph.tensors import known_shape, producer
 from ffnx.passes import gqa_mask, gqa_rotary
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
@@ -115,12 +116,9 @@ def _packed_qkv(q3: gs.Tensor, k3: gs.Tensor, v3: gs.Tensor, qw: int, kw: int):
     sp = producer(q, "Split")
     if sp is None or [id(o) for o in sp.outputs] != [id(q), id(k), id(v)]:
         return None
-    rank = len(sp.inputs[0].shape or [])
-    sizes = const(sp.inputs[1]) if len(sp.inputs) > 1 and sp.inputs[1].name else None
-    sizes = sp.attrs.get("split") if sizes is None else sizes
-    if rank != 3 or sp.attrs.get("axis", 0) not in (-1, 2) or sizes is None:
+    if len(sp.inputs[0].shape or []) != 3 or not last_axis(sp.attrs.get("axis", 0), sp.inputs[0]):
         return None
-    return sp.inputs[0] if [int(x) for x in np.ravel(sizes)] == [qw, kw, kw] else None
+    return sp.inputs[0] if split_sizes(sp) == [qw, kw, kw] else None
 
 
 def _sink_input(b: Builder, s: dict):

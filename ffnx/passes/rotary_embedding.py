@@ -45,6 +45,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ffnx.graph.builder import Builder, i64
+from ffnx.graph.ffn_match import split_sizes
 from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.graph.tensors import const, other_input, producer, unsqueeze_axes
 from ffnx.passes.base import GraphPass, Match, PassContext
@@ -161,8 +162,8 @@ def parse_split_rotary(cat: gs.Node) -> tuple[dict | None, str | None]:
     if shape is None or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] % 2:
         return None, "rotary input of unknown rank or odd head dim"
     D, h = shape[3], shape[3] // 2
-    sizes = const(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1].name else None
-    if split.attrs.get("axis") not in (-1, 3) or (sizes is not None and list(sizes) != [h, h]):
+    sizes = split_sizes(split)
+    if split.attrs.get("axis") not in (-1, 3) or (sizes is not None and sizes != [h, h]):
         return None, "the halves are not a last-axis split at D/2"
     cos, sin = _cos_sin(c4), _cos_sin(s4)
     if cos is None or sin is None:
