@@ -16,6 +16,14 @@ ort_moe      com.microsoft::MoE. ORT 1.32 CPU: softmax over all E logits, top-k,
              swiglu_limit = limit: min(g, limit) * sigmoid(alpha * min(g, limit)) *
              (clamp(u, -limit, limit) + beta), the schema's formula.
 qmoe_int4/8  com.microsoft::QMoE: the same, with block-wise symmetric int4/int8 expert weights.
+             A routing the op cannot compute itself (hash, score_bias, group-limited) is
+             computed by `route` and handed over precomputed: router_probs = router_weights =
+             R [T, E], R[t, idx[t, j]] = w[t, j] and -inf elsewhere (ScatterElements), with
+             normalize_routing_weights = 0. QMoE takes the top-k of router_probs, which is
+             exactly idx (k finite entries, E - k at -inf), and aggregates with router_weights'
+             values there, so y = sum_j w_j FFN_idx_j(x) as in every other form (checked
+             against numpy on ORT 1.32: the weights are used as given, not renormalised).
+             Exact when a token's k experts are distinct (TopK's are; a hash table is checked).
 sorted_int4/8  the `sorted` decomposition with com.microsoft::MatMulNBits expert projections.
 """
 
@@ -37,8 +45,9 @@ ORT_ACTIVATIONS = ("relu", "silu", "swiglu", CLAMPED_SWIGLU)
 ACCURACY_LEVEL = 4
 
 
-def ort_moe_misfit(s: MoESite) -> str | None:
-    """Why com.microsoft::MoE/QMoE cannot express this node (None: it can)."""
+def routing_misfit(s: MoESite) -> str | None:
+    """Why the ops' own routing (softmax over router_probs, top-k) cannot compute this node's
+    (None: it can)."""
     a = s.attrs
     if a["routing_mode"] != "router":
         return "hash routing"
@@ -46,11 +55,36 @@ def ort_moe_misfit(s: MoESite) -> str | None:
         return f"group-limited routing (n_group={a['n_group']}, topk_group={a['topk_group']})"
     if s.inputs["score_bias"] is not None:
         return "score_bias (selection differs from weighting)"
+    return None
+
+
+def expert_misfit(s: MoESite) -> str | None:
+    """Why the ops cannot compute this node's experts (None: they can)."""
     if s.activation not in ORT_ACTIVATIONS:
         return f"activation {s.activation} (ORT CPU MoE: {', '.join(ORT_ACTIVATIONS)})"
     if not s.is_const("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
         return "expert weights are not initializers"
     return None
+
+
+def ort_moe_misfit(s: MoESite) -> str | None:
+    """Why com.microsoft::MoE cannot express this node (None: it can): it has no
+    router_weights input, so its own routing must fit."""
+    return routing_misfit(s) or expert_misfit(s)
+
+
+def qmoe_misfit(s: MoESite) -> str | None:
+    """Why com.microsoft::QMoE cannot express this node (None: it can). Any routing fits:
+    one its own top-k cannot compute is passed precomputed (module docstring)."""
+    if why := expert_misfit(s):
+        return why
+    table = s.value("hash_table") if s.attrs["routing_mode"] == "hash" else None
+    if table is None and s.attrs["routing_mode"] == "hash":
+        return "the hash table is not an initializer"
+    if table is not None and table.ndim == 2 and table.shape[1] > 1:
+        if (np.diff(np.sort(table, axis=1), axis=1) == 0).any():
+            return "a hash-table row names an expert twice (a precomputed routing needs k distinct)"
+    return quant_misfit(s)
 
 
 def quant_misfit(s: MoESite) -> str | None:
@@ -91,11 +125,26 @@ def _router(b: Builder, s: MoESite):
     return probs, b.reduce_sum(top, 1, keepdims=1)
 
 
+def _precomputed(b: Builder, s: MoESite):
+    """`route`'s (idx, w) as R [T, E]: w at idx, -inf elsewhere (the module docstring)."""
+    idx, w = route(b, s)
+    rows = b.op("Shape", idx, start=0, end=1)
+    shape = b.op("Concat", rows, i64(s.E), axis=0)
+    empty = b.op("Expand", f32(-np.inf).reshape(1, 1), shape)
+    return b.op("ScatterElements", empty, idx, w, axis=1)
+
+
 def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
-    misfit = ort_moe_misfit(s)
+    misfit = ort_moe_misfit(s) if op == "MoE" else qmoe_misfit(s)
     if misfit:
         raise LoweringError(f"{s.node.name}: {op} cannot express {misfit}")
-    probs, factor = _router(b, s)
+    own = routing_misfit(s) is None
+    if own:
+        probs, factor = _router(b, s)
+        extra, normalize = [], 1
+    else:  # routed here; the scaling factor is already in w
+        probs, factor = _precomputed(b, s), None
+        extra, normalize = [None] * (14 - 2 - len(weights)) + [probs], 0
     act = "swiglu" if s.gated else s.activation
     fusion = {"swiglu_fusion": 1} if s.gated else {}
     if s.activation == CLAMPED_SWIGLU:
@@ -106,16 +155,17 @@ def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
         x,
         probs,
         *weights,
+        *extra,
         domain=MS_DOMAIN,
         k=s.k,
         activation_type=act,
-        normalize_routing_weights=1,
+        normalize_routing_weights=normalize,
         **fusion,
         **attrs,
     )
     if factor is not None:
         y = b.mul(y, factor)
-    scale = float(s.attrs["routed_scaling_factor"])
+    scale = float(s.attrs["routed_scaling_factor"]) if own else 1.0
     return y if scale == 1.0 else b.mul(y, f32(scale))
 
 
@@ -214,4 +264,4 @@ for _name, _bits in BITS.items():
     ORT_FORMS[f"qmoe_{_name}"] = qmoe(_bits)
     ORT_FORMS[f"sorted_{_name}"] = sorted_nbits(_bits)
 
-__all__ = ["ORT_FORMS", "ort_moe_misfit", "quant_misfit"]
+__all__ = ["ORT_FORMS", "ort_moe_misfit", "qmoe_misfit", "quant_misfit"]

@@ -11,6 +11,9 @@ Exactness: every float lowering computes the schema's math with the sums reorder
 rounding only). Quantized experts are not exact: `is_exact(ctx)` says so, and the pass notes
 give each quantized layer's max abs error and cosine against its fp32 lowering (random inputs).
 
+In a KV-cache decoder (past_key_values inputs) the choice is made for decode steps: the
+fastest form at one token per row, no `If` on T (`ffnx.lowering.choose.decide_decode`).
+
 Target "trt" keeps every FfnxMoE node: TensorRT runs it as the ffnx plugin.
 The choice per layer goes to `PassResult.notes["layers"]`, to the lowered nodes' names
 (`<layer>/<lowering>/...`) and to the model's metadata_props (`ffnx.graph.lowering_meta`;
@@ -71,7 +74,10 @@ class LowerMoE(GraphPass):
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
         site = m.info["site"]
-        choice = choose(site, ctx.options)
+        options = ctx.options
+        if "decode" not in options and is_kv_decoder(graph):
+            options = {**options, "decode": True}  # no If; fastest at one token per row
+        choice = choose(site, options)
         note = {"lowering": choice.lowering, "why": choice.why}
         if choice.timings:
             note["timings_ms"] = {
@@ -93,6 +99,12 @@ class LowerMoE(GraphPass):
                 choice.lowering = note["lowering"] = RULE
         lower_moe_node(graph, m.nodes[0], choice.lowering, why=note["why"].split(";")[0])
         m.info["note"] = note
+
+
+def is_kv_decoder(graph: gs.Graph) -> bool:
+    """Whether the graph is a KV-cache decoder (`ffnx export hf:DIR`'s past_key_values.N.*
+    inputs): its MoE layers then run mostly one token per row (`choose`'s "decode")."""
+    return any(t.name.startswith("past_key_values.") for t in graph.inputs)
 
 
 def _uses_contrib(lowering: str) -> bool:

@@ -297,10 +297,25 @@ def _dequantized(w: dict, form: str, bits: int) -> dict:
     return {**w, "fc1_weight": q1, "fc2_weight": q2}
 
 
+# routings QMoE's own top-k cannot compute: passed to it precomputed (router_weights)
+PRECOMPUTED = {
+    "group-v3-sigmoid-top2-shared": C(
+        D=32, H=32, E=16, k=4, scoring="sigmoid", score_bias=True, normalize=1,
+        routed_scaling_factor=2.5, n_group=4, topk_group=2, group_scoring="top2_sum", shared=16,
+    ),
+    "sigmoid-scorebias-nonorm-silu": C(
+        D=32, H=32, E=8, k=2, scoring="sigmoid", score_bias=True, activation="silu"
+    ),
+    "hash-k1-scale": C(D=32, H=32, hash=True, k=1, routed_scaling_factor=2.0),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("form", ["sorted_int4", "qmoe_int4", "sorted_int8", "qmoe_int8"])
-@pytest.mark.parametrize("name", ["softmax-swiglu", "sigmoid-relu-k4", "softmax-norm-scale-bias"])
+@pytest.mark.parametrize(
+    "name", ["softmax-swiglu", "sigmoid-relu-k4", "softmax-norm-scale-bias", *PRECOMPUTED]
+)
 def test_quantized_experts_compute_with_the_dequantized_weights(form, name):
-    cfg = ORT_CONFIGS[name]
+    cfg = {**ORT_CONFIGS, **PRECOMPUTED}[name]
     w = moe_weights(cfg)
     lm = lowered(moe_model(cfg, w), form)
     wq = _dequantized(w, form, 4 if "int4" in form else 8)
@@ -444,10 +459,28 @@ def test_group_routing_matches_the_torch_reference(name):
 GROUP_ORT = C(D=32, H=32, E=8, k=2, n_group=4, topk_group=2, group_scoring="max")
 
 
-@pytest.mark.parametrize("form", ["ort_moe", "qmoe_int8", "qmoe_int4"])
-def test_fused_ort_ops_refuse_group_routing(form):
+def test_ort_moe_refuses_group_routing():
     with pytest.raises(LoweringError, match=r"group-limited routing \(n_group=4, topk_group=2\)"):
-        lowered(moe_model(GROUP_ORT, moe_weights(GROUP_ORT)), form)
+        lowered(moe_model(GROUP_ORT, moe_weights(GROUP_ORT)), "ort_moe")
+
+
+def test_qmoe_takes_a_foreign_routing_precomputed():
+    """Group-limited routing: one QMoE node fed R = w at the routed experts, -inf elsewhere,
+    with normalize_routing_weights = 0; no TopK inside the op's own softmax path."""
+    m = lowered(moe_model(GROUP_ORT, moe_weights(GROUP_ORT)), "qmoe_int4")
+    (q,) = [n for n in m.graph.node if n.op_type == "QMoE"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
+    assert attrs["normalize_routing_weights"] == 0 and q.input[1] == q.input[14]
+    assert [n.op_type for n in m.graph.node].count("ScatterElements") == 1
+
+
+def test_qmoe_refuses_a_hash_table_naming_an_expert_twice():
+    cfg = C(D=32, H=32, E=4, k=2, hash=True, vocab=8)
+    w = moe_weights(cfg)
+    w["hash_table"] = np.array([[0, 1], [2, 2]] * 4, np.int64)
+    with pytest.raises(LoweringError, match="names an expert twice"):
+        lowered(moe_model(cfg, w), "qmoe_int4")
+    lowered(moe_model(cfg, w), "sorted_int4")  # the sorted form counts it twice, as it should
 
 
 def test_chooser_skips_fused_candidates_for_group_routing():
@@ -460,7 +493,7 @@ def test_chooser_skips_fused_candidates_for_group_routing():
     assert names == ["sorted", "per_expert", "gather", "dense"]
     assert "group-limited" in skipped["ort_moe"]
     names, skipped = applicable(site, "int8")
-    assert names == ["sorted_int8"] and "group-limited" in skipped["qmoe_int8"]
+    assert names == ["sorted_int8", "qmoe_int8"] and not skipped  # QMoE: routing precomputed
     assert config_of(site) == GROUP_ORT  # timed with the same routing
     assert "n_group" in GROUP_ORT.signature() and "n_group" not in C().signature()
 

@@ -182,6 +182,35 @@ def test_winners_differing_by_t_give_an_if(model, monkeypatch):
     assert res.notes["layers"]["moe"]["lowering"] == "ort_moe"  # geometric mean 1.41 vs 2
 
 
+def _as_decoder(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The layer with an (unused) past_key_values input, as a KV-cache decoder graph has."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.input.append(
+        onnx.helper.make_tensor_value_info("past_key_values.0.key", onnx.TensorProto.FLOAT, None)
+    )
+    return m
+
+
+def test_a_decoder_gets_the_fastest_form_at_one_token_and_no_if(model, monkeypatch):
+    from ffnx.lowering import timing
+
+    monkeypatch.setattr(timing, "time_lowerings", _fake_timer(BRANCHY, []))
+    out, res = _apply(_as_decoder(model), options={"tokens": [1, 16]})
+    note = res.notes["layers"]["moe"]
+    assert note["lowering"] == "ort_moe" and note["why"].startswith("decoder: fastest"), note
+    assert not [n for n in out.graph.node if n.op_type == "If"]
+    _, res = _apply(_as_decoder(model), options={"tokens": [1, 16], "decode": False})
+    assert res.notes["layers"]["moe"]["lowering"] == "ort_moe|1|dense"  # the option wins
+
+
+def test_decode_choice_breaks_ties_at_one_token_by_the_geometric_mean():
+    t = {1: {"a": 1.0, "b": 1.03, "c": 2.0}, 16: {"a": 3.0, "b": 1.0, "c": 1.0}}
+    assert chooser.decide_decode(t)[0] == "b"  # a and b tie at T=1; b is far better at T=16
+    t = {1: {"a": 1.0, "b": 1.2}, 16: {"a": 3.0, "b": 1.0}}
+    assert chooser.decide_decode(t)[0] == "a"  # decode speed first, whatever the prompt costs
+
+
 def test_an_if_that_does_not_pay_for_itself_is_dropped(model, monkeypatch):
     from ffnx.lowering import timing
 
