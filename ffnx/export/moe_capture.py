@@ -162,6 +162,13 @@ HF_ROUTERS = {
     "Glm4MoeTopkRouter": _deepseek_v3,
     "Glm4MoeLiteTopkRouter": _deepseek_v3,  # GLM-4.7-Flash: DeepSeek-V3's router, MLA attention
     "DeepseekV2TopkRouter": _deepseek_v2,
+    # the same forward as one above, class names aside (compared source to source, 5.25)
+    "MellumTopKRouter": _softmax(_NORM),  # Qwen2-MoE's
+    "Dots1TopkRouter": _deepseek_v3,
+    "MiMoV2FlashTopkRouter": _deepseek_v3,
+    "SolarOpenTopkRouter": _deepseek_v3,
+    "ExaoneMoeTopkRouter": _deepseek_v3,  # reads config.num_experts instead
+    "MiniCPM5MoeTopkRouter": _deepseek_v3,  # its linear under autocast disabled: fp32 anyway
 }
 
 # block class -> its children; any other child means semantics this reader does not know
@@ -181,6 +188,14 @@ HF_BLOCKS = {
     "Glm4MoeMoE": {"gate", "experts", "shared_experts"},
     "Glm4MoeLiteMoE": {"gate", "experts", "shared_experts"},
     "DeepseekV2Moe": {"gate", "experts", "shared_experts"},
+    # forwards equal to Qwen3-MoE's (Mellum) or DeepSeek-V3's block (the rest; MiMo-V2-Flash
+    # without its shared experts)
+    "MellumSparseMoeBlock": {"gate", "experts"},
+    "Dots1MoE": {"gate", "experts", "shared_experts"},
+    "MiMoV2FlashMoE": {"gate", "experts"},
+    "SolarOpenMoE": {"gate", "experts", "shared_experts"},
+    "ExaoneMoeSparseMoEBlock": {"gate", "experts", "shared_experts"},
+    "MiniCPM5MoeMoE": {"gate", "experts", "shared_experts"},
 }
 
 HF_REFUSED = {

@@ -42,8 +42,14 @@ def _import_transformers():
 
 def build_model(auto, config, model_dir: Path, weights: bool, what: str) -> torch.nn.Module:
     """`auto` (a transformers Auto* class) from the checkpoint's weights, or random weights
-    (seed SEED) from `config`; fp32, eager attention. Errors name `what` was being built."""
-    kwargs = dict(attn_implementation="eager", dtype=torch.float32)
+    (seed SEED) from `config`; fp32, eager attention. Errors name `what` was being built.
+
+    Fused experts (transformers' `use_experts_implementation`) run as `batched_mm`: each
+    (token, expert) pair gathers its expert's weights and multiplies, the same sums as the
+    default grouped_mm, whose op torch's ONNX exporter cannot lower. An MoE block that no capture
+    rule turns into FfnxMoE then still exports, as standard ops."""
+    kwargs = dict(attn_implementation="eager", experts_implementation="batched_mm",
+                  dtype=torch.float32)  # fmt: skip
     try:
         if weights:
             model = auto.from_pretrained(

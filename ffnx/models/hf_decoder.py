@@ -36,8 +36,14 @@ def present_names(n_layers: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
 
 
-def cache_geometry(config) -> list[tuple[int, int, int]]:
-    """Per layer (kv_heads, key_dim, value_dim) of the cache transformers keeps."""
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name `model.forward` takes its cache by (transformers >= 5.24: `cache`)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def check_cache_layers(config) -> None:
+    """Raise one line where a layer keeps recurrent state instead of a key/value cache."""
     text = config.get_text_config()
     layer_types = getattr(text, "layer_types", None) or []
     bad = {t for t in layer_types if t not in ("full_attention", "sliding_attention")}
@@ -46,26 +52,43 @@ def cache_geometry(config) -> list[tuple[int, int, int]]:
             f"{type(text).__name__}: layer types {sorted(bad)} keep recurrent state, not a "
             "key/value cache; export it with --no-cache"
         )
-    heads = int(text.num_attention_heads)
-    kv = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
-    if getattr(text, "kv_lora_rank", None) and getattr(text, "qk_rope_head_dim", None):
-        # MLA (transformers >= 5.2x caches the latents): key = the normed compressed kv
-        # [B, 1, S, kv_lora_rank], value = the shared rotary key [B, 1, S, qk_rope_head_dim]
-        latent = (1, int(text.kv_lora_rank), int(text.qk_rope_head_dim))
-        return [latent] * int(text.num_hidden_layers)
-    return [(kv, int(head_dim), int(head_dim))] * int(text.num_hidden_layers)
+
+
+def cache_geometry(model: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """Per layer (kv_heads, key_dim, value_dim) of the cache transformers keeps, read off the
+    cache one token through the model leaves (not the config: GPT-2, GPT-BigCode's multi-query,
+    Falcon and MLA's latents name or derive their key/value heads and widths differently)."""
+    from transformers import DynamicCache
+
+    check_cache_layers(model.config)
+    ids = torch.zeros(1, 1, dtype=torch.int64)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                    **{cache_argument(model): DynamicCache()})  # fmt: skip
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    name = type(model).__name__
+    if not isinstance(cache, DynamicCache) or not cache.layers:
+        raise ModelSpecError(f"{name}: keeps no transformers key/value cache "
+                             f"({type(cache).__name__}); export it with --no-cache")  # fmt: skip
+    geometry = []
+    for i, layer in enumerate(cache.layers):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4
+                and v.dim() == 4 and k.shape[:3] == v.shape[:3] == (1, k.shape[1], 1)):  # fmt: skip
+            raise ModelSpecError(f"{name}: layer {i}'s cache is not a [batch, heads, seq, dim] "
+                                 "key/value pair; export it with --no-cache")  # fmt: skip
+        geometry.append((int(k.shape[1]), int(k.shape[3]), int(v.shape[3])))
+    return geometry
 
 
 class CausalLMWithCache(torch.nn.Module):
     """(input_ids, attention_mask, position_ids, *pasts) -> (logits, *presents)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, n_layers: int):
         super().__init__()
         self.model = model
-        self.n_layers = len(cache_geometry(model.config))
-        params = inspect.signature(model.forward).parameters  # transformers >= 5.24: `cache`
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.n_layers = n_layers
+        self.cache_arg = cache_argument(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *pasts):
         from transformers import DynamicCache
@@ -88,9 +111,16 @@ class CausalLMWithCache(torch.nn.Module):
 
 
 def decoder_inputs(
-    config, batch: int, seq: int, past: int, vocab: int, seed: int = 0, left_pad: int = 0
+    geometry: list[tuple[int, int, int]],
+    batch: int,
+    seq: int,
+    past: int,
+    vocab: int,
+    seed: int = 0,
+    left_pad: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Random inputs at (batch, seq, past); the first row left-padded by `left_pad` tokens."""
+    """Random inputs at (batch, seq, past) for a cache of `geometry` (`cache_geometry`); the
+    first row left-padded by `left_pad` tokens."""
     g = torch.Generator().manual_seed(seed + 7919 * batch + 31 * seq + past)
     total = past + seq
     mask = torch.ones(batch, total, dtype=torch.int64)
@@ -101,7 +131,7 @@ def decoder_inputs(
         "attention_mask": mask,
         "position_ids": pos,
     }
-    for i, (kv, kd, vd) in enumerate(cache_geometry(config)):
+    for i, (kv, kd, vd) in enumerate(geometry):
         feeds[f"past_key_values.{i}.key"] = torch.randn(batch, kv, past, kd, generator=g)
         feeds[f"past_key_values.{i}.value"] = torch.randn(batch, kv, past, vd, generator=g)
     return feeds
@@ -143,13 +173,13 @@ def decoder_spec(model, name: str, source: str, weights: bool, seed: int, varian
     config = model.config
     text = config.get_text_config()
     vocab = int(text.vocab_size)
-    geometry = cache_geometry(config)
+    geometry = cache_geometry(model)
     n = len(geometry)
     cap = min(int(getattr(text, "max_position_embeddings", max_seq) or max_seq), max_seq)
     b, t, p = EXAMPLE
 
     def make_inputs(dims: dict[str, int], seed: int = seed) -> dict[str, torch.Tensor]:
-        return decoder_inputs(config, dims.get("batch", b), dims.get("seq", t),
+        return decoder_inputs(geometry, dims.get("batch", b), dims.get("seq", t),
                               dims.get("past", p), vocab, seed, left_pad=1)  # fmt: skip
 
     example = make_inputs({})
@@ -157,7 +187,7 @@ def decoder_spec(model, name: str, source: str, weights: bool, seed: int, varian
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     spec = ModelSpec(
         name=name or config.model_type,
-        module=CausalLMWithCache(model).eval(),
+        module=CausalLMWithCache(model, n).eval(),
         inputs=example,
         dynamic=dynamic_axes(n),
         make_inputs=make_inputs,

@@ -195,10 +195,12 @@ def stream(
     meta = decoder_meta(engine)
     eos = (meta.get("eos_token_id") or []) if eos_token_id is None else eos_token_id
     eos = [int(eos)] if isinstance(eos, int | np.integer) else [int(e) for e in eos]
-    pad = meta.get("pad_token_id")
-    pad = int(pad if pad is not None else (eos[0] if eos else 0))
-    ids, mask = pad_prompts(input_ids, pad)
     vocab, cap = int(meta["vocab"]), int(meta["max_length"])
+    # padding is masked, so any id in the vocabulary will do: the model's pad id, else its
+    # first EOS, else 0 (configs do name ids past their vocabulary)
+    pad = next((int(c) for c in (meta.get("pad_token_id"), *eos[:1])
+                if c is not None and 0 <= int(c) < vocab), 0)  # fmt: skip
+    ids, mask = pad_prompts(input_ids, pad)
     if ids.min() < 0 or ids.max() >= vocab:
         lo, hi = int(ids.min()), int(ids.max())
         raise InputError(f"token ids must be in [0, {vocab}); got {lo}..{hi}")

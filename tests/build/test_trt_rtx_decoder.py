@@ -37,7 +37,7 @@ def _export(tmp_path, model_type: str):
 def test_decoder_trt_graph_builds_with_past_zero(tmp_path, rtx, model_type):
     from ffnx.build.engine import build_engine
     from ffnx.graph.ort import ort_session
-    from ffnx.models.hf_decoder import decoder_inputs
+    from ffnx.models.hf_decoder import cache_geometry, decoder_inputs
 
     spec, out = _export(tmp_path, model_type)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -49,7 +49,7 @@ def test_decoder_trt_graph_builds_with_past_zero(tmp_path, rtx, model_type):
         assert "ScatterND" not in {n.op_type for n in model.graph.node}
 
     # past 0 (prefill) runs in the very graph TensorRT gets, equal to the torch wrapper
-    feeds = decoder_inputs(spec.module.model.config, 2, 4, 0, 256, left_pad=1)
+    feeds = decoder_inputs(cache_geometry(spec.module.model), 2, 4, 0, 256, left_pad=1)
     with torch.no_grad():
         want = spec.module(*feeds.values())[0].numpy()
     got = ort_session(model).run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]

@@ -67,6 +67,19 @@ HF_SUPPORTED = {
     "jetmoe": ("JetMoeConfig", dict(kv_channels=16, num_local_experts=4, **TWO), "JetMoeMoE"),
     # limit 1.5: with weights ~N(0, 0.2) both clamps bind on some channels (checked below)
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, **TWO, swiglu_limit=1.5), "GptOssMLP"),
+    # routers and blocks whose forward is one of the above under another class name
+    "mellum": ("MellumConfig", dict(num_experts=4, **ROUTED, norm_topk_prob=True),
+               "MellumSparseMoeBlock"),
+    "dots1": ("Dots1Config", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, n_group=4,
+              topk_group=2, routed_scaling_factor=2.5), "Dots1MoE"),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", dict(n_routed_experts=8, **ROUTED, n_group=4,
+                      topk_group=2), "MiMoV2FlashMoE"),
+    "solar_open": ("SolarOpenConfig", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1),
+                   "SolarOpenMoE"),
+    "exaone_moe": ("ExaoneMoeConfig", dict(num_experts=8, **ROUTED, num_shared_experts=1,
+                   n_group=4, topk_group=2), "ExaoneMoeSparseMoEBlock"),
+    "minicpm5_moe": ("MiniCPM5MoeConfig", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1),
+                     "MiniCPM5MoeMoE"),
 }  # fmt: skip
 HF_REFUSED = {
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, **TWO), "PhimoeSparseMoeBlock",

@@ -120,12 +120,12 @@ def test_no_cache_keeps_the_logits_export(tmp_path):
 def test_recurrent_layers_are_refused_with_one_line():
     from transformers import LlamaConfig
 
-    from ffnx.models.hf_decoder import cache_geometry
+    from ffnx.models.hf_decoder import check_cache_layers
 
     cfg = LlamaConfig(**COMMON)
     cfg.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(ModelSpecError, match=r"LlamaConfig: layer types \['linear_attention'\]"):
-        cache_geometry(cfg)
+        check_cache_layers(cfg)
 
 
 def test_cli_no_cache_export_and_generate_refuses_it(tmp_path):

@@ -76,7 +76,7 @@ def gqa_engines(artifacts, tmp_path_factory):
     the artifact's manifest."""
     import onnx
 
-    from ffnx.models.hf_decoder import decoder_inputs
+    from ffnx.models.hf_decoder import cache_geometry, decoder_inputs
     from ffnx.passes.optimize import manifest_options, optimize_model
     from ffnx.runtime import Engine
     from ffnx.runtime.backends.ort import OrtBackend
@@ -89,7 +89,7 @@ def gqa_engines(artifacts, tmp_path_factory):
         if (model_type, form, fuse_rotary) not in made:
             engine, model = artifacts(model_type)
             src = onnx.load(engine.path + "/model.opt.onnx")
-            feeds = [{k: v.numpy() for k, v in decoder_inputs(model.config, b, t, p, 256,
+            feeds = [{k: v.numpy() for k, v in decoder_inputs(cache_geometry(model), b, t, p, 256,
                                                               left_pad=1).items()}
                      for b, t, p in ((2, 3, 5), (1, 2, 3))]  # fmt: skip
             opts = manifest_options(engine.manifest) if fuse_rotary else {}
@@ -266,7 +266,7 @@ def test_gpt_oss_sinks_and_sliding_window_through_gqa(tmp_path, form):
     from ffnx.export.torch_export import export_onnx
     from ffnx.lowering import runnable
     from ffnx.models.hf import load_hf
-    from ffnx.models.hf_decoder import decoder_inputs
+    from ffnx.models.hf_decoder import cache_geometry, decoder_inputs
     from ffnx.passes.optimize import manifest_options, optimize_model
     from ffnx.runtime import Engine
     from ffnx.runtime.backends.ort import OrtBackend
@@ -277,7 +277,7 @@ def test_gpt_oss_sinks_and_sliding_window_through_gqa(tmp_path, form):
     with captured(spec.module, "ort"):
         export_onnx(spec, tmp_path / "model.onnx")
     model = spec.module.model
-    feeds = [{k: v.numpy() for k, v in decoder_inputs(model.config, b, t, p, 256,
+    feeds = [{k: v.numpy() for k, v in decoder_inputs(cache_geometry(model), b, t, p, 256,
                                                       left_pad=1).items()}
              for b, t, p in ((2, 3, 5), (1, 2, 3))]  # fmt: skip
     with _env("FFNX_ATTENTION", form):
