@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ffnx.errors import ModelSpecError
+from ffnx.errors import ModelSpecError, first_line
 
 TOKENIZER = "tokenizer.json"
 EXAMPLE = (2, 3, 5)  # example (batch, seq, past); all > 1 so torch.export keeps them dynamic
@@ -62,11 +62,15 @@ def cache_geometry(model: torch.nn.Module) -> list[tuple[int, int, int]]:
 
     check_cache_layers(model.config)
     ids = torch.zeros(1, 1, dtype=torch.int64)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                    **{cache_argument(model): DynamicCache()})  # fmt: skip
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     name = type(model).__name__
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                        **{cache_argument(model): DynamicCache()})  # fmt: skip
+    except Exception as e:  # transformers' own code: whatever it raises, one line
+        raise ModelSpecError(f"{name}: transformers' own forward fails on one token, so there is "
+                             f"nothing to export: {first_line(e)}") from e  # fmt: skip
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if not isinstance(cache, DynamicCache) or not cache.layers:
         raise ModelSpecError(f"{name}: keeps no transformers key/value cache "
                              f"({type(cache).__name__}); export it with --no-cache")  # fmt: skip

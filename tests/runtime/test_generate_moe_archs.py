@@ -97,8 +97,10 @@ REFUSED = {
     "dbrx-clip_qkv-none": (
         "dbrx",
         UNCLIPPED,
-        "cannot export model.transformer.blocks.0."
-        "norm_attn_norm.attn (DbrxAttention): attn_config.clip_qkv is None",
+        # torch 2.13's eager clamp rejects it before the exporter could (hf_refusals says why
+        # for a --no-cache export)
+        "DbrxForCausalLM: transformers' own forward fails on one token, so there is nothing to "
+        "export: torch.clamp: At least one of 'min' or 'max' must not be None",
     ),
     "phimoe": (
         "phimoe",
