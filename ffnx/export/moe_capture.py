@@ -262,7 +262,58 @@ def _hf_jetmoe(block: nn.Module) -> MoEOpModule:
     return MoEOpModule(weights, attrs, router_weight=block.router.layer.weight, source="JetMoeMoE")
 
 
-HF_SPECIAL = {"DbrxFFN": _hf_dbrx, "JetMoeMoE": _hf_jetmoe, "GptOssMLP": gpt_oss_block}
+def _children(block: nn.Module, allowed: set[str]) -> set[str]:
+    children = {n for n, _ in block.named_children()}
+    if children - allowed:
+        raise Refused(f"unexpected submodule(s) {sorted(children - allowed)} for this class")
+    return children
+
+
+def _hf_minimax_m2(block: nn.Module) -> MoEOpModule:
+    """MiniMax-M2: p = sigmoid(s), experts = topk(p + e_score_correction_bias) (the bias is the
+    block's, handed to its router), w = p[idx] / sum: DeepSeek-V3's routing without groups or
+    scaling."""
+    _children(block, {"gate", "experts"})
+    weights, activation = _hf_experts(block.experts)
+    weights["score_bias"] = block.e_score_correction_bias.detach().float()
+    attrs = {"num_experts": int(block.gate.weight.shape[0]), "top_k": int(block.gate.top_k),
+             "activation": activation, "scoring": "sigmoid", "normalize": 1,
+             "routed_scaling_factor": 1.0}  # fmt: skip
+    return MoEOpModule(weights, attrs, router_weight=block.gate.weight,
+                       source="MiniMaxM2SparseMoeBlock")  # fmt: skip
+
+
+def _hf_cohere2_moe(block: nn.Module) -> MoEOpModule:
+    """Cohere 2 MoE: experts = topk(s); w = softmax over those k (`topk_softmax`), or sigmoid of
+    them, optionally normalized (sigmoid is monotonic: topk(sigmoid(s)) picks the same experts).
+    Shared experts combined by "sum" add; by "average", (routed + shared) / 2 = routed with w / 2
+    plus shared with its down projection / 2 (halving is exact in floating point)."""
+    children = _children(block, {"gate", "experts", "shared_experts"})
+    r = block.gate
+    weights, activation = _hf_experts(block.experts)
+    if r.expert_selection_fn == "softmax":
+        routing = {"scoring": "topk_softmax"}
+    elif r.expert_selection_fn == "sigmoid":
+        routing = {"scoring": "sigmoid", "normalize": int(bool(r.norm_topk_prob))}
+    else:
+        raise Refused(f"expert_selection_fn {r.expert_selection_fn!r}")
+    half = block.shared_expert_combination_strategy == "average" and "shared_experts" in children
+    if block.shared_expert_combination_strategy not in ("sum", "average"):
+        raise Refused(f"shared experts combined by {block.shared_expert_combination_strategy!r}")
+    if "shared_experts" in children:
+        shared = shared_weights(block.shared_experts, BASE_ACTIVATION.get(activation, activation))
+        if half:
+            shared["shared_fc2_weight"] = shared["shared_fc2_weight"].detach() * 0.5
+        weights.update(shared)
+    attrs = {"num_experts": int(r.weight.shape[0]), "top_k": int(r.top_k),
+             "activation": activation, "routed_scaling_factor": 0.5 if half else 1.0,
+             **routing}  # fmt: skip
+    return MoEOpModule(weights, attrs, router_weight=r.weight, source="Cohere2MoeSparseMoeBlock")
+
+
+HF_SPECIAL = {"DbrxFFN": _hf_dbrx, "JetMoeMoE": _hf_jetmoe, "GptOssMLP": gpt_oss_block,
+              "MiniMaxM2SparseMoeBlock": _hf_minimax_m2,
+              "Cohere2MoeSparseMoeBlock": _hf_cohere2_moe}  # fmt: skip
 
 
 def hf_block(module: nn.Module) -> MoEOpModule | None:

@@ -80,6 +80,19 @@ HF_SUPPORTED = {
                    n_group=4, topk_group=2), "ExaoneMoeSparseMoEBlock"),
     "minicpm5_moe": ("MiniCPM5MoeConfig", dict(n_routed_experts=8, **ROUTED, n_shared_experts=1),
                      "MiniCPM5MoeMoE"),
+    # their own readers: MiniMax-M2's selection bias lives on the block; Cohere 2 MoE's routing
+    # and shared-expert combination are config options (each variant below)
+    "minimax_m2": ("MiniMaxM2Config", dict(num_local_experts=8, **ROUTED),
+                   "MiniMaxM2SparseMoeBlock"),
+    "cohere2_moe": ("Cohere2MoeConfig", dict(num_experts=8, **TWO, num_shared_experts=1),
+                    "Cohere2MoeSparseMoeBlock"),
+    "cohere2_moe-sigmoid-average": ("Cohere2MoeConfig", dict(
+        num_experts=8, **TWO, num_shared_experts=1, expert_selection_fn="sigmoid",
+        norm_topk_prob=True, shared_expert_combination_strategy="average"),
+        "Cohere2MoeSparseMoeBlock"),
+    "cohere2_moe-sigmoid-unnormalized": ("Cohere2MoeConfig", dict(
+        num_experts=8, **TWO, num_shared_experts=0, expert_selection_fn="sigmoid",
+        norm_topk_prob=False), "Cohere2MoeSparseMoeBlock"),
 }  # fmt: skip
 HF_REFUSED = {
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, **TWO), "PhimoeSparseMoeBlock",
@@ -112,6 +125,7 @@ def hf_block(family: str, table: dict) -> torch.nn.Module:
     if family == "jetmoe":
         base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, vocab_size=256)
     config = getattr(transformers, cfg_cls)(**base, **kw)
+    family = family.split("-")[0]  # "cohere2_moe-sigmoid-average": a config variant
     mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     torch.manual_seed(0)
     block = getattr(mod, block_cls)(config).eval()
