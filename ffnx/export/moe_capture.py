@@ -269,18 +269,58 @@ def _children(block: nn.Module, allowed: set[str]) -> set[str]:
     return children
 
 
-def _hf_minimax_m2(block: nn.Module) -> MoEOpModule:
-    """MiniMax-M2: p = sigmoid(s), experts = topk(p + e_score_correction_bias) (the bias is the
-    block's, handed to its router), w = p[idx] / sum: DeepSeek-V3's routing without groups or
-    scaling."""
-    _children(block, {"gate", "experts"})
+def _biased_sigmoid(block: nn.Module, router: nn.Linear | nn.Module, bias: torch.Tensor,
+                    scale: float, shared: nn.Module | None) -> MoEOpModule:  # fmt: skip
+    """p = sigmoid(x @ router.weight.T), experts = topk(p + bias), w = p[idx] / sum(p[idx]) *
+    scale, plus a shared gated MLP (sum): DeepSeek-V3's routing without groups. Where the block
+    divides by (sum + 1e-20), that changes no float32 sum of k sigmoids above 1e-12."""
     weights, activation = _hf_experts(block.experts)
-    weights["score_bias"] = block.e_score_correction_bias.detach().float()
-    attrs = {"num_experts": int(block.gate.weight.shape[0]), "top_k": int(block.gate.top_k),
+    weights["score_bias"] = bias.detach().float()
+    if shared is not None and shared.down_proj.weight.numel():
+        weights.update(shared_weights(shared, BASE_ACTIVATION.get(activation, activation)))
+    attrs = {"num_experts": int(router.weight.shape[0]), "top_k": int(block_top_k(block)),
              "activation": activation, "scoring": "sigmoid", "normalize": 1,
-             "routed_scaling_factor": 1.0}  # fmt: skip
-    return MoEOpModule(weights, attrs, router_weight=block.gate.weight,
-                       source="MiniMaxM2SparseMoeBlock")  # fmt: skip
+             "routed_scaling_factor": float(scale)}  # fmt: skip
+    return MoEOpModule(weights, attrs, router_weight=router.weight, source=type(block).__name__)
+
+
+def block_top_k(block: nn.Module) -> int:
+    router = getattr(block, "gate", None) or block.router
+    return int(getattr(router, "top_k", None) or block.top_k)
+
+
+def _hf_minimax_m2(block: nn.Module) -> MoEOpModule:
+    """MiniMax-M2: the block's e_score_correction_bias, no scaling, no shared experts."""
+    _children(block, {"gate", "experts"})
+    return _biased_sigmoid(block, block.gate, block.e_score_correction_bias, 1.0, None)
+
+
+def _hf_afmoe(block: nn.Module) -> MoEOpModule:
+    """AFMoE: the block's expert_bias, the router's route_scale, shared experts (or none)."""
+    _children(block, {"router", "experts", "shared_experts"})
+    r = block.router
+    return _biased_sigmoid(block, r.gate, block.expert_bias, r.route_scale, block.shared_experts)
+
+
+def _hf_hy_v3(block: nn.Module) -> MoEOpModule:
+    """HY-V3: the block's e_score_correction_bias, the router's router_scaling_factor, shared
+    experts (its fp32 combine is a no-op in fp32)."""
+    _children(block, {"gate", "experts", "shared_experts"})
+    g = block.gate
+    return _biased_sigmoid(block, g, block.e_score_correction_bias, g.router_scaling_factor,
+                           block.shared_experts)  # fmt: skip
+
+
+def _hf_laguna(block: nn.Module) -> MoEOpModule:
+    """Laguna: the router's own e_score_correction_bias; the routed sum scaled by the block's
+    routed_scaling_factor (= each w scaled); shared experts. A router logit soft-cap
+    (cap·tanh(s/cap)) is not in FfnxMoE's schema: refused."""
+    _children(block, {"gate", "experts", "shared_experts"})
+    g = block.gate
+    if g.router_logit_softcapping > 0.0:
+        raise Refused("router logits are soft-capped (moe_router_logit_softcapping > 0)")
+    return _biased_sigmoid(block, g, g.e_score_correction_bias, block.routed_scaling_factor,
+                           block.shared_experts)  # fmt: skip
 
 
 def _hf_cohere2_moe(block: nn.Module) -> MoEOpModule:
@@ -312,7 +352,8 @@ def _hf_cohere2_moe(block: nn.Module) -> MoEOpModule:
 
 
 HF_SPECIAL = {"DbrxFFN": _hf_dbrx, "JetMoeMoE": _hf_jetmoe, "GptOssMLP": gpt_oss_block,
-              "MiniMaxM2SparseMoeBlock": _hf_minimax_m2,
+              "MiniMaxM2SparseMoeBlock": _hf_minimax_m2, "AfmoeSparseMoeBlock": _hf_afmoe,
+              "HYV3MoE": _hf_hy_v3, "LagunaSparseMoeBlock": _hf_laguna,
               "Cohere2MoeSparseMoeBlock": _hf_cohere2_moe}  # fmt: skip
 
 

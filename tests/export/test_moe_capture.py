@@ -90,6 +90,14 @@ HF_SUPPORTED = {
         num_experts=8, **TWO, num_shared_experts=1, expert_selection_fn="sigmoid",
         norm_topk_prob=True, shared_expert_combination_strategy="average"),
         "Cohere2MoeSparseMoeBlock"),
+    "afmoe": ("AfmoeConfig", dict(num_experts=8, **ROUTED, num_shared_experts=1, route_scale=2.5),
+              "AfmoeSparseMoeBlock"),
+    "afmoe-no-shared": ("AfmoeConfig", dict(num_experts=8, **ROUTED, num_shared_experts=0),
+                        "AfmoeSparseMoeBlock"),
+    "hy_v3": ("HYV3Config", dict(num_local_experts=8, **ROUTED, num_shared_experts=1,
+              router_scaling_factor=2.5), "HYV3MoE"),
+    "laguna": ("LagunaConfig", dict(num_experts=8, **ROUTED, shared_expert_intermediate_size=48,
+               moe_routed_scaling_factor=2.5), "LagunaSparseMoeBlock"),
     "cohere2_moe-sigmoid-unnormalized": ("Cohere2MoeConfig", dict(
         num_experts=8, **TWO, num_shared_experts=0, expert_selection_fn="sigmoid",
         norm_topk_prob=False), "Cohere2MoeSparseMoeBlock"),
@@ -99,6 +107,9 @@ HF_REFUSED = {
                "sparsemixer"),
     "llama4": ("Llama4TextConfig", dict(num_local_experts=4, num_experts_per_tok=1,
                intermediate_size_mlp=96), "Llama4TextMoe", "scales each expert's input"),
+    "laguna-softcap": ("LagunaConfig", dict(num_experts=8, **ROUTED,
+                       shared_expert_intermediate_size=48, moe_router_logit_softcapping=30.0),
+                       "LagunaSparseMoeBlock", "router logits are soft-capped"),
 }  # fmt: skip
 # group-limited routing: case -> (family, config class, config kwargs, block class, group attrs)
 MOE32 = dict(n_routed_experts=32, moe_intermediate_size=32)

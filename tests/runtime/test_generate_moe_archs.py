@@ -5,8 +5,8 @@ vary and every bias, attention sink and routing choice matters). GPT-OSS (clampe
 with biases, attention sinks, sliding-window layers) and DeepSeek-V3 (MLA latent caches, group-
 limited sigmoid routing) included; so are families captured because their router and block
 equal a captured one's (DOTS1, MiMo-V2-Flash, Solar Open, EXAONE MoE, MiniCPM5-MoE, Mellum),
-MiniMax-M2 and Cohere 2 MoE (their own readers), and MoE families no capture rule reads (ERNIE
-4.5 MoE, AFMoE), which export as standard ops with their experts as `batched_mm`. Architectures
+MiniMax-M2, Cohere 2 MoE, AFMoE, HY-V3 and Laguna (their own readers), and ERNIE 4.5 MoE, which
+no capture rule reads and exports as standard ops with its experts as `batched_mm`. Architectures
 that cannot be exported fail with one line naming the module and why."""
 
 from __future__ import annotations
@@ -71,13 +71,14 @@ LIKE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, **ROUTED, n_
             first_k_dense_replace=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
 for _family, _nodes in (("dots1", 1), ("mimo_v2_flash", 1), ("solar_open", 2), ("exaone_moe", 1),
                         ("minicpm5_moe", 1), ("mellum", 2), ("minimax_m2", 2),
-                        ("cohere2_moe", 1), ("ernie4_5_moe", 0), ("afmoe", 0)):  # fmt: skip
+                        ("cohere2_moe", 1), ("afmoe", 1), ("hy_v3", 1), ("laguna", 1),
+                        ("ernie4_5_moe", 0)):  # fmt: skip
     ARCHS[_family] = (LIKE, _nodes)
 GAIN = {"mellum": 2.0}  # at gain 1 its greedy repeats 4 tokens
-FAST = ("gpt_oss", "deepseek_v3", "dots1", "minimax_m2", "afmoe")
+FAST = ("gpt_oss", "deepseek_v3", "dots1", "minimax_m2", "ernie4_5_moe")
 # the families added since CI's time budget was set run with FFNX_TEST_ALL_ARCHS=1 (~25 s each)
-NEW = ("mimo_v2_flash", "solar_open", "exaone_moe", "minicpm5_moe", "mellum", "ernie4_5_moe",
-       "cohere2_moe")  # fmt: skip
+NEW = ("mimo_v2_flash", "solar_open", "exaone_moe", "minicpm5_moe", "mellum", "afmoe",
+       "cohere2_moe", "hy_v3", "laguna")  # fmt: skip
 EVERY = pytest.mark.skipif(os.environ.get("FFNX_TEST_ALL_ARCHS") != "1",
                            reason="FFNX_TEST_ALL_ARCHS=1 runs every architecture")  # fmt: skip
 PARAMS = [
