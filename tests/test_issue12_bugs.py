@@ -50,7 +50,7 @@ def test_output_names_from_dict_keys(tmp_path):
 
 def test_lowering_errors_join_the_ffnx_family():
     from ffnx.errors import FfnxError
-    from ffnx.export.moe_capture import Refused
+    from ffnx.export.moe_hf import Refused
     from ffnx.lowering.moe_common import LoweringError
     from ffnx.lowering.sparse import SparseLoweringError
 

@@ -321,7 +321,7 @@ def test_hf_transposed_biased_expert_layout_matches_transformers_kernel():
     """`is_transposed` / `has_bias` experts read as transformers' own batched kernel reads them."""
     from transformers.integrations import moe as hf_moe
 
-    from ffnx.export.moe_capture import _hf_experts
+    from ffnx.export.moe_hf import _hf_experts
     from ffnx.plugins.reference import moe_reference, route
 
     E, D, H, k = 4, 16, 24, 2

@@ -63,7 +63,7 @@ ARCHS = {
                   ffn_config=dict(ffn_hidden_size=96, moe_num_experts=4, moe_top_k=2)), 2),
 }  # fmt: skip
 # Families whose router and block forwards equal a captured one's under another class name
-# (moe_capture.HF_ROUTERS / HF_BLOCKS), and families no capture rule reads (their routers differ
+# (moe_hf.HF_ROUTERS / HF_BLOCKS), and families no capture rule reads (their routers differ
 # in detail): transformers' fused experts then run as `batched_mm`
 # (ffnx.models.hf_config.build_model) and export as standard ops, no FfnxMoE. One config for all
 # (keys a family does not know are ignored); the value is the number of FfnxMoE nodes.
