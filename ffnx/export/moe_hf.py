@@ -143,6 +143,12 @@ HF_ROUTERS = {
     "Glm4MoeTopkRouter": _deepseek_v3,
     "Glm4MoeLiteTopkRouter": _deepseek_v3,  # GLM-4.7-Flash: DeepSeek-V3's router, MLA attention
     "DeepseekV2TopkRouter": _deepseek_v2,
+    # ERNIE 4.5: softmax, the choice biased by moe_statics' e_score_correction_bias, weights
+    # from the plain softmax, normalized by max(sum, moe_norm_min): the sum of k softmax
+    # probabilities is >= k/E, far above moe_norm_min (1e-12), so plain normalization
+    "Ernie4_5_MoeTopKRouter": lambda r: {
+        "scoring": "softmax", "normalize": 1,
+        "score_bias": r.moe_statics.e_score_correction_bias.detach().float().reshape(-1)},
     # the same forward as one above, class names aside (compared source to source, 5.25)
     "MellumTopKRouter": _softmax(_NORM),  # Qwen2-MoE's
     "Dots1TopkRouter": _deepseek_v3,
@@ -172,6 +178,7 @@ HF_BLOCKS = {
     # forwards equal to Qwen3-MoE's (Mellum) or DeepSeek-V3's block (the rest; MiMo-V2-Flash
     # without its shared experts)
     "MellumSparseMoeBlock": {"gate", "experts"},
+    "Ernie4_5_MoeSparseMoeBlock": {"gate", "experts", "shared_experts"},
     "Dots1MoE": {"gate", "experts", "shared_experts"},
     "MiMoV2FlashMoE": {"gate", "experts"},
     "SolarOpenMoE": {"gate", "experts", "shared_experts"},

@@ -5,6 +5,7 @@ Math (schema `ffnx.plugins.schema.MOE`), on tokens flattened to x [T, D]:
     softmax       p = softmax(s);  idx, w = topk(p, k)
     topk_softmax  v, idx = topk(s, k);  w = softmax(v)
     sigmoid       p = sigmoid(s);  idx = topk(p + score_bias, k);  w = p[idx]
+                  (softmax takes a score_bias the same way: idx = topk(p + score_bias, k))
     normalize=1   w = w / sum_j w_j;   then  w = w * routed_scaling_factor
     n_group > 1   the top-k above runs over sel (p, s, p + score_bias) with the experts outside
                   the topk_group best groups masked to -inf (`group_mask`); w from unmasked p
@@ -168,8 +169,12 @@ def route(b: Builder, s: MoESite):
     if group_limited(a):
         idx, w = _group_route(b, s, logits)
         normalize = normalize and scoring != "topk_softmax"
-    elif scoring == "softmax":
+    elif scoring == "softmax" and s.inputs["score_bias"] is None:
         w, idx = b.op("TopK", b.op("Softmax", logits, axis=1), i64(k), axis=1, n_out=2)
+    elif scoring == "softmax":
+        p = b.op("Softmax", logits, axis=1)
+        _, idx = b.op("TopK", b.add(p, s.tensor(b, "score_bias")), i64(k), axis=1, n_out=2)
+        w = b.op("GatherElements", p, idx, axis=1)
     elif scoring == "topk_softmax":
         v, idx = b.op("TopK", logits, i64(k), axis=1, n_out=2)
         w, normalize = b.op("Softmax", v, axis=1), 0  # already sums to 1
@@ -193,13 +198,12 @@ def route(b: Builder, s: MoESite):
 def _group_route(b: Builder, s: MoESite, logits):
     """Group-limited routing: -> idx [T, k], w [T, k] (before normalize and scaling)."""
     scoring = s.attrs["scoring"]
-    if scoring == "softmax":
-        p = sel = b.op("Softmax", logits, axis=1)
-    elif scoring == "topk_softmax":
+    if scoring == "topk_softmax":
         p = sel = logits
-    elif scoring == "sigmoid":
-        p = b.op("Sigmoid", logits)
-        sel = b.add(p, s.tensor(b, "score_bias"))
+    elif scoring in ("softmax", "sigmoid"):
+        p = b.op("Softmax", logits, axis=1) if scoring == "softmax" else b.op("Sigmoid", logits)
+        bias = s.tensor(b, "score_bias")
+        sel = p if bias is None else b.add(p, bias)
     else:
         raise LoweringError(f"{s.node.name}: unknown scoring {scoring!r}")
     _, idx = b.op("TopK", group_mask(b, s, sel), i64(s.k), axis=1, n_out=2)

@@ -11,6 +11,7 @@ MoE (x = hidden flattened to [T, D]):
     softmax       p = softmax(s);  idx = topk(p, k);  w = p[idx]
     topk_softmax  v, idx = topk(s, k);  w = softmax(v)
     sigmoid       p = sigmoid(s);  idx = topk(p + score_bias, k);  w = p[idx]
+                  (softmax with a score_bias likewise: idx = topk(p + score_bias, k), w = p[idx])
     normalize=1   w = w / sum_j w_j;   then always  w = w * routed_scaling_factor
     n_group > 1   idx = topk over sel (p, s, p + score_bias) with the experts outside the
                   topk_group best of n_group contiguous groups masked to -inf; group score =
@@ -125,8 +126,12 @@ def route(
     s = router_logits.reshape(-1, num_experts).float()
     if group_limited(groups):
         idx, w = _group_route(s, score_bias, top_k, scoring, **groups)
-    elif scoring == "softmax":
+    elif scoring == "softmax" and score_bias is None:
         w, idx = torch.softmax(s, dim=-1).topk(top_k, dim=-1)
+    elif scoring == "softmax":  # ERNIE 4.5: a selection bias, weights from the plain softmax
+        p = torch.softmax(s, dim=-1)
+        idx = (p + score_bias.float()).topk(top_k, dim=-1).indices
+        w = p.gather(-1, idx)
     elif scoring == "topk_softmax":
         v, idx = s.topk(top_k, dim=-1)
         w = torch.softmax(v, dim=-1)
@@ -154,12 +159,10 @@ def group_mask(sel: torch.Tensor, n_group: int, topk_group: int, group_scoring: 
 
 def _group_route(s, score_bias, top_k, scoring, n_group, topk_group, group_scoring):
     """Group-limited (idx, w before normalize/scale) from logits s [T, E] (module docstring)."""
-    if scoring == "softmax":
-        p = sel = torch.softmax(s, dim=-1)
-    elif scoring == "topk_softmax":
+    if scoring == "topk_softmax":
         p = sel = s
-    elif scoring == "sigmoid":
-        p = torch.sigmoid(s)
+    elif scoring in ("softmax", "sigmoid"):
+        p = torch.softmax(s, dim=-1) if scoring == "softmax" else torch.sigmoid(s)
         sel = p if score_bias is None else p + score_bias.float()
     else:
         raise ValueError(f"unknown scoring {scoring!r}")

@@ -82,13 +82,13 @@ MOE = OpSchema(
     doc=(
         "Mixture-of-Experts FFN, one node per MoE layer.\n"
         "Routing (routing_mode='router'): s = router_logits [T, E].\n"
-        "  scoring='softmax':       p = softmax(s); idx = topk(p, k); w = p[idx]\n"
+        "  scoring='softmax':       p = softmax(s); idx = topk(p + score_bias, k); w = p[idx]\n"
         "  scoring='topk_softmax':  idx = topk(s, k); w = softmax(s[idx])\n"
         "  scoring='sigmoid':       p = sigmoid(s); idx = topk(p + score_bias, k); w = p[idx]\n"
         "  normalize=1: w = w / sum(w) (before scaling); then w *= routed_scaling_factor.\n"
         "Routing (routing_mode='hash'): idx = hash_table[token_ids] [T, k]; w = 1/k each.\n"
         "Group-limited routing (router mode, n_group > 1; DeepSeek-V2/V3, R1): idx is chosen\n"
-        "from the selection scores sel (softmax: p; topk_softmax: s; sigmoid: p + score_bias)\n"
+        "from the selection scores sel (softmax, sigmoid: p + score_bias; topk_softmax: s)\n"
         "restricted to the best groups. The E experts form n_group contiguous groups of\n"
         "G = E/n_group; a group's score is the sum of its two largest sel (group_scoring=\n"
         "'top2_sum', DeepSeek-V3) or its largest sel ('max', DeepSeek-V2 group_limited_greedy);\n"
@@ -117,7 +117,7 @@ MOE = OpSchema(
         Port("fc1_bias", "[E, H1]", FLOAT, "", True),
         Port("fc2_weight", "[E, D, H]", FLOAT, "down projection"),
         Port("fc2_bias", "[E, D]", FLOAT, "", True),
-        Port("score_bias", "[E]", ("float32",), "selection-only bias (sigmoid scoring)", True),
+        Port("score_bias", "[E]", ("float32",), "selection-only bias (softmax, sigmoid)", True),
         Port("token_ids", "[*]", ("int64",), "token ids (hash routing)", True),
         Port("hash_table", "[V, k]", ("int64",), "expert ids per token id (hash routing)", True),
         Port("shared_fc1_weight", "[Hs1, D]", FLOAT, "shared experts' fc1 (concatenated)", True),

@@ -94,6 +94,8 @@ HF_SUPPORTED = {
               "AfmoeSparseMoeBlock"),
     "afmoe-no-shared": ("AfmoeConfig", dict(num_experts=8, **ROUTED, num_shared_experts=0),
                         "AfmoeSparseMoeBlock"),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(num_experts=8, **ROUTED,
+                     moe_num_shared_experts=1), "Ernie4_5_MoeSparseMoeBlock"),
     "hy_v3": ("HYV3Config", dict(num_local_experts=8, **ROUTED, num_shared_experts=1,
               router_scaling_factor=2.5), "HYV3MoE"),
     "laguna": ("LagunaConfig", dict(num_experts=8, **ROUTED, shared_expert_intermediate_size=48,

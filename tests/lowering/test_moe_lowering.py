@@ -46,7 +46,8 @@ def moe_numpy(cfg: MoEConfig, w: dict, feeds: dict) -> np.ndarray:
         if cfg.scoring == "softmax":
             p = np.exp(s - s.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)
-            idx = np.argsort(-group_limit(cfg, p), 1, kind="stable")[:, :k]
+            sel = p + w.get("score_bias", 0.0)  # ERNIE 4.5's selection bias
+            idx = np.argsort(-group_limit(cfg, sel), 1, kind="stable")[:, :k]
             gate = np.take_along_axis(p, idx, 1)
         elif cfg.scoring == "topk_softmax":
             idx = np.argsort(-group_limit(cfg, s), 1, kind="stable")[:, :k]
@@ -120,6 +121,7 @@ CONFIGS = {
         activation="reglu",
     ),
     "sigmoid-nonorm-silu": C(scoring="sigmoid", activation="silu"),
+    "softmax-scorebias-norm-shared": C(E=8, k=2, score_bias=True, normalize=1, shared=8),
     "softmax-gelu-bias": C(activation="gelu", bias=True),
     "relu-shared-gate": C(activation="relu", shared=12, shared_gate=True),
     "swiglu-shared-nogate-E1": C(E=1, k=1, shared=8),
@@ -307,6 +309,8 @@ PRECOMPUTED = {
         D=32, H=32, E=8, k=2, scoring="sigmoid", score_bias=True, activation="silu"
     ),
     "hash-k1-scale": C(D=32, H=32, hash=True, k=1, routed_scaling_factor=2.0),
+    # ERNIE 4.5: softmax with a selection bias
+    "softmax-scorebias-norm": C(D=32, H=32, E=8, k=2, score_bias=True, normalize=1),
 }  # fmt: skip
 
 

@@ -56,7 +56,8 @@ def naive_route(s, bias, k, scoring, normalize, scale, groups=None):
         m = max(s)
         z = sum(math.exp(v - m) for v in s)
         p = [math.exp(v - m) / z for v in s]
-        idx = top(limit(p, groups), k)
+        sel = [p[e] + (float(bias[e]) if bias is not None else 0.0) for e in range(len(s))]
+        idx = top(limit(sel, groups), k)
         w = [p[i] for i in idx]
     elif scoring == "topk_softmax":
         idx = top(limit(s, groups), k)
@@ -147,11 +148,15 @@ def test_moe_activations(act):
     check(run_moe(x, logits, t, top_k=2, activation=act), naive_moe(x, logits, t, k=2, act=act))
 
 
-def test_moe_sigmoid_without_score_bias():
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_moe_without_score_bias(scoring):
     x, logits, t = make_moe(3)
     t["score_bias"] = None
-    got = run_moe(x, logits, t, top_k=2, scoring="sigmoid")
-    check(got, naive_moe(x, logits, t, k=2, scoring="sigmoid"))
+    got = run_moe(x, logits, t, top_k=2, scoring=scoring)
+    check(got, naive_moe(x, logits, t, k=2, scoring=scoring))
+    t["score_bias"] = torch.full((t["fc1_weight"].shape[0],), 0.5)  # a constant shift: same
+    check(run_moe(x, logits, t, top_k=2, scoring=scoring), naive_moe(x, logits, t, k=2,
+                                                                     scoring=scoring))  # fmt: skip
 
 
 @pytest.mark.parametrize("gate", [False, True])

@@ -5,9 +5,10 @@ vary and every bias, attention sink and routing choice matters). GPT-OSS (clampe
 with biases, attention sinks, sliding-window layers) and DeepSeek-V3 (MLA latent caches, group-
 limited sigmoid routing) included; so are families captured because their router and block
 equal a captured one's (DOTS1, MiMo-V2-Flash, Solar Open, EXAONE MoE, MiniCPM5-MoE, Mellum),
-MiniMax-M2, Cohere 2 MoE, AFMoE, HY-V3 and Laguna (their own readers), and ERNIE 4.5 MoE, which
-no capture rule reads and exports as standard ops with its experts as `batched_mm`. Architectures
-that cannot be exported fail with one line naming the module and why."""
+MiniMax-M2, Cohere 2 MoE, AFMoE, HY-V3, Laguna and ERNIE 4.5 MoE (their own readers). A MoE
+family no capture rule reads exports as standard ops with its experts as `batched_mm`
+(ffnx.models.hf_config.build_model). Architectures that cannot be exported fail with one line
+naming the module and why."""
 
 from __future__ import annotations
 
@@ -63,16 +64,14 @@ ARCHS = {
                   ffn_config=dict(ffn_hidden_size=96, moe_num_experts=4, moe_top_k=2)), 2),
 }  # fmt: skip
 # Families whose router and block forwards equal a captured one's under another class name
-# (moe_hf.HF_ROUTERS / HF_BLOCKS), and families no capture rule reads (their routers differ
-# in detail): transformers' fused experts then run as `batched_mm`
-# (ffnx.models.hf_config.build_model) and export as standard ops, no FfnxMoE. One config for all
+# (moe_hf.HF_ROUTERS / HF_BLOCKS) and families with readers of their own. One config for all
 # (keys a family does not know are ignored); the value is the number of FfnxMoE nodes.
 LIKE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, **ROUTED, n_shared_experts=1,
             first_k_dense_replace=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
 for _family, _nodes in (("dots1", 1), ("mimo_v2_flash", 1), ("solar_open", 2), ("exaone_moe", 1),
                         ("minicpm5_moe", 1), ("mellum", 2), ("minimax_m2", 2),
                         ("cohere2_moe", 1), ("afmoe", 1), ("hy_v3", 1), ("laguna", 1),
-                        ("ernie4_5_moe", 0)):  # fmt: skip
+                        ("ernie4_5_moe", 1)):  # fmt: skip
     ARCHS[_family] = (LIKE, _nodes)
 GAIN = {"mellum": 2.0}  # at gain 1 its greedy repeats 4 tokens
 FAST = ("gpt_oss", "deepseek_v3", "dots1", "minimax_m2", "ernie4_5_moe")
@@ -194,6 +193,29 @@ def test_greedy_tokens_equal_transformers_generate(exported, model_type):
     two = [rng.integers(3, 256, 7).tolist(), rng.integers(3, 256, 4).tolist()]  # left-padded
     got = engine.generate(two, STEPS, ignore_eos=True)
     np.testing.assert_array_equal(got, hf_greedy(model, two, STEPS))
+
+
+def test_a_moe_block_no_rule_reads_exports_as_batched_mm(tmp_path, monkeypatch):
+    """A MoE family no capture rule reads (here Dots1, its reader removed) still exports: its
+    fused experts run as transformers' `batched_mm`, standard ops, no FfnxMoE node, and greedy
+    decoding equals transformers'."""
+    from ffnx.export import moe_hf
+    from ffnx.export.pipeline import export_artifact
+    from ffnx.models.hf import load_hf
+    from ffnx.runtime import Engine
+
+    monkeypatch.delitem(moe_hf.HF_BLOCKS, "Dots1MoE")
+    src = write_config(tmp_path / "src", "dots1", LIKE)
+    spec = load_hf(str(src), cache=True)
+    redraw(spec.module.model)
+    assert spec.module.model.config._experts_implementation == "batched_mm"
+    export_artifact(spec, tmp_path / "art", source=f"hf:{src}")
+    plain = onnx.load(str(tmp_path / "art" / "model.onnx"), load_external_data=False)
+    assert not any(n.op_type == "FfnxMoE" for n in plain.graph.node)
+    engine, model = Engine.load(tmp_path / "art", backend="ort"), spec.module.model
+    rows = [[5, 9, 200, 31, 7, 64], [12, 3, 99]]
+    np.testing.assert_array_equal(engine.generate(rows, STEPS, ignore_eos=True),
+                                  hf_greedy(model, rows, STEPS))  # fmt: skip
 
 
 def test_gpt_oss_graph_has_sinks_sliding_windows_and_clamped_experts(exported):

@@ -120,7 +120,7 @@ template <typename T> __global__ void route_kernel(const Route r) {
       else if (r.scoring == FFNX_SCORING_SIGMOID) w[i] = 1.f / (1.f + expf(-s[i]));
       else w[i] = s[i];  // topk_softmax: softmax over the selected logits below
       sel[i] = r.scoring == FFNX_SCORING_TOPK_SOFTMAX ? s[i] : w[i];
-      if (r.scoring == FFNX_SCORING_SIGMOID && r.score_bias && e < r.E) sel[i] += r.score_bias[e];
+      if (r.scoring != FFNX_SCORING_TOPK_SOFTMAX && r.score_bias && e < r.E) sel[i] += r.score_bias[e];
       if (e >= r.E) sel[i] = -INFINITY;
     }
     if (r.n_group > 1) limit_groups(sel, r, lane);
