@@ -147,8 +147,10 @@ HF_ROUTERS = {
     # from the plain softmax, normalized by max(sum, moe_norm_min): the sum of k softmax
     # probabilities is >= k/E, far above moe_norm_min (1e-12), so plain normalization
     "Ernie4_5_MoeTopKRouter": lambda r: {
-        "scoring": "softmax", "normalize": 1,
-        "score_bias": r.moe_statics.e_score_correction_bias.detach().float().reshape(-1)},
+        "scoring": "softmax",
+        "normalize": 1,
+        "score_bias": r.moe_statics.e_score_correction_bias.detach().float().reshape(-1),
+    },
     # the same forward as one above, class names aside (compared source to source, 5.25)
     "MellumTopKRouter": _softmax(_NORM),  # Qwen2-MoE's
     "Dots1TopkRouter": _deepseek_v3,
