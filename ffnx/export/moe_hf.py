@@ -268,13 +268,13 @@ def _biased_sigmoid(block: nn.Module, router: nn.Linear | nn.Module, bias: torch
     weights["score_bias"] = bias.detach().float()
     if shared is not None and shared.down_proj.weight.numel():
         weights.update(shared_weights(shared, BASE_ACTIVATION.get(activation, activation)))
-    attrs = {"num_experts": int(router.weight.shape[0]), "top_k": int(block_top_k(block)),
+    attrs = {"num_experts": int(router.weight.shape[0]), "top_k": int(_block_top_k(block)),
              "activation": activation, "scoring": "sigmoid", "normalize": 1,
              "routed_scaling_factor": float(scale)}  # fmt: skip
     return MoEOpModule(weights, attrs, router_weight=router.weight, source=type(block).__name__)
 
 
-def block_top_k(block: nn.Module) -> int:
+def _block_top_k(block: nn.Module) -> int:
     router = getattr(block, "gate", None) or block.router
     return int(getattr(router, "top_k", None) or block.top_k)
 
