@@ -59,10 +59,18 @@ def explain_failure(spec: ModelSpec, err: BaseException) -> str:
     root = err
     while root.__cause__ is not None:
         root = root.__cause__
-    first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), type(root).__name__)
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(root).__name__
+    if first.endswith(":") and len(lines) > 1:  # a heading ("inconsistencies were found:")
+        first = f"{first} {lines[1]}"
     where = _user_frame(text)
     hint = "remove Python-side data-dependent control flow or wrap the block in a torch.library op"
-    if DATA_DEPENDENT.search(text):
+    if "inconsisten" in first or "Constraints violated" in first:
+        hint = (
+            "the model's code ties a dimension the export keeps dynamic (batch, seq, past) to "
+            "another or to a constant; change that code, or export with --no-cache (no past)"
+        )
+    elif DATA_DEPENDENT.search(text):
         hint = (
             "the forward branches on tensor values; make the control flow tensor-only "
             "(torch.where/torch.cond) or register the block as a custom op"

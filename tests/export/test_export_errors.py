@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ffnx.cli import main
@@ -100,3 +101,20 @@ def test_debug_shows_traceback(tmp_path, user_model_file):
         main, ["--debug", "export", f"{user_model_file}:broken", "--out", str(tmp_path / "a")]
     )
     assert r.exit_code != 0 and r.exc_info is not None
+
+
+def test_a_headed_exporter_error_keeps_its_first_detail_line():
+    """torch.export's "The following inconsistencies were found:" says nothing alone: the one
+    error line carries the first constraint, and the hint speaks of shapes."""
+    from ffnx.export.torch_export import explain_failure
+    from ffnx.models.spec import ModelSpec
+
+    root = ValueError("The following inconsistencies were found:\nEq(s70 + Max(0, -s30), 1) "
+                      "is inconsistent!\nEq(s1, 2) is inconsistent!")  # fmt: skip
+    err = RuntimeError("export failed")
+    err.__cause__ = root
+    spec = ModelSpec(name="mpt", module=torch.nn.Identity(), inputs={})
+    msg = explain_failure(spec, err)
+    assert "\n" not in msg
+    assert "inconsistencies were found: Eq(s70 + Max(0, -s30), 1) is inconsistent!" in msg
+    assert "Eq(s1, 2)" not in msg and "dimension the export keeps dynamic" in msg
