@@ -43,8 +43,10 @@ def _no_bias(*linears: nn.Linear) -> None:
             raise Refused("a shared-expert projection has a bias, which FfnxMoE does not take")
 
 
-def shared_weights(mlp: nn.Module, routed_act: str) -> dict[str, torch.Tensor]:
-    """A gated MLP (gate_proj/up_proj/down_proj) as shared_fc1 = [gate; up], shared_fc2 = down."""
+def shared_weights(mlp: nn.Module, routed_activation: str) -> dict[str, torch.Tensor]:
+    """A gated MLP (gate_proj/up_proj/down_proj) as shared_fc1 = [gate; up], shared_fc2 = down;
+    its activation must be the routed experts' (`swiglu` -> `silu`)."""
+    routed_act = BASE_ACTIVATION.get(routed_activation, routed_activation)
     _no_bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     act = activation_name(getattr(mlp, "act_fn", None) or mlp.activation_fn)
     if act != routed_act:
@@ -196,12 +198,17 @@ HF_REFUSED = {
 }
 
 
+def _children(block: nn.Module, allowed: set[str]) -> set[str]:
+    """The block's child names; Refused if any is not `allowed` (semantics unknown here)."""
+    children = {n for n, _ in block.named_children()}
+    if children - allowed:
+        raise Refused(f"unexpected submodule(s) {sorted(children - allowed)} for this class")
+    return children
+
+
 def _hf_generic(block: nn.Module) -> MoEOpModule:
     cls = type(block).__name__
-    children = {n for n, _ in block.named_children()}
-    extra = children - HF_BLOCKS[cls]
-    if extra:
-        raise Refused(f"unexpected submodule(s) {sorted(extra)} for this class")
+    children = _children(block, HF_BLOCKS[cls])
     router = block.gate if "gate" in children else block.router
     rcls = type(router).__name__
     if rcls not in HF_ROUTERS:
@@ -212,8 +219,7 @@ def _hf_generic(block: nn.Module) -> MoEOpModule:
         weights["score_bias"] = routing.pop("score_bias")
     for shared in ("shared_expert", "shared_experts"):
         if shared in children:
-            base = BASE_ACTIVATION.get(activation, activation)
-            weights.update(shared_weights(getattr(block, shared), base))
+            weights.update(shared_weights(getattr(block, shared), activation))
     if "shared_expert_gate" in children:
         gate = block.shared_expert_gate
         _no_bias(gate)
@@ -252,44 +258,40 @@ def _hf_jetmoe(block: nn.Module) -> MoEOpModule:
     return MoEOpModule(weights, attrs, router_weight=block.router.layer.weight, source="JetMoeMoE")
 
 
-def _children(block: nn.Module, allowed: set[str]) -> set[str]:
-    children = {n for n, _ in block.named_children()}
-    if children - allowed:
-        raise Refused(f"unexpected submodule(s) {sorted(children - allowed)} for this class")
-    return children
-
-
-def _biased_sigmoid(block: nn.Module, router: nn.Linear | nn.Module, bias: torch.Tensor,
-                    scale: float, shared: nn.Module | None) -> MoEOpModule:  # fmt: skip
-    """p = sigmoid(x @ router.weight.T), experts = topk(p + bias), w = p[idx] / sum(p[idx]) *
+def _biased_sigmoid(
+    block: nn.Module,
+    router_weight: torch.Tensor,
+    top_k: int,
+    bias: torch.Tensor,
+    scale: float,
+    shared: nn.Module | None,
+) -> MoEOpModule:
+    """p = sigmoid(x @ router_weight.T), experts = topk(p + bias), w = p[idx] / sum(p[idx]) *
     scale, plus a shared gated MLP (sum): DeepSeek-V3's routing without groups. Where the block
     divides by (sum + 1e-20), that changes no float32 sum of k sigmoids above 1e-12."""
     weights, activation = _hf_experts(block.experts)
     weights["score_bias"] = bias.detach().float()
     if shared is not None and shared.down_proj.weight.numel():
-        weights.update(shared_weights(shared, BASE_ACTIVATION.get(activation, activation)))
-    attrs = {"num_experts": int(router.weight.shape[0]), "top_k": int(_block_top_k(block)),
+        weights.update(shared_weights(shared, activation))
+    attrs = {"num_experts": int(router_weight.shape[0]), "top_k": int(top_k),
              "activation": activation, "scoring": "sigmoid", "normalize": 1,
              "routed_scaling_factor": float(scale)}  # fmt: skip
-    return MoEOpModule(weights, attrs, router_weight=router.weight, source=type(block).__name__)
-
-
-def _block_top_k(block: nn.Module) -> int:
-    router = getattr(block, "gate", None) or block.router
-    return int(getattr(router, "top_k", None) or block.top_k)
+    return MoEOpModule(weights, attrs, router_weight=router_weight, source=type(block).__name__)
 
 
 def _hf_minimax_m2(block: nn.Module) -> MoEOpModule:
     """MiniMax-M2: the block's e_score_correction_bias, no scaling, no shared experts."""
     _children(block, {"gate", "experts"})
-    return _biased_sigmoid(block, block.gate, block.e_score_correction_bias, 1.0, None)
+    g = block.gate
+    return _biased_sigmoid(block, g.weight, g.top_k, block.e_score_correction_bias, 1.0, None)
 
 
 def _hf_afmoe(block: nn.Module) -> MoEOpModule:
     """AFMoE: the block's expert_bias, the router's route_scale, shared experts (or none)."""
     _children(block, {"router", "experts", "shared_experts"})
     r = block.router
-    return _biased_sigmoid(block, r.gate, block.expert_bias, r.route_scale, block.shared_experts)
+    return _biased_sigmoid(block, r.gate.weight, r.top_k, block.expert_bias, r.route_scale,
+                           block.shared_experts)  # fmt: skip
 
 
 def _hf_hy_v3(block: nn.Module) -> MoEOpModule:
@@ -297,8 +299,8 @@ def _hf_hy_v3(block: nn.Module) -> MoEOpModule:
     experts (its fp32 combine is a no-op in fp32)."""
     _children(block, {"gate", "experts", "shared_experts"})
     g = block.gate
-    return _biased_sigmoid(block, g, block.e_score_correction_bias, g.router_scaling_factor,
-                           block.shared_experts)  # fmt: skip
+    return _biased_sigmoid(block, g.weight, g.top_k, block.e_score_correction_bias,
+                           g.router_scaling_factor, block.shared_experts)  # fmt: skip
 
 
 def _hf_laguna(block: nn.Module) -> MoEOpModule:
@@ -309,8 +311,8 @@ def _hf_laguna(block: nn.Module) -> MoEOpModule:
     g = block.gate
     if g.router_logit_softcapping > 0.0:
         raise Refused("router logits are soft-capped (moe_router_logit_softcapping > 0)")
-    return _biased_sigmoid(block, g, g.e_score_correction_bias, block.routed_scaling_factor,
-                           block.shared_experts)  # fmt: skip
+    return _biased_sigmoid(block, g.weight, g.top_k, g.e_score_correction_bias,
+                           block.routed_scaling_factor, block.shared_experts)  # fmt: skip
 
 
 def _hf_cohere2_moe(block: nn.Module) -> MoEOpModule:
@@ -327,11 +329,12 @@ def _hf_cohere2_moe(block: nn.Module) -> MoEOpModule:
         routing = {"scoring": "sigmoid", "normalize": int(bool(r.norm_topk_prob))}
     else:
         raise Refused(f"expert_selection_fn {r.expert_selection_fn!r}")
-    half = block.shared_expert_combination_strategy == "average" and "shared_experts" in children
-    if block.shared_expert_combination_strategy not in ("sum", "average"):
-        raise Refused(f"shared experts combined by {block.shared_expert_combination_strategy!r}")
+    strategy = block.shared_expert_combination_strategy
+    if strategy not in ("sum", "average"):
+        raise Refused(f"shared experts combined by {strategy!r}")
+    half = strategy == "average" and "shared_experts" in children
     if "shared_experts" in children:
-        shared = shared_weights(block.shared_experts, BASE_ACTIVATION.get(activation, activation))
+        shared = shared_weights(block.shared_experts, activation)
         if half:
             shared["shared_fc2_weight"] = shared["shared_fc2_weight"].detach() * 0.5
         weights.update(shared)

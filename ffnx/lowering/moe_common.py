@@ -169,17 +169,11 @@ def route(b: Builder, s: MoESite):
     if group_limited(a):
         idx, w = _group_route(b, s, logits)
         normalize = normalize and scoring != "topk_softmax"
-    elif scoring == "softmax" and s.inputs["score_bias"] is None:
-        w, idx = b.op("TopK", b.op("Softmax", logits, axis=1), i64(k), axis=1, n_out=2)
-    elif scoring == "softmax":
-        p = b.op("Softmax", logits, axis=1)
-        _, idx = b.op("TopK", b.add(p, s.tensor(b, "score_bias")), i64(k), axis=1, n_out=2)
-        w = b.op("GatherElements", p, idx, axis=1)
     elif scoring == "topk_softmax":
         v, idx = b.op("TopK", logits, i64(k), axis=1, n_out=2)
         w, normalize = b.op("Softmax", v, axis=1), 0  # already sums to 1
-    elif scoring == "sigmoid":
-        p = b.op("Sigmoid", logits)
+    elif scoring in ("softmax", "sigmoid"):  # a score_bias moves the choice, not the weights
+        p = b.op("Softmax", logits, axis=1) if scoring == "softmax" else b.op("Sigmoid", logits)
         bias = s.tensor(b, "score_bias")
         if bias is None:
             w, idx = b.op("TopK", p, i64(k), axis=1, n_out=2)

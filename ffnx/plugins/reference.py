@@ -126,17 +126,11 @@ def route(
     s = router_logits.reshape(-1, num_experts).float()
     if group_limited(groups):
         idx, w = _group_route(s, score_bias, top_k, scoring, **groups)
-    elif scoring == "softmax" and score_bias is None:
-        w, idx = torch.softmax(s, dim=-1).topk(top_k, dim=-1)
-    elif scoring == "softmax":  # ERNIE 4.5: a selection bias, weights from the plain softmax
-        p = torch.softmax(s, dim=-1)
-        idx = (p + score_bias.float()).topk(top_k, dim=-1).indices
-        w = p.gather(-1, idx)
     elif scoring == "topk_softmax":
         v, idx = s.topk(top_k, dim=-1)
         w = torch.softmax(v, dim=-1)
-    elif scoring == "sigmoid":
-        p = torch.sigmoid(s)
+    elif scoring in ("softmax", "sigmoid"):  # a score_bias moves the choice, not the weights
+        p = torch.softmax(s, dim=-1) if scoring == "softmax" else torch.sigmoid(s)
         sel = p if score_bias is None else p + score_bias.float()
         idx = sel.topk(top_k, dim=-1).indices
         w = p.gather(-1, idx)
