@@ -35,6 +35,18 @@ DeepSeek-V3.2, GLM-MoE-DSA, HY-V4 and Mistral-Large-4 build their mask from the 
 shape), and the rest are not tested here yet (Mistral 4, Kimi-Linear, Bailing-Hybrid, LongCat).
 So do a kv_b_proj with a bias and a config whose attention implementation is not eager (the masks
 differ). The export is verified against the original modules either way.
+
+Interleaved rotary (`config.rope_interleave`, DeepSeek-V3's default): transformers rotates the P
+rotary dims of q and of the shared key r as pairs (x[2i], x[2i+1]) and returns them
+de-interleaved, y = Concat(a*c - b*s, b*c + a*s) with a = x[0::2], b = x[1::2] and c, s the
+first half of cos, sin (cos = Concat(f, f)). That is transformers' rotate-half rotary applied to
+x' = Concat(a, b), and x' is what the projection gives when its rotary output rows are taken in
+the order [0, 2, ..., P-2, 1, 3, ..., P-1]. So the twin runs the forward with
+`rope_interleave = False` and copies of q_b_proj (q_proj) and kv_a_proj_with_mqa whose rotary rows
+(and bias entries) are permuted that way: the same dot products, so q, r, the cached r and the
+logits are bit-identical, and the graph carries the rotate-half form the rotary_embedding pass
+fuses into one RotaryEmbedding op (nine kernels per tensor become one; quantized weights quantize
+per output row, so int4 stays identical too).
 """
 
 from __future__ import annotations
@@ -85,6 +97,41 @@ def _latents(c, r):
     return c, r
 
 
+def _rotary_rows_first(linear: nn.Linear, period: int, offset: int, rope: int) -> nn.Linear:
+    """A copy of `linear` whose output rows offset + j (j < rope) of every `period` rows are
+    taken in the order even j, then odd j (module docstring: interleaved rotary)."""
+    order = torch.arange(linear.out_features).view(-1, period)
+    inner = torch.arange(rope)
+    order[:, offset : offset + rope] = order[:, offset + torch.cat([inner[0::2], inner[1::2]])]
+    order = order.reshape(-1)
+    out = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None)
+    out = out.to(dtype=linear.weight.dtype, device=linear.weight.device)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[order])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias[order])
+    return out.train(linear.training).requires_grad_(False)
+
+
+def _deinterleaved(attention: nn.Module) -> nn.ModuleDict | None:
+    """Copies of the projections whose rotary rows feed transformers' rotate-half rotary the
+    pairs its interleaved one rotates (module docstring), or None when the module does not
+    interleave or its layout is not the one this reads."""
+    if not getattr(attention.config, "rope_interleave", False):
+        return None
+    q_name = "q_proj" if getattr(attention, "q_lora_rank", None) is None else "q_b_proj"
+    q, kv_a = getattr(attention, q_name, None), getattr(attention, "kv_a_proj_with_mqa", None)
+    nope, rope = attention.qk_nope_head_dim, getattr(attention, "qk_rope_head_dim", None)
+    rank, heads = attention.kv_lora_rank, attention.num_heads
+    fits = isinstance(q, nn.Linear) and isinstance(kv_a, nn.Linear) and rope and rope % 2 == 0
+    if not (fits and q.out_features == heads * (nope + rope) and kv_a.out_features == rank + rope):
+        return None
+    return nn.ModuleDict({
+        q_name: _rotary_rows_first(q, nope + rope, nope, rope),
+        "kv_a_proj_with_mqa": _rotary_rows_first(kv_a, rank + rope, rank, rope),
+    })  # fmt: skip
+
+
 class AbsorbedMLA(nn.Module):
     """Runs an MLA module's own forward with `expand_kv` passing the latents through and the
     attention interface replaced by `absorbed_attention` (module docstring)."""
@@ -94,16 +141,24 @@ class AbsorbedMLA(nn.Module):
         self.inner = attention
         self.config = copy.copy(attention.config)
         self.config._attn_implementation_internal = ATTENTION_KEY  # not the setter: no subconfigs
+        self.deinterleaved = _deinterleaved(attention)
+        if self.deinterleaved is not None:
+            self.config.rope_interleave = False
 
     def forward(self, *args, **kwargs):
         inner = self.inner
         saved = inner.config
+        swapped = dict(self.deinterleaved or {})
+        originals = {name: getattr(inner, name) for name in swapped}
         inner.expand_kv, inner.config = _latents, self.config  # instance attributes, undone below
+        for name, linear in swapped.items():
+            inner._modules[name] = linear
         try:
             return inner(*args, **kwargs)
         finally:
             del inner.expand_kv
             inner.config = saved
+            inner._modules.update(originals)
 
 
 def _fits(module: nn.Module) -> bool:

@@ -13,11 +13,16 @@ Forms handled:
   producer to rename) the node is kept.
 - identity reshape pairs: Reshape(Reshape(a, s1), s2) whose output shape equals a's shape
   (known, symbolic dims compared by name) and whose inner result has no other reader is a.
+- split of a concat: x_1..x_k = Split(Concat(x_1..x_k, axis a), axis a) with the split sizes
+  equal to the x_i's (known) sizes along a: readers of the Split's outputs read the x_i (an
+  export writes this when a module concatenates two parts its callee splits again: MLA's
+  query). Kept when a Split output is a graph output.
 - nodes that no graph output depends on are removed; nodes are sorted topologically.
 
 Exact: folding evaluates the same ops on the same values (ORT's CPU kernels, the ones that
 would run them at inference); Identity and inference-mode Dropout return their input unchanged;
-a reshape pair that ends in its input's shape reproduces its input (Reshape keeps element order).
+a reshape pair that ends in its input's shape reproduces its input (Reshape keeps element order);
+splitting a concatenation at its seams returns its parts.
 
 `applied` counts non-Constant nodes removed; a graph where nothing folds or disappears reports
 0 (Constant nodes turned into initializers alone do not count).
@@ -29,6 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from ffnx.graph.ffn_match import split_sizes
 from ffnx.graph.tensors import const, known_shape, producer, swap
 from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 
@@ -122,12 +128,32 @@ def identity_reshape_pair(outer: gs.Node, graph: gs.Graph) -> gs.Node | None:
     return inner
 
 
+def split_of_concat(split: gs.Node) -> gs.Node | None:
+    """The Concat whose parts `split` returns unchanged (see the module docstring), else None."""
+    cat = producer(split.inputs[0], "Concat") if split.op == "Split" and split.inputs else None
+    if cat is None or len(cat.inputs) != len(split.outputs):
+        return None
+    shapes = [known_shape(x) for x in cat.inputs]
+    if any(s is None for s in shapes) or len({len(s) for s in shapes}) != 1:
+        return None
+    rank = len(shapes[0])
+    axis, cat_axis = split.attrs.get("axis", 0), cat.attrs.get("axis")
+    if cat_axis is None or not rank or axis % rank != cat_axis % rank:
+        return None
+    parts = [s[axis % rank] for s in shapes]
+    sizes = split_sizes(split)
+    if sizes is None and all(isinstance(d, int) for d in parts) and len(set(parts)) == 1:
+        sizes = parts  # no sizes given: equal parts, which the x_i are
+    return cat if sizes == parts and all(isinstance(d, int) for d in parts) else None
+
+
 class Cleanup(GraphPass):
     """Fold constants, drop Identity/inference Dropout/identity reshapes and dead nodes.
 
     Sites are the pass-through nodes (Identity, inference Dropout, the outer Reshape of an
-    identity pair); constant folding and dead-node removal are graph-wide and run in `finish`,
-    which also counts `applied` as the non-Constant nodes removed in all."""
+    identity pair, a Split of a Concat at its seams); constant folding and dead-node removal
+    are graph-wide and run in `finish`, which also counts `applied` as the non-Constant nodes
+    removed in all."""
 
     name = "cleanup"
 
@@ -140,10 +166,15 @@ class Cleanup(GraphPass):
                     out.append(Match([n, inner], {"x": inner.inputs[0]}))
             elif n.op == "Identity" or n.op == "Dropout" and _inference_dropout(n, graph):
                 out.append(Match([n], {"x": None}))
+            elif n.op == "Split" and (cat := split_of_concat(n)) is not None:
+                out.append(Match([n, cat], {"x": None, "parts": list(cat.inputs)}))
         return out
 
     def check(self, graph: gs.Graph, m: Match) -> str | None:
         n = m.nodes[0]
+        if "parts" in m.info:
+            out = next((o for o in n.outputs if o in graph.outputs), None)
+            return f"{out.name} is a graph output" if out is not None else None
         return bypass_blocker(m.info["x"] or n.inputs[0], n.outputs[0], graph)
 
     def prepare(self, graph: gs.Graph, ctx: PassContext, matches: list[Match]) -> dict:
@@ -151,6 +182,12 @@ class Cleanup(GraphPass):
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
         n = m.nodes[0]
+        if "parts" in m.info:  # readers of each split output read the concatenated part
+            for out, part in zip(n.outputs, m.info["parts"]):
+                for c in list(out.outputs):
+                    swap(c.inputs, out, part)
+            n.outputs.clear()
+            return
         if m.info["x"] is not None:
             n.inputs[0] = m.info["x"]  # the outer Reshape now maps a to itself
         bypass(n, graph)

@@ -69,6 +69,13 @@ def test_absorbed_logits_equal_expanded_over_prefill_and_decode(model_type):
         got = _logits(model)
     assert len(swapped) == MLA["num_hidden_layers"] and ops == set()  # no plugin needed
     assert not any(isinstance(m, AbsorbedMLA) for m in model.modules())  # put back
+    # interleaved rotary: the twin ran de-interleaved copies of the projections and put the
+    # module's own back (MiniCPM3 rotates halves already: nothing to copy)
+    interleaved = bool(getattr(model.config, "rope_interleave", False))
+    assert all((m.deinterleaved is not None) == interleaved for m in swapped)
+    for m in swapped:
+        for name, linear in (m.deinterleaved or {}).items():
+            assert getattr(m.inner, name) is not linear and m.inner.config.rope_interleave
     for r, o in zip(ref, got, strict=True):
         err, scale = float((o - r).abs().max()), float(r.abs().max())
         assert err <= 1e-5 * scale, f"max abs error {err:.3g} at scale {scale:.3g}"

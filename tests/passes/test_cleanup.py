@@ -158,3 +158,48 @@ def test_graph_with_nothing_to_clean_is_byte_identical():
     )
     rep = check_unchanged("cleanup", m, [X])
     assert rep["status"] == "no_match"
+
+
+def _split_of_concat(sizes: tuple[int, int]):
+    """y, z = Split(Concat(a[..., :3], b), sizes): the Concat's parts are 3 and 8 wide."""
+    return model(
+        f"""
+        g (float[2, 5, 8] x) => (float[2, 5, {sizes[0]}] y, float[2, 5, {sizes[1]}] z) {{
+            a = Relu (x)
+            b = Sigmoid (x)
+            s = Constant <value = int64[2] {{3, 5}}> ()
+            pa, pb = Split <axis = 2> (a, s)
+            c = Concat <axis = -1> (pa, b)
+            sz = Constant <value = int64[2] {{{sizes[0]}, {sizes[1]}}}> ()
+            q, r = Split <axis = -1> (c, sz)
+            y = Neg (q)
+            z = Tanh (r)
+        }}
+        """
+    )
+
+
+def test_split_of_a_concat_at_its_seams_reads_the_parts():
+    new, _ = check_applied("cleanup", _split_of_concat((3, 8)), [X], n_applied=2)
+    assert "Concat" not in op_counts(new)
+    assert op_counts(new)["Split"] == 1  # the one making a's first part
+
+
+def test_split_of_a_concat_elsewhere_is_kept():
+    rep = check_unchanged("cleanup", _split_of_concat((4, 7)), [X])
+    assert rep["matches"] == 0
+
+
+def test_split_of_a_concat_writing_a_graph_output_is_kept():
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 8] q, float[2, 5, 8] r) {
+            a = Relu (x)
+            b = Sigmoid (x)
+            c = Concat <axis = 2> (a, b)
+            q, r = Split <axis = 2, num_outputs = 2> (c)
+        }
+        """
+    )
+    rep = check_unchanged("cleanup", m, [X])
+    assert "is a graph output" in skip_reasons(rep)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -242,6 +243,17 @@ def test_deepseek_v3_decoder_caches_mla_latents(exported):
     assert not any(n.op_type == "ScatterND" for n in plain.graph.node)
     shapes = {tuple(i.dims) for i in plain.graph.initializer}
     assert (16, 4 * (16 + 16)) not in shapes and (4 * (16 + 16), 16) not in shapes
+    # its interleaved rotary runs as one RotaryEmbedding per q and cached key (the projections'
+    # rotary rows taken de-interleaved), and the query is not concatenated only to be split again
+    opt = onnx.load(Path(engine.path) / "model.opt.onnx", load_external_data=False)
+    ops = [n.op_type for n in opt.graph.node]
+    assert ops.count("RotaryEmbedding") == 2 * 2
+
+    def axis(n):
+        return next((a.i for a in n.attribute if a.name == "axis"), 0) % 4  # rank-4 q
+
+    cat = {n.output[0]: axis(n) for n in opt.graph.node if n.op_type == "Concat"}
+    assert not any(n.op_type == "Split" and cat.get(n.input[0]) == axis(n) for n in opt.graph.node)
 
 
 @pytest.mark.parametrize("case", REFUSED)
