@@ -31,10 +31,10 @@ attention interface replaced by `absorbed_attention`, so it applies to the class
 their forward passes expand_kv's key and value straight to the attention interface (checked by
 reading each, and tested: tests/export/test_mla_absorb.py). The other transformers MLA classes
 keep the expanded export: several put code between the two (the sparse-attention indexers of
-DeepSeek-V3.2, GLM-MoE-DSA, HY-V4 and Mistral-Large-4 build their mask from the expanded key's
-shape), and the rest are not tested here yet (Mistral 4, Kimi-Linear, Bailing-Hybrid, LongCat).
-So do a kv_b_proj with a bias and a config whose attention implementation is not eager (the masks
-differ). The export is verified against the original modules either way.
+DeepSeek-V3.2, GLM-MoE-DSA, HY-V4, Mistral-Large-4, AXK2, Dots3-Note and GLM5-Next build their
+mask from the expanded key's shape; Kimi-Linear's and Bailing-Hybrid's linear-attention layers are
+refused before this). So do a kv_b_proj with a bias and a config whose attention implementation
+is not eager (the masks differ). The export is verified against the original modules either way.
 
 Interleaved rotary (`config.rope_interleave`, DeepSeek-V3's default): transformers rotates the P
 rotary dims of q and of the shared key r as pairs (x[2i], x[2i+1]) and returns them
@@ -46,7 +46,8 @@ the order [0, 2, ..., P-2, 1, 3, ..., P-1]. So the twin runs the forward with
 (and bias entries) are permuted that way: the same dot products, so q, r, the cached r and the
 logits are bit-identical, and the graph carries the rotate-half form the rotary_embedding pass
 fuses into one RotaryEmbedding op (nine kernels per tensor become one; quantized weights quantize
-per output row, so int4 stays identical too).
+per output row, so int4 stays identical too). LongCat-Flash interleaves without consulting the
+config, so its rotary stays in the interleaved form (absorbed all the same).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ from torch import nn
 
 ATTENTION_KEY = "ffnx_mla_absorbed"
 # transformers classes whose forward hands `expand_kv`'s key and value to the attention interface
-ABSORBED = ("DeepseekV3Attention", "Glm4MoeLiteAttention", "MiniCPM3Attention", "YoutuAttention",
-            "AXK1Attention")  # fmt: skip
+ABSORBED = ("DeepseekV2Attention", "DeepseekV3Attention", "Glm4MoeLiteAttention",
+            "MiniCPM3Attention", "YoutuAttention", "AXK1Attention", "LongcatFlashMLA",
+            "Mistral4Attention")  # fmt: skip
 
 
 def absorbed_attention(module: nn.Module, query, key, value, attention_mask, scaling: float,

@@ -5,7 +5,8 @@ non-zero). They differ in what the export has to get right: configs that do not 
 key/value heads the Llama way (GPT-2's MHA, GPT-BigCode's multi-query, Falcon's `num_kv_heads`,
 GPT-NeoX's and Phi's partial rotary), sliding-window layers (Gemma 2/3, Cohere 2, OLMo 3, GPT-Neo
 local attention), ALiBi (BLOOM), learned positions (GPT-2, OPT), parallel attention + MLP blocks
-(GPT-J, Falcon), soft-capped logits (Gemma 2), QK norms (OLMo 2, Gemma 3). CI runs two of
+(GPT-J, Falcon), soft-capped logits (Gemma 2), QK norms (OLMo 2, Gemma 3), Gemma 3n's AltUp
+streams and per-layer inputs, Ministral's sliding layers. CI runs two of
 them; `FFNX_TEST_ALL_ARCHS=1` runs all."""
 
 from __future__ import annotations
@@ -48,7 +49,16 @@ ARCHS = {
                 word_embed_proj_dim=64, **SMALL),
     "gpt_neo": dict(hidden_size=64, num_layers=2, num_heads=4, window_size=6,
                     attention_types=[[["global", "local"], 1]], **SMALL),
+    # Gemma 3n: AltUp streams, LAuReL, per-layer inputs, a sliding layer; sparsity off
+    "gemma3n_text": dict(COMMON, head_dim=16, vocab_size_per_layer_input=256,
+                         hidden_size_per_layer_input=8, sliding_window=6,
+                         layer_types=["sliding_attention", "full_attention"],
+                         num_kv_shared_layers=0, laurel_rank=8, altup_num_inputs=4,
+                         activation_sparsity_pattern=[0.0, 0.0], **IDS),
+    "ministral": dict(COMMON, head_dim=16, sliding_window=6,
+                      layer_types=["sliding_attention", "full_attention"], **IDS),
 }  # fmt: skip
+GAIN = {"gemma3n_text": 0.5}  # at gain 3 its greedy repeats one token (1.0: three)
 # CI runs these (the suite's time budget); FFNX_TEST_ALL_ARCHS=1 runs every one (~20 s each)
 FAST = ("gpt_bigcode", "gemma3_text")
 PARAMS = [a if a in FAST else pytest.param(a, marks=[EVERY, pytest.mark.slow]) for a in ARCHS]
@@ -68,7 +78,8 @@ def export(tmp_path, model_type: str, config: dict):
 
     src = write_config(tmp_path / "src", model_type, config)
     spec = load_hf(str(src), cache=True)
-    redraw(spec.module.model, gain=3.0)  # at gain 1 GPT-2 and BLOOM repeat one token
+    # at gain 1 GPT-2 and BLOOM repeat one token
+    redraw(spec.module.model, gain=GAIN.get(model_type, 3.0))
     export_artifact(spec, tmp_path / "art", source=f"hf:{src}")
     return Engine.load(tmp_path / "art", backend="ort"), spec.module.model
 

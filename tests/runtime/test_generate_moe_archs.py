@@ -58,6 +58,10 @@ ARCHS = {
     "jetmoe": (dict(kv_channels=16, num_local_experts=4, **TWO), 2),  # the FFN MoE only
     # dense MLA (no MoE): absorbed like DeepSeek-V3's (`ffnx.export.mla_absorb`)
     "minicpm3": (dict(**MLA), 0),
+    # LongCat-Flash: absorbed MLA (interleaved rotary), two attentions per layer; its MoE's
+    # zero-computation (identity) experts fit no FfnxMoE schema: exported through batched_mm
+    "longcat_flash": (dict(num_layers=2, **MLA, head_dim=8, n_routed_experts=4, zero_expert_num=2,
+                           moe_topk=2, expert_ffn_hidden_size=32, ffn_hidden_size=96), 0),
     # DBRX's own config layout (COMMON not used); clip_qkv as in dbrx-instruct: with None its
     # qkv.clamp(min=None, max=None) stops torch's exporter
     "dbrx": (dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=512,
@@ -78,7 +82,7 @@ GAIN = {"mellum": 2.0}  # at gain 1 its greedy repeats 4 tokens
 FAST = ("gpt_oss", "deepseek_v3", "dots1", "minimax_m2", "ernie4_5_moe")
 # the families added since CI's time budget was set run with FFNX_TEST_ALL_ARCHS=1 (~25 s each)
 NEW = ("mimo_v2_flash", "solar_open", "exaone_moe", "minicpm5_moe", "mellum", "afmoe",
-       "cohere2_moe", "hy_v3", "laguna")  # fmt: skip
+       "cohere2_moe", "hy_v3", "laguna", "longcat_flash")  # fmt: skip
 EVERY = pytest.mark.skipif(os.environ.get("FFNX_TEST_ALL_ARCHS") != "1",
                            reason="FFNX_TEST_ALL_ARCHS=1 runs every architecture")  # fmt: skip
 PARAMS = [
