@@ -24,11 +24,12 @@ HF_UNEXPORTABLE = {
     "DeepseekV2Attention": (None, "its rotary embedding multiplies complex tensors (torch.polar, "
                             "torch.view_as_complex), which torch's ONNX exporter cannot lower "
                             "(DeepSeek-V3's real-valued rotary exports)"),
-    # `qkv.clamp(min=None, max=None)`: a no-op in eager, "clamp called but both min and max are
-    # none!" in torch's exporter
+    # `qkv.clamp(min=None, max=None)`: torch's exporter rejects it ("clamp called but both min and
+    # max are none!"), and torch 2.13's eager forward too ("At least one of 'min' or 'max' must not
+    # be None"; older torch returned the input)
     "DbrxAttention": (_dbrx_unclipped, "attn_config.clip_qkv is None, and its qkv.clamp(min=None, "
-                      "max=None) (a no-op in eager) is rejected by torch's ONNX exporter; set "
-                      "clip_qkv in config.json (dbrx-instruct: 8)"),
+                      "max=None) is rejected by torch's ONNX exporter (and by torch 2.13's eager "
+                      "forward); set clip_qkv in config.json (dbrx-instruct: 8)"),
 }  # fmt: skip
 
 
