@@ -3,9 +3,9 @@
 A capture rule is a function `(name, module, target) -> replacement | None`; a replacement is a
 torch module with the same numerics whose forward emits one ffnx op node at export time (and
 names the op type it needs in `ffnx_op_type`), or computes the same function in a cheaper exact
-form of standard ops (`mla_absorb`). The rules are one explicit list,
-`default_rules()` (rule modules do not register themselves by import side effect, and import
-nothing from here). Rules are tried in order on every submodule
+form of standard ops (`mla_absorb`), or in a form torch's exporter takes (`mpt_alibi`). The
+rules are one explicit list, `default_rules()` (rule modules do not register themselves by
+import side effect, and import nothing from here). Rules are tried in order on every submodule
 (outermost first; a replaced module's children are not visited). The original modules are put
 back when the export finishes, whatever happens.
 """
@@ -26,8 +26,9 @@ def default_rules() -> tuple[CaptureRule, ...]:
     from ffnx.export.hf_refusals import refuse_unexportable
     from ffnx.export.mla_absorb import absorb_mla
     from ffnx.export.moe_capture import capture_moe
+    from ffnx.export.mpt_alibi import key_length_alibi
 
-    return (capture_moe, refuse_unexportable, absorb_mla)
+    return (capture_moe, refuse_unexportable, absorb_mla, key_length_alibi)
 
 
 def _plan(

@@ -6,7 +6,7 @@ key/value heads the Llama way (GPT-2's MHA, GPT-BigCode's multi-query, Falcon's 
 GPT-NeoX's and Phi's partial rotary), sliding-window layers (Gemma 2/3, Cohere 2, OLMo 3, GPT-Neo
 local attention), ALiBi (BLOOM), learned positions (GPT-2, OPT), parallel attention + MLP blocks
 (GPT-J, Falcon), soft-capped logits (Gemma 2), QK norms (OLMo 2, Gemma 3), Gemma 3n's AltUp
-streams and per-layer inputs, Ministral's sliding layers. CI runs two of
+streams and per-layer inputs, Ministral's sliding layers, MPT's ALiBi table. CI runs two of
 them; `FFNX_TEST_ALL_ARCHS=1` runs all."""
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ ARCHS = {
                          activation_sparsity_pattern=[0.0, 0.0], **IDS),
     "ministral": dict(COMMON, head_dim=16, sliding_window=6,
                       layer_types=["sliding_attention", "full_attention"], **IDS),
+    # MPT: ALiBi sliced by the key length (`ffnx.export.mpt_alibi`); tied embeddings, 4 layers
+    "mpt": dict(d_model=64, n_layers=4, n_heads=4, expansion_ratio=2, max_seq_len=512, **SMALL),
 }  # fmt: skip
-GAIN = {"gemma3n_text": 0.5}  # at gain 3 its greedy repeats one token (1.0: three)
+# at gain 3 Gemma 3n's greedy repeats one token (1.0: three), MPT's three
+GAIN = {"gemma3n_text": 0.5, "mpt": 1.0}
 # CI runs these (the suite's time budget); FFNX_TEST_ALL_ARCHS=1 runs every one (~20 s each)
 FAST = ("gpt_bigcode", "gemma3_text")
 PARAMS = [a if a in FAST else pytest.param(a, marks=[EVERY, pytest.mark.slow]) for a in ARCHS]
