@@ -130,12 +130,31 @@ def _release_rewriter_state() -> None:
                 obj._graph = None
 
 
+def _exact_no_op_rules() -> None:
+    """Make onnxscript's no-op rewrite rules (x + 0, x - 0, x * 1, x / 1 -> x) match only an exact
+    0 or 1. Their pattern constants match within abs 1e-8 / rel 1e-5, so the exporter's optimizer
+    dropped `+ 1e-12`: an RMSNorm eps (Ergo's) vanished, x * rsqrt(mean(x²)) then gives 0 * inf =
+    NaN on an all-zero row where the module gives 0, and x * 1.000001 would lose its factor.
+    0 and 1 are exact in every float type, so exact matching keeps every true no-op. Best effort:
+    onnxscript's internals may change."""
+    try:
+        from onnxscript.rewriter.rules.common import _no_op
+    except ImportError:
+        return
+    for rule in getattr(getattr(_no_op, "rules", None), "rules", ()):
+        for node in getattr(rule, "_target_pattern", None) or ():
+            for pattern in getattr(node, "inputs", ()):
+                if hasattr(pattern, "_abs_tol") and hasattr(pattern, "_rel_tol"):
+                    pattern._abs_tol = pattern._rel_tol = 0.0
+
+
 def export_onnx(spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Export `spec.module` to `path`; large models get external data beside it (`<name>.data`)."""
     path = Path(path)
     module = spec.module.eval()
     args = tuple(spec.inputs.values())
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    _exact_no_op_rules()
     try:
         with quiet(), torch.no_grad():
             program = torch.onnx.export(
