@@ -227,29 +227,22 @@ def stream(
         stepper = _PlainStepper(engine.backend, meta)
     rng = np.random.default_rng(seed)
     done = np.zeros(batch, dtype=bool)
-    width = ids.shape[1]
-    # the mask of every step is a prefix of one array (each step appends a column of ones), and
-    # a row's next position is its last one + 1 (= the mask's sum - 1)
-    masks = np.ones((batch, width + max_new_tokens), np.int64)
-    masks[:, :width] = mask
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    last = pos[:, -1:].copy()
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         logits = stepper.step(feeds, empty)
         tok = sample(logits, temperature, top_k, top_p, rng)
-        if not ignore_eos:
-            tok = np.where(done, pad, tok)
+        tok = np.where(done, pad, tok)
         yield tok
         if not ignore_eos and eos:
             done |= np.isin(tok, eos)
             if done.all():
                 return
-        last += 1
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         feeds = {
             "input_ids": tok[:, None],
-            "attention_mask": masks[:, : width + step + 1],
-            "position_ids": last,
+            "attention_mask": mask,
+            "position_ids": (mask.sum(-1, keepdims=True) - 1).astype(np.int64),
         }
 
 
