@@ -141,10 +141,12 @@ def split_of_concat(split: gs.Node) -> gs.Node | None:
     if cat_axis is None or not rank or axis % rank != cat_axis % rank:
         return None
     parts = [s[axis % rank] for s in shapes]
+    if not all(isinstance(d, int) for d in parts):
+        return None
     sizes = split_sizes(split)
-    if sizes is None and all(isinstance(d, int) for d in parts) and len(set(parts)) == 1:
+    if sizes is None and len(set(parts)) == 1:
         sizes = parts  # no sizes given: equal parts, which the x_i are
-    return cat if sizes == parts and all(isinstance(d, int) for d in parts) else None
+    return cat if sizes == parts else None
 
 
 class Cleanup(GraphPass):
