@@ -145,6 +145,21 @@ def read_manifest(directory: str | Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
 
 
+def manifest_of_file(path: str | Path) -> dict:
+    """The manifest of the artifact an ONNX file belongs to: the manifest.json beside it when it
+    lists the file with this very content (sha256), else {} (a bare graph, or a stale copy)."""
+    p = Path(path)
+    beside = p.parent / MANIFEST
+    if not (p.is_file() and beside.is_file()):
+        return {}
+    try:
+        manifest = json.loads(beside.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    listed = manifest.get("files", {}).get(p.name) if isinstance(manifest, dict) else None
+    return manifest if listed and listed == sha256(p) else {}
+
+
 def model_path(
     directory: str | Path,
     manifest: dict | None = None,

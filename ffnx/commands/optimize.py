@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -105,6 +106,23 @@ def _explain(reports: list[dict]) -> None:
             ui.out.print(f"{r['name']}: skipped {s['site']}: {s['reason']}")
         for k, v in r.get("notes", {}).items():
             ui.out.print(f"{r['name']}: {k}: {v}")
+
+
+@contextmanager
+def _explained_inputs(source: str):
+    """Random inputs that a graph cannot run on (inputs whose sizes depend on each other, such
+    as a KV-cache decoder's mask and past) get the fix appended to the error."""
+    from ffnx.errors import InputError
+
+    try:
+        yield
+    except InputError as e:
+        if source != "random":
+            raise
+        raise InputError(
+            f"{e} (random inputs within the declared dims; give --data FILE.npz with inputs it "
+            "runs on, or optimize the artifact directory, whose manifest relates the dims)"
+        ) from e
 
 
 @click.command("optimize", context_settings={"max_content_width": 100})
@@ -223,7 +241,7 @@ def optimize_cmd(
     from ffnx.passes.optimize import manifest_options, optimize_model
 
     p = Path(src)
-    manifest = artifact.read_manifest(p) if p.is_dir() else {}
+    manifest = artifact.read_manifest(p) if p.is_dir() else artifact.manifest_of_file(p)
     # After `ffnx moefy` the current graph is model.opt.onnx (the MoEfied one): the passes start
     # from it, so the MoE layers the manifest describes are kept (model.onnx would discard them).
     keep_moefied = p.is_dir() and "moefy" in manifest
@@ -237,7 +255,7 @@ def optimize_cmd(
                                             passes, max_error, model)  # fmt: skip
         if not quantize_experts and max_error == float("inf"):
             max_error = None  # no approximate pass left
-    feeds, _ = sample_feeds(data, model, manifest, dims, samples=2)
+    feeds, source = sample_feeds(data, model, manifest, dims, samples=2)
     opts = {
         k: v
         for k, v in {
@@ -256,7 +274,7 @@ def optimize_cmd(
     kw = dict(passes=passes, skip=skip or [], target=target, max_error=max_error, options=opts)
     guarded = target == "ort" and not passes and not no_guard and speed_guard.enabled()
     guarded = guarded and not quantize  # the guard times fp32 forms, not MatMulNBits
-    with ui.steps("optimizing") as step:
+    with ui.steps("optimizing") as step, _explained_inputs(source):
         if guarded:
             larger = _larger(model, manifest, feeds)
             sets = None

@@ -21,7 +21,7 @@ def ort_session(model, threads: int | None = None, prepack: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions, which callers word as one line
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         so.intra_op_num_threads = threads

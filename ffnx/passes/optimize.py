@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ffnx.errors import PassError, VerificationError, first_line
+from ffnx.errors import InputError, PassError, VerificationError, first_line
 from ffnx.graph import lowering_meta, model_io, verify
 from ffnx.graph.export import export_model
 from ffnx.graph.opsets import set_opsets
@@ -160,7 +160,12 @@ def optimize_model(
         register_onnx_schemas()
     ctx = PassContext(feeds=feeds, max_error=max_error, target=target, options=options or {})
     reports = []
-    original = ref = run_model(model, feeds)
+    try:
+        original = ref = run_model(model, feeds)
+    except VerificationError:
+        raise
+    except Exception as e:  # ONNX Runtime rejects the inputs (shapes or values)
+        raise InputError(f"the graph does not run on its sample inputs: {first_line(e)}") from e
     for p in select_passes(passes, skip, target):
         step(f"pass {p.name}")
         exact = p.is_exact(ctx) if hasattr(p, "is_exact") else p.exact  # option-dependent

@@ -70,6 +70,7 @@ class Engine:
             artifact.check_fresh(p, manifest, file.name)
         elif p.exists():
             file = p
+            manifest = artifact.manifest_of_file(p) or None  # its artifact's dims and labels
             if backend == "auto":
                 backend = "trt" if p.suffix in (".plan", ".engine") else "ort"
         else:

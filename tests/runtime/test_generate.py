@@ -330,9 +330,21 @@ def test_bad_inputs_are_input_errors(artifacts, tmp_path):
         engine.generate([[1, 2]], 600)
     with pytest.raises(InputError, match="at least one token"):
         engine.generate([[]], 4)
-    bare = Engine.load(engine.path + "/model.onnx")  # no manifest: not known as a decoder
+    import shutil
+
+    shutil.copy(engine.path + "/model.onnx", tmp_path / "bare.onnx")
+    bare = Engine.load(tmp_path / "bare.onnx")  # no manifest beside it: not known as a decoder
     with pytest.raises(InputError, match="not a KV-cache decoder"):
         bare.generate([[1, 2]], 4)
+    # the artifact's own model.onnx: the manifest beside it lists this content, so it is one
+    inside = Engine.load(engine.path + "/model.onnx")
+    assert inside.manifest["decoder"] == engine.manifest["decoder"]
+    want = engine.generate([[1, 2, 3]], 8, ignore_eos=True)
+    np.testing.assert_array_equal(inside.generate([[1, 2, 3]], 8, ignore_eos=True), want)
+    (tmp_path / "stale").mkdir()  # a manifest that lists other content is not used
+    shutil.copy(engine.path + "/manifest.json", tmp_path / "stale" / "manifest.json")
+    shutil.copy(engine.path + "/model.opt.onnx", tmp_path / "stale" / "model.onnx")
+    assert Engine.load(tmp_path / "stale" / "model.onnx").manifest == {}
 
 
 def cli(*args):
@@ -374,6 +386,32 @@ def test_cli_generate_bad_inputs_one_error_line(artifacts):
         r = cli("generate", engine.path, *args)
         lines = r.output.strip().splitlines()
         assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(msg), r.output
+
+
+def test_cli_on_a_decoder_graph_file(artifacts, tmp_path):
+    """A decoder's .onnx inside its artifact runs with the manifest's related dims (mask length
+    = past + seq); a bare copy, whose random inputs cannot agree, fails with one error line and
+    writes nothing."""
+    import shutil
+
+    engine, _ = artifacts("llama")
+    inside = engine.path + "/model.onnx"
+    assert cli("run", inside, "--json").exit_code == 0
+    r = cli("optimize", inside, "-o", tmp_path / "o.onnx", "--passes", "static_reshape")
+    assert r.exit_code == 0 and (tmp_path / "o.onnx").exists(), r.output
+    shutil.copy(inside, tmp_path / "bare.onnx")
+    for args, msg in (
+        (("run", tmp_path / "bare.onnx"), "error: ONNX Runtime cannot run"),
+        (("bench", tmp_path / "bare.onnx", "--iters", 2), "error: ONNX Runtime cannot run"),
+        (("optimize", tmp_path / "bare.onnx", "-o", tmp_path / "b.onnx"),
+         "error: the graph does not run on its sample inputs"),
+    ):  # fmt: skip
+        r = cli(*args)
+        errors = [x for x in r.output.splitlines() if x.startswith("error:")]
+        assert r.exit_code == 1 and len(errors) == 1 and errors[0].startswith(msg), r.output
+        assert "Traceback" not in r.output and "internal error" not in r.output
+    assert "--data FILE.npz" in errors[0]
+    assert not (tmp_path / "b.onnx").exists()
 
 
 def test_generate_module_imports_no_torch():

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ffnx.errors import ArtifactError, BackendError, first_line
+from ffnx.errors import ArtifactError, BackendError, InputError, first_line
 from ffnx.runtime.backends.base import TensorInfo
 
 _ORT_TYPES = {
@@ -86,7 +86,7 @@ class OrtBackend:
         if not os.path.exists(path):
             raise ArtifactError(f"{path} does not exist")
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures come back as exceptions, worded as one line here
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
@@ -101,4 +101,8 @@ class OrtBackend:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.outputs]
-        return dict(zip(names, self.session.run(names, feeds)))
+        try:
+            return dict(zip(names, self.session.run(names, feeds)))
+        except Exception as e:  # ORT's own exception types: one line naming the file
+            raise InputError(f"ONNX Runtime cannot run {self.path} on these inputs: "
+                             f"{first_line(e)}") from e  # fmt: skip
