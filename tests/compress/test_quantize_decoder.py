@@ -189,8 +189,11 @@ def test_export_int8_matmulnbits_and_token_agreement(int8_artifact):
     q = m["quantize"]
     model = onnx.load(str(art / artifact.MODEL_OPT))
     ops = [n.op_type for n in model.graph.node]
-    # 2 layers x (fused QKV, o, gate, up, down) + lm_head; no fp32 linear left
-    assert ops.count("MatMulNBits") == q["linears"] == q["ops"]["MatMulNBits"] >= 11
+    # 2 layers x (fused QKV, o, fused gate+up, down) + lm_head; no fp32 linear left
+    assert ops.count("MatMulNBits") == q["linears"] == q["ops"]["MatMulNBits"] == 9
+    quantized = {n.output[0] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    gate_up = [n for n in model.graph.node if n.op_type == "Split" and n.input[0] in quantized]
+    assert len(gate_up) == 2  # fuse_gate_up's one product per layer, quantized as one
     consts = {i.name for i in model.graph.initializer}
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
     assert all(n.domain == "com.microsoft" for n in model.graph.node if n.op_type == "MatMulNBits")
