@@ -116,6 +116,7 @@ class _OrtStepper:
         self.cache = None  # OrtValues of the last presents
         self.io = None
         self.logits = None  # (numpy array, OrtValue) the shared-buffer path writes into
+        self.token = {}  # decode-step input_ids / position_ids: (numpy array, OrtValue)
         if max_len is not None:
             self.host = []  # the numpy memory the OrtValues wrap, kept alive with them
             for layer in range(int(meta["layers"])):
@@ -130,15 +131,25 @@ class _OrtStepper:
 
     def _shared_step(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         io = self.io
-        for k, v in feeds.items():
-            io.bind_cpu_input(k, np.ascontiguousarray(v))
+        if feeds["input_ids"].shape[1] == 1:  # a decode step: ids and positions are written
+            if not self.token:  # into [batch, 1] arrays bound once (the mask grows: bound)
+                for k in ("input_ids", "position_ids"):
+                    arr = np.empty_like(feeds[k], np.int64)
+                    self.token[k] = (arr, self.ort.OrtValue.ortvalue_from_numpy(arr))
+                    io.bind_ortvalue_input(k, self.token[k][1])
+            for k in ("input_ids", "position_ids"):
+                self.token[k][0][...] = feeds[k]
+            io.bind_cpu_input("attention_mask", np.ascontiguousarray(feeds["attention_mask"]))
+        else:
+            for k, v in feeds.items():
+                io.bind_cpu_input(k, np.ascontiguousarray(v))
         shape = (*feeds["input_ids"].shape, self.vocab)
         if self.logits is None or self.logits[0].shape != shape:
             arr = np.empty(shape, np.float32)
             self.logits = (arr, self.ort.OrtValue.ortvalue_from_numpy(arr))
             io.bind_ortvalue_output("logits", self.logits[1])
         self.session.run_with_iobinding(io)
-        return self.logits[0][:, -1, :].copy()  # the array is overwritten by the next step
+        return self.logits[0][:, -1, :]  # a view: valid until the next step overwrites it
 
     def step(self, feeds: dict[str, np.ndarray], empty_pasts: dict[str, np.ndarray]) -> np.ndarray:
         if self.io is not None:
@@ -239,11 +250,9 @@ def stream(
             if done.all():
                 return
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        feeds = {
-            "input_ids": tok[:, None],
-            "attention_mask": mask,
-            "position_ids": (mask.sum(-1, keepdims=True) - 1).astype(np.int64),
-        }
+        # every row's mask gained a 1, so its position (mask count - 1) grows by one
+        feeds = {"input_ids": tok[:, None], "attention_mask": mask,
+                 "position_ids": feeds["position_ids"][:, -1:] + 1}  # fmt: skip
 
 
 def generate(engine, input_ids, max_new_tokens: int, **kwargs) -> np.ndarray:
