@@ -133,10 +133,13 @@ def base_manifest(spec: ModelSpec, model: onnx.ModelProto, opset: int, source: s
 
 
 def sample_feeds(spec: ModelSpec) -> list[dict[str, np.ndarray]]:
-    """Inputs graph passes verify on: the example shape and, when dynamic, a second one."""
+    """Inputs graph passes verify on: the example shape and, when dynamic, a second one; a
+    KV-cache decoder adds a left-padded prefill (`padded_prefill`: query positions padded)."""
     feeds = [to_numpy(spec.inputs)]
     if spec.dynamic:
         feeds.append(to_numpy(inputs_for(spec, other_dims(spec), seed=2)))
+    if getattr(spec, "padded_prefill", None) is not None:
+        feeds.append(to_numpy(spec.padded_prefill()))
     return feeds
 
 

@@ -89,6 +89,17 @@ def failures(report: dict[str, dict]) -> list[str]:
     ]
 
 
+def at_positions(outputs: dict[str, np.ndarray], keep: dict[str, tuple[int, np.ndarray]]) -> dict:
+    """`outputs` with the outputs named in `keep` cut to the positions it marks: name -> (axis,
+    bool [batch, n]) keeps out[b, ..., i at axis, ...] where mask[b, i]. A left-padded decoder
+    never reads its padded positions, and exact rewrites may fill those differently."""
+    out = dict(outputs)
+    for name, (axis, mask) in keep.items():
+        if name in out:
+            out[name] = np.moveaxis(np.asarray(out[name]), axis, 1)[mask]
+    return out
+
+
 def worst(reports: list[dict[str, dict]]) -> dict:
     """Summary over several shapes: worst max_abs/max_rel, lowest cosine."""
     ms = [m for r in reports for m in r.values()]

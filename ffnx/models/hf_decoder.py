@@ -208,6 +208,9 @@ def decoder_spec(model, name: str, source: str, weights: bool, seed: int, varian
     tokenizer = (src if src.is_dir() else src.parent) / TOKENIZER
     if tokenizer.is_file():  # copied into the artifact; its sha256 is in the manifest's files
         spec.extra_files = {TOKENIZER: tokenizer}
+    # passes are also verified on a prefill (past 0) whose first row is padded at 3 of its 4
+    # query positions, compared where the mask is 1 (ffnx.passes.optimize._read_part)
+    spec.padded_prefill = lambda: decoder_inputs(geometry, 2, 4, 0, vocab, seed + 3, left_pad=3)
     spec.output_names = ["logits", *present_names(n)]
     spec.export_dynamic_shapes = export_dynamic_shapes(n)
     spec.manifest_extra = {

@@ -110,7 +110,8 @@ def verified_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict],
         del graph  # its loaded weights, before ORT holds a copy of the new model
         _collect(model)
         outs = run_model(new, ctx.feeds)
-        checks = [verify.compare_outputs(r, o, tol, p.name) for r, o in zip(ref, outs)]
+        checks = [verify.compare_outputs(*_read_part(r, o, f, ctx.options), tol, p.name)
+                  for r, o, f in zip(ref, outs, ctx.feeds)]  # fmt: skip
     except (
         onnx.checker.ValidationError,
         onnx.shape_inference.InferenceError,
@@ -129,10 +130,28 @@ def verified_pass(p, model: onnx.ModelProto, ctx: PassContext, ref: list[dict],
 
 
 def manifest_options(manifest: dict) -> dict:
-    """Pass options a manifest implies: a KV-cache decoder's `max_length` (the rotary tables
-    group_query_attention builds span it)."""
-    cap = (manifest.get("decoder") or {}).get("max_length")
-    return {"max_length": int(cap)} if cap else {}
+    """Pass options a manifest implies, for a KV-cache decoder: its `max_length` (the rotary
+    tables group_query_attention builds span it) and `decoder_outputs` (what `_read_part`
+    compares)."""
+    decoder = manifest.get("decoder") or {}
+    out = {"max_length": int(decoder["max_length"])} if decoder.get("max_length") else {}
+    if decoder.get("present_outputs"):
+        out["decoder_outputs"] = {"logits": "logits", "presents": list(decoder["present_outputs"])}
+    return out
+
+
+def _read_part(ref: dict, got: dict, feed: dict, options: dict) -> tuple[dict, dict]:
+    """(ref, got) as a pass is judged on them: for a KV-cache decoder, the logits of the
+    unpadded query positions and the present rows of unpadded positions (attention_mask 1);
+    whatever a left-padded batch never reads may differ between exact graphs (GQA fills padded
+    rows its own way). Other graphs: unchanged."""
+    outputs = options.get("decoder_outputs")
+    if not outputs or "attention_mask" not in feed or "input_ids" not in feed:
+        return ref, got
+    mask = np.asarray(feed["attention_mask"]) != 0
+    keep = {outputs["logits"]: (1, mask[:, -feed["input_ids"].shape[1] :])}
+    keep.update({name: (2, mask) for name in outputs["presents"]})
+    return verify.at_positions(ref, keep), verify.at_positions(got, keep)
 
 
 def optimize_model(
