@@ -15,8 +15,9 @@ the graph without it times faster). On ORT CPU the fused graph was 1-4 % slower 
 MatMuls for token batches (zoo gpt-swiglu tiny and base, batch 1 and 8, 2 threads: 0.96-0.99x):
 both read the same weights, and ORT has no strided view, so the Split copies the [*, 2H]
 activation. At a decoder's one-token step it is faster: one kernel instead of two, and one
-int8 quantization of x for MatMulNBits instead of two (hidden-512 Qwen3 decoder, 2 threads,
-paired rounds: fp32 1.06x, int4 1.06-1.09x). On GPU backends it is one GEMM instead of two
+int8 quantization of x for MatMulNBits instead of two (hidden-512 decoders, 2 threads, paired
+rounds: Llama int4 1.09x, Qwen3 int4 1.06x, Qwen3 fp32 1.06x; the guard's own fp32 decode-step
+trials put it within 0.99-1.03x). On GPU backends it is one GEMM instead of two
 (TensorRT does not merge the two on its own). `fuse_parallel_ffn` keeps this form when it
 merges fused FFNs.
 """
