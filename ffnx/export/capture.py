@@ -24,11 +24,11 @@ def default_rules() -> tuple[CaptureRule, ...]:
     """The capture rules, in the order they are tried (imported here, when an export runs, to
     keep `capture` import-light)."""
     from ffnx.export.hf_refusals import refuse_unexportable
-    from ffnx.export.mla_absorb import absorb_mla
+    from ffnx.export.mla_absorb import absorb_mla, real_rotary
     from ffnx.export.moe_capture import capture_moe
     from ffnx.export.mpt_alibi import key_length_alibi
 
-    return (capture_moe, refuse_unexportable, absorb_mla, key_length_alibi)
+    return (capture_moe, refuse_unexportable, absorb_mla, real_rotary, key_length_alibi)
 
 
 def _plan(

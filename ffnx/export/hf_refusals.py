@@ -13,6 +13,18 @@ from torch import nn
 from ffnx.errors import ExportError
 
 
+def _not_absorbed(m: nn.Module) -> bool:
+    from ffnx.export.mla_absorb import fits
+
+    return not fits(m)
+
+
+def _frequencies_vary(m: nn.Module) -> bool:
+    from ffnx.export.mla_absorb import STATIC_ROPE
+
+    return getattr(m, "rope_type", None) not in STATIC_ROPE
+
+
 def _dbrx_unclipped(m: nn.Module) -> bool:
     return getattr(m, "clip_qkv", 0) is None
 
@@ -20,10 +32,17 @@ def _dbrx_unclipped(m: nn.Module) -> bool:
 # class -> (applies to this instance? None: always, why)
 HF_UNEXPORTABLE = {
     # DeepseekV2RotaryEmbedding returns torch.polar(...) and apply_rotary_emb multiplies
-    # view_as_complex(q/k) by it: "No decompositions registered for the complex-valued input"
-    "DeepseekV2Attention": (None, "its rotary embedding multiplies complex tensors (torch.polar, "
-                            "torch.view_as_complex), which torch's ONNX exporter cannot lower "
-                            "(DeepSeek-V3's real-valued rotary exports)"),
+    # view_as_complex(q/k) by it: "No decompositions registered for the complex-valued input".
+    # The absorbed MLA twin (mla_absorb) rotates in real arithmetic; other modules stay refused.
+    "DeepseekV2Attention": (_not_absorbed, "its rotary embedding multiplies complex tensors "
+                            "(torch.polar, torch.view_as_complex), which torch's ONNX exporter "
+                            "cannot lower, and the absorbed-MLA export that rotates in real "
+                            "arithmetic does not take it (kv_b_proj with a bias, or a "
+                            "non-eager attention)"),
+    # the absorbed twin's real rotary (mla_absorb.RealRotary) reads fixed frequencies only
+    "DeepseekV2RotaryEmbedding": (_frequencies_vary, "its complex rotary (torch.polar) is "
+                                  "rewritten in real arithmetic only for rope types with fixed "
+                                  "frequencies (default, linear, yarn, llama3)"),
     # `qkv.clamp(min=None, max=None)`: torch's exporter rejects it ("clamp called but both min and
     # max are none!"), and torch 2.13's eager forward too ("At least one of 'min' or 'max' must not
     # be None"; older torch returned the input)

@@ -53,6 +53,7 @@ config, so its rotary stays in the interleaved form (absorbed all the same).
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn
@@ -87,6 +88,55 @@ def absorbed_attention(module: nn.Module, query, key, value, attention_mask, sca
     o_lat = torch.matmul(probs.reshape(*rows, -1), key).reshape(batch, heads, seq, rank)
     out = torch.matmul(o_lat, w_uv.transpose(1, 2))  # [B, H, S, V]
     return out.transpose(1, 2).contiguous(), probs
+
+
+# classes whose rotary is complex-valued: `apply_rotary_emb` multiplies view_as_complex(pairs
+# x[2i], x[2i+1]) by the rotary module's torch.polar output, which torch's exporter cannot lower
+COMPLEX_ROTARY = ("DeepseekV2Attention",)
+# rope types whose frequencies do not depend on the sequence (no dynamic_rope_update at run time)
+STATIC_ROPE = ("default", "linear", "yarn", "llama3")
+
+
+def _rotated_pairs(xq, xk, freqs):
+    """DeepSeek-V2's `apply_rotary_emb` in real arithmetic: each pair (a, b) = (x[2i], x[2i+1])
+    of q and k times c + is is (a*c - b*s, a*s + b*c), written back in the same interleaved
+    layout (so the cached rotary key is transformers' own). `freqs`: the complex c + is of
+    transformers' rotary module, or [c; s] stacked by `RealRotary`."""
+    cos, sin = (freqs.real, freqs.imag) if freqs.is_complex() else (freqs[0], freqs[1])
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, P/2]: every head
+
+    def rotate(x):
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+class RealRotary(nn.Module):
+    """DeepSeek-V2's rotary module returning [cos; sin] stacked ([2, B, S, P/2], scaled as
+    transformers scales its torch.polar output) instead of the complex c + is."""
+
+    def __init__(self, rotary: nn.Module):
+        super().__init__()
+        self.inner = rotary
+
+    def forward(self, x, position_ids):
+        r = self.inner
+        freqs = position_ids[..., None].float() * r.inv_freq.to(device=x.device, dtype=torch.float)
+        return torch.stack((freqs.cos(), freqs.sin())) * r.attention_scaling
+
+
+def real_rotary(name: str, module: nn.Module, target: str) -> nn.Module | None:
+    """Capture rule (listed in `capture.default_rules`): DeepSeek-V2's complex rotary module ->
+    RealRotary, for rope types with fixed frequencies; anything else -> None."""
+    if type(module).__name__ != "DeepseekV2RotaryEmbedding":
+        return None
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    if getattr(module, "rope_type", None) not in STATIC_ROPE:
+        return None
+    return RealRotary(module)
 
 
 def _register() -> None:
@@ -146,6 +196,8 @@ class AbsorbedMLA(nn.Module):
         self.deinterleaved = _deinterleaved(attention)
         if self.deinterleaved is not None:
             self.config.rope_interleave = False
+        # DeepSeek-V2: its module-level complex `apply_rotary_emb` gives way to the real one
+        self.rotary = _rotated_pairs if type(attention).__name__ in COMPLEX_ROTARY else None
 
     def forward(self, *args, **kwargs):
         inner = self.inner
@@ -155,15 +207,22 @@ class AbsorbedMLA(nn.Module):
         inner.expand_kv, inner.config = _latents, self.config  # instance attributes, undone below
         for name, linear in swapped.items():
             inner._modules[name] = linear
+        code = sys.modules[type(inner).__module__]
+        rotary = getattr(code, "apply_rotary_emb", None)
+        if self.rotary is not None:
+            code.apply_rotary_emb = self.rotary
         try:
             return inner(*args, **kwargs)
         finally:
             del inner.expand_kv
             inner.config = saved
             inner._modules.update(originals)
+            if self.rotary is not None:
+                code.apply_rotary_emb = rotary
 
 
-def _fits(module: nn.Module) -> bool:
+def fits(module: nn.Module) -> bool:
+    """Whether `absorb_mla` takes this module."""
     kv_b = getattr(module, "kv_b_proj", None)
     need = ("qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "num_heads", "expand_kv", "config")
     return (
@@ -180,7 +239,7 @@ def _fits(module: nn.Module) -> bool:
 def absorb_mla(name: str, module: nn.Module, target: str) -> nn.Module | None:
     """Capture rule (listed in `capture.default_rules`): a transformers MLA attention module ->
     AbsorbedMLA; anything else -> None."""
-    if not type(module).__module__.startswith("transformers.") or not _fits(module):
+    if not type(module).__module__.startswith("transformers.") or not fits(module):
         return None
     _register()
     return AbsorbedMLA(module).train(module.training)

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ffnx.export.capture import captured  # noqa: E402
-from ffnx.export.mla_absorb import AbsorbedMLA, absorb_mla  # noqa: E402
+from ffnx.export.mla_absorb import AbsorbedMLA, RealRotary, absorb_mla, real_rotary  # noqa: E402
 
 MLA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4, vocab_size=256, kv_lora_rank=16, q_lora_rank=24,
@@ -117,3 +117,24 @@ def test_modules_it_cannot_absorb_are_left_alone():
         hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
         vocab_size=256))  # fmt: skip
     assert all(absorb_mla(n, m, "ort") is None for n, m in llama.named_modules())
+
+
+def test_deepseek_v2_rotary_in_real_arithmetic():
+    """DeepSeek-V2 rotates q and the cached key as complex pairs (torch.polar,
+    view_as_complex), which torch's exporter cannot lower: with its rotary module returning
+    [cos; sin] and the pairs rotated in real arithmetic, the captured model gives transformers'
+    logits over a prefill and decode steps (its cache layout unchanged)."""
+    model = _model("deepseek_v2")
+    ref = _logits(model)
+    with captured(model, rules=(absorb_mla, real_rotary)):
+        assert isinstance(model.model.rotary_emb, RealRotary)
+        got = _logits(model)
+    assert not isinstance(model.model.rotary_emb, RealRotary)  # put back
+    for r, o in zip(ref, got, strict=True):
+        err, scale = float((o - r).abs().max()), float(r.abs().max())
+        assert err <= 1e-5 * scale, f"max abs error {err:.3g} at scale {scale:.3g}"
+    # frequencies that change with the length are not this rule's (hf_refusals says why)
+    dynamic = _model("deepseek_v2", rope_parameters=dict(rope_type="dynamic", factor=2.0,
+                                                         rope_theta=10000.0))  # fmt: skip
+    assert real_rotary("r", dynamic.model.rotary_emb, "ort") is None
+    assert real_rotary("r", model.model.rotary_emb, "ort") is not None

@@ -45,6 +45,8 @@ ARCHS = {
     "deepseek_v3": (dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, n_group=4,
                          topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
                          **MLA), 1),
+    # DeepSeek-V2: absorbed MLA with its complex rotary in real arithmetic (mla_absorb)
+    "deepseek_v2": (dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, **MLA), 2),
     "qwen2_moe": (dict(num_experts=4, **ROUTED, shared_expert_intermediate_size=48), 2),
     "olmoe": (dict(num_experts=4, **TWO), 2),
     "flex_olmo": (dict(num_experts=4, **TWO, pad_token_id=0, bos_token_id=1, eos_token_id=2), 2),
@@ -82,7 +84,7 @@ for _family, _nodes in (("dots1", 1), ("mimo_v2_flash", 1), ("solar_open", 2), (
 # a left-padded row decoded NaN); its expert norms fit no capture rule (batched_mm)
 ARCHS["ergo"] = (LIKE, 0)
 GAIN = {"mellum": 2.0}  # at gain 1 its greedy repeats 4 tokens
-FAST = ("gpt_oss", "deepseek_v3", "dots1", "minimax_m2", "ernie4_5_moe")
+FAST = ("gpt_oss", "deepseek_v3", "deepseek_v2", "dots1", "minimax_m2", "ernie4_5_moe")
 # the families added since CI's time budget was set run with FFNX_TEST_ALL_ARCHS=1 (~25 s each)
 NEW = ("mimo_v2_flash", "solar_open", "exaone_moe", "minicpm5_moe", "mellum", "afmoe",
        "cohere2_moe", "hy_v3", "laguna", "longcat_flash", "ergo")  # fmt: skip
@@ -93,14 +95,16 @@ PARAMS = [
     for a in ARCHS
 ]
 
+DYNAMIC = dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)
 # case -> (model_type, config overrides, the one error line export gives)
 UNCLIPPED = dict(ARCHS["dbrx"][0], attn_config=dict(kv_n_heads=2, rope_theta=10000.0))
 REFUSED = {
-    "deepseek_v2": (
+    # a rope whose frequencies change with the length: its complex rotary is not rewritten
+    "deepseek_v2-dynamic-rope": (
         "deepseek_v2",
-        dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, **MLA),
-        "cannot export model.model.layers.0.self_attn (DeepseekV2Attention): its "
-        "rotary embedding multiplies complex tensors",
+        dict(n_routed_experts=8, **ROUTED, n_shared_experts=1, **MLA, rope_parameters=DYNAMIC),
+        "cannot export model.model.rotary_emb (DeepseekV2RotaryEmbedding): its complex rotary "
+        "(torch.polar) is rewritten in real arithmetic only for rope types with fixed",
     ),
     "dbrx-clip_qkv-none": (
         "dbrx",
