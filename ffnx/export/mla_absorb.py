@@ -48,6 +48,15 @@ logits are bit-identical, and the graph carries the rotate-half form the rotary_
 fuses into one RotaryEmbedding op (nine kernels per tensor become one; quantized weights quantize
 per output row, so int4 stays identical too). LongCat-Flash interleaves without consulting the
 config, so its rotary stays in the interleaved form (absorbed all the same).
+
+Complex rotary (DeepSeek-V2, COMPLEX_ROTARY): its rotary module returns torch.polar(1, θ) *
+scaling and `apply_rotary_emb` multiplies view_as_complex of the pairs (x[2i], x[2i+1]) by it;
+torch's exporter lowers no complex tensor. The `real_rotary` rule returns [cos θ; sin θ] *
+scaling instead (RealRotary; rope types with fixed frequencies only, STATIC_ROPE), and the twin
+runs the forward with the module-level `apply_rotary_emb` replaced by `_rotated_pairs`:
+(a + ib)(c + is) = (a*c - b*s) + i(a*s + b*c), written back interleaved, so the cached rotary key
+keeps transformers' layout and the export is verified against its presents. Equal to the complex
+product up to fp32 rounding (tests: logits within 1e-5 relative).
 """
 
 from __future__ import annotations
