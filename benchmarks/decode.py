@@ -98,6 +98,19 @@ MOE = {
         qk_nope_head_dim=64,
         v_head_dim=64,
     ),
+    # DeepSeek-V2(-Lite): MLA with its complex rotary (exported in real arithmetic), 16 routed
+    # experts, softmax top-2, one shared expert; the first layer dense
+    "deepseek_v2": dict(
+        n_routed_experts=16,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=128,
+        q_lora_rank=None,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+    ),
 }
 # every architecture --arch takes: dense (Llama, Mistral, Qwen3) and MoE
 ARCHS = ("qwen3", "llama", "mistral", *MOE)
@@ -107,11 +120,11 @@ RUNTIMES = ("ffnx", "transformers", "genai")
 def write_config(directory: Path, arch: str, size: str) -> Path:
     cfg = {"model_type": arch, "max_position_embeddings": 4096, "tie_word_embeddings": False,
            **SIZES[size], **MOE.get(arch, {})}  # fmt: skip
-    if arch in ("qwen3_moe", "deepseek_v3"):  # a multiple of 32, so experts quantize block-wise
+    if arch in ("qwen3_moe", "deepseek_v3", "deepseek_v2"):  # a multiple of 32: experts quantize
         cfg["moe_intermediate_size"] = max(32, cfg["intermediate_size"] // 4 // 32 * 32)
-    if arch in ("mixtral", "deepseek_v3"):
+    if arch in ("mixtral", "deepseek_v3", "deepseek_v2"):
         cfg.pop("head_dim")
-    if arch == "deepseek_v3":  # MLA: every head reads the one latent cache
+    if arch in ("deepseek_v3", "deepseek_v2"):  # MLA: every head reads the one latent cache
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg))

@@ -35,8 +35,16 @@ cos/sin c, s [Bc, S, h] (no Concat(freqs, freqs)):
 
 which is the op's formula with C = c and S = s directly (y[i] = x[i] C - x[i+h] S for i < h,
 y[i+h] = x[i+h] C + x[i] S), so no half-equality condition is needed; the same tables and
-position ids are built from c and s. Not matched (left unchanged, with the reason): interleaved
-pairs, cos/sin not of these forms, x of unknown rank or head dim. Target: ORT only.
+position ids are built from c and s.
+
+DeepSeek-V2 (exported through `ffnx.export.mla_absorb`) rotates interleaved pairs (a, b) =
+(x[2i], x[2i+1]) of Reshape(x, [..., h, 2]) with half-width c, s:
+
+    y = Reshape(Concat(Unsqueeze(a * c4 - b * s4, -1), Unsqueeze(a * s4 + b * c4, -1)), [.., D])
+
+which is the op with interleaved = 1 (y[2i] = x[2i] C - x[2i+1] S, y[2i+1] = x[2i+1] C +
+x[2i] S), from the same tables. Not matched (left unchanged, with the reason): cos/sin not of
+these forms, x of unknown rank or head dim. Target: ORT only.
 """
 
 from __future__ import annotations
@@ -179,6 +187,65 @@ def parse_split_rotary(cat: gs.Node) -> tuple[dict | None, str | None]:
                 nodes=[split, m1, m2, m3, m4, sub, add, cat]), None  # fmt: skip
 
 
+def _pair(n: gs.Node | None, index: int) -> gs.Tensor | None:
+    """The pairs tensor P when n = Gather(P, index) over P's last axis (P [..., h, 2])."""
+    if n is None or n.op != "Gather" or const(n.inputs[1]) is None:
+        return None
+    pairs = n.inputs[0]
+    rank = len(getattr(pairs, "shape", None) or [])
+    idx = np.asarray(const(n.inputs[1]))
+    if rank < 2 or idx.shape != () or int(idx) != index:
+        return None
+    return pairs if n.attrs.get("axis", 0) in (-1, rank - 1) else None
+
+
+def parse_pair_rotary(out: gs.Node) -> tuple[dict | None, str | None]:
+    """From the final Reshape of DeepSeek-V2's interleaved-pair rotary (module docstring): ->
+    (site, None) or (None, why); (None, None) when `out` is not such a rotary."""
+    cat = producer(out.inputs[0], "Concat") if out.op == "Reshape" else None
+    if cat is None or len(cat.inputs) != 2:
+        return None, None
+    u1, u2 = (producer(t, "Unsqueeze") for t in cat.inputs)
+    sub = producer(u1.inputs[0], "Sub") if u1 is not None else None
+    add = producer(u2.inputs[0], "Add") if u2 is not None else None
+    if sub is None or add is None:
+        return None, None
+    m1, m2 = producer(sub.inputs[0], "Mul"), producer(sub.inputs[1], "Mul")
+    if m1 is None or m2 is None:
+        return None, None
+    ga = next((producer(t, "Gather") for t in m1.inputs if _pair(producer(t, "Gather"), 0)), None)
+    gb = next((producer(t, "Gather") for t in m2.inputs if _pair(producer(t, "Gather"), 1)), None)
+    if ga is None or gb is None or ga.inputs[0] is not gb.inputs[0]:
+        return None, None
+    a, b = ga.outputs[0], gb.outputs[0]
+    c4, s4 = other_input(m1, a), other_input(m2, b)
+    m3, m4 = (producer(t, "Mul") for t in add.inputs)
+    if not (_mul_of(m3, a, s4) and _mul_of(m4, b, c4) or _mul_of(m3, b, c4) and _mul_of(m4, a, s4)):
+        return None, "the second of each pair is not a*sin + b*cos"
+    pairs_view = producer(ga.inputs[0], "Reshape")
+    x = pairs_view.inputs[0] if pairs_view is not None else None
+    shape, y_shape = getattr(x, "shape", None), getattr(out.outputs[0], "shape", None)
+    if shape is None or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] % 2:
+        return None, "rotary input of unknown rank or odd head dim"
+    D, h = shape[3], shape[3] // 2
+    if list(ga.inputs[0].shape[-2:]) != [h, 2] or not y_shape or y_shape[-1] != D:
+        return None, "the pairs are not x viewed as [..., D/2, 2] and back"
+    if cat.attrs.get("axis") not in (-1, 4) or any(unsqueeze_axes(u) not in ([-1], [4])
+                                                   for u in (u1, u2)):  # fmt: skip
+        return None, "the pair is not stacked on a new last axis"
+    cos, sin = _cos_sin(c4), _cos_sin(s4)
+    if cos is None or sin is None or any(t.shape[-1] != h for t in (cos, sin)):
+        return None, "cos/sin are not Unsqueeze(cos, 1) of [B, S, D/2] tensors"
+    if x.dtype is not None and np.dtype(x.dtype) != np.float32:
+        return None, f"dtype {x.dtype} (ORT's CPU RotaryEmbedding is float32)"
+    inner = [m1, m2, m3, m4, sub, add, u1, u2, cat]
+    if len(ga.inputs[0].outputs) != 2 or any(len(t.outputs) != 2 for t in (a, b)) or any(
+            len(n.outputs[0].outputs) != 1 for n in inner):  # fmt: skip
+        return None, "an intermediate of the rotary is read elsewhere"
+    return dict(x=x, cos=cos, sin=sin, D=D, out=out.outputs[0], H=shape[1], interleaved=1,
+                nodes=[pairs_view, ga, gb, *inner, out]), None  # fmt: skip
+
+
 def _check_site(add, x, cos4, sin4, cat, s1, s2, neg, mul_c, mul_s):
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 4 or not isinstance(shape[3], int):
@@ -234,7 +301,7 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> None:
     for n in s["nodes"]:
         n.outputs.clear()
         n.inputs.clear()
-    out = s["out"]
+    out, attrs = s["out"], {"interleaved": s["interleaved"]} if s.get("interleaved") else {}
     tr = producer(x, "Transpose")
     y = tr.inputs[0] if tr is not None and list(tr.attrs.get("perm", [])) == [0, 2, 1, 3] else None
     H = s["H"]
@@ -242,24 +309,25 @@ def rewrite_site(graph: gs.Graph, s: dict, shared: dict) -> None:
         flat = gs.Variable(b.name("rotary_bsd"), dtype=x.dtype,
                            shape=[*(y.shape or ["B", "S"])[:2], H * D])  # fmt: skip
         b.op("RotaryEmbedding", b.op("Reshape", y, i64(0, 0, H * D)), pos, c, sn,
-             outputs=[flat], domain=MS_DOMAIN)  # fmt: skip
+             outputs=[flat], domain=MS_DOMAIN, **attrs)  # fmt: skip
         back = b.op("Reshape", flat, i64(0, 0, H, D))
         b.op("Transpose", back, perm=[0, 2, 1, 3], outputs=[out])
     else:
-        b.op("RotaryEmbedding", x, pos, c, sn, outputs=[out], domain=MS_DOMAIN)
+        b.op("RotaryEmbedding", x, pos, c, sn, outputs=[out], domain=MS_DOMAIN, **attrs)
 
 
 class RotaryEmbeddingPass(GraphPass):
-    """x*cos + rotate_half(x)*sin (transformers' rotary; GPT-OSS's split-halves form) ->
-    com.microsoft::RotaryEmbedding."""
+    """x*cos + rotate_half(x)*sin (transformers' rotary; GPT-OSS's split-halves form;
+    DeepSeek-V2's interleaved pairs) -> com.microsoft::RotaryEmbedding."""
 
     name = "rotary_embedding"
     targets = ("ort",)
 
     def match(self, graph: gs.Graph) -> list[Match]:
         out = []
+        parse = {"Add": parse_rotary, "Concat": parse_split_rotary, "Reshape": parse_pair_rotary}
         for n in graph.nodes:
-            site, why = parse_rotary(n) if n.op == "Add" else parse_split_rotary(n)
+            site, why = parse[n.op](n) if n.op in parse else (None, None)
             if site is not None or why is not None:
                 out.append(Match([n], {"site": site, "why": why}))
         return out

@@ -182,3 +182,54 @@ def test_gpt_oss_form_with_the_wrong_pairing_is_left_unchanged():
     new, rep = apply("rotary_embedding", m, feeds)
     assert rep["applied"] == 0 and new.SerializeToString() == before
     assert "not b*cos + a*sin" in " ".join(s["reason"] for s in rep["skipped"])
+
+
+def _pair_rotary(second_ok: bool = True):
+    """DeepSeek-V2's rotary as `ffnx.export.mla_absorb` writes it in real arithmetic: pairs
+    (x[2i], x[2i+1]) times c + is, stacked back interleaved (cos/sin half-width, scaled)."""
+    import torch
+
+    from tests.passes.helpers import export
+
+    class PairRotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(D // 2) * 2.0 / D))
+
+        def forward(self, q, pos):
+            freqs = pos[..., None].float() * self.inv_freq  # [B, S, D/2]
+            c4, s4 = (freqs.cos() * 1.3).unsqueeze(1), (freqs.sin() * 1.3).unsqueeze(1)
+            x = q.transpose(1, 2)
+            pairs = x.reshape(*x.shape[:-1], -1, 2)
+            a, b = pairs[..., 0], pairs[..., 1]
+            second = a * s4 + b * c4 if second_ok else a * c4 + b * s4
+            return torch.stack((a * c4 - b * s4, second), dim=-1).flatten(3)
+
+    q, pos = torch.randn(2, 5, H, D), torch.arange(5).repeat(2, 1)
+    dyn = {"q": {0: "B", 1: "S"}, "pos": {0: "B", 1: "S"}}
+    return export(PairRotary(), q, pos, dynamic=dyn, names=("q", "pos"))
+
+
+def test_interleaved_pair_rotary_becomes_one_interleaved_op():
+    m = _pair_rotary()
+    rng = np.random.default_rng(4)
+    feeds = [{"q": rng.standard_normal((b, s, H, D)).astype(np.float32),
+              "pos": (np.arange(s)[None] + 7 * np.arange(b)[:, None]).astype(np.int64)}
+             for b, s in ((2, 5), (1, 1))]  # fmt: skip
+    new, rep = apply("rotary_embedding", m, feeds)
+    assert rep["applied"] == 1, rep
+    ops = op_counts(new)
+    assert ops["RotaryEmbedding"] == 1 and "Gather" not in ops and "Sub" not in ops
+    rot = next(n for n in new.graph.node if n.op_type == "RotaryEmbedding")
+    assert {a.name: a.i for a in rot.attribute}.get("interleaved") == 1
+    for f in feeds:
+        assert_close(run(m, f), run(new, f))
+
+
+def test_pair_rotary_with_the_wrong_pairing_is_left_unchanged():
+    m = _pair_rotary(second_ok=False)
+    feeds = [{"q": np.ones((1, 3, H, D), np.float32), "pos": np.arange(3)[None]}]
+    before = m.SerializeToString()
+    new, rep = apply("rotary_embedding", m, feeds)
+    assert rep["applied"] == 0 and new.SerializeToString() == before
+    assert "not a*sin + b*cos" in " ".join(s["reason"] for s in rep["skipped"])

@@ -245,6 +245,18 @@ def test_gpt_oss_graph_has_sinks_sliding_windows_and_clamped_experts(exported):
                                   hf_greedy(model, long, 8))  # fmt: skip
 
 
+def test_deepseek_v2_rotary_runs_as_interleaved_rotary_ops(exported):
+    """DeepSeek-V2's pair rotary (real arithmetic, `mla_absorb`) fuses into one interleaved
+    RotaryEmbedding per q and cached key; its cache is transformers' latent layout."""
+    engine, _, _ = exported("deepseek_v2")
+    dec = engine.manifest["decoder"]
+    assert dec["kv_heads"] == [1, 1] and dec["key_dim"] == [16, 16] and dec["value_dim"] == [8, 8]
+    opt = onnx.load(Path(engine.path) / "model.opt.onnx", load_external_data=False)
+    rot = [n for n in opt.graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rot) == 2 * 2
+    assert all({a.name: a.i for a in n.attribute}.get("interleaved") == 1 for n in rot)
+
+
 def test_deepseek_v3_decoder_caches_mla_latents(exported):
     engine, model, plain = exported("deepseek_v3")
     dec = engine.manifest["decoder"]
