@@ -137,14 +137,15 @@ def test_unmatched_rotary_is_left_unchanged_with_the_reason():
     assert new.SerializeToString() == m.SerializeToString()
 
 
-def _split_rotary(second_half_ok: bool = True):
-    """GPT-OSS's rotary as its modeling code writes it (chunk halves, half-width cos/sin scaled
-    like YaRN's attention factor), exported by ffnx's exporter with dynamic B and S."""
+def _exported_rotary(rotate):
+    """q [B, S, H, D] -> rotate(x = q transposed to [B, H, S, D], c4, s4), with half-width
+    cos/sin [B, 1, S, D/2] scaled like YaRN's attention factor, exported by ffnx's exporter
+    with dynamic B and S."""
     import torch
 
     from tests.passes.helpers import export
 
-    class SplitRotary(torch.nn.Module):
+    class Rotary(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(D // 2) * 2.0 / D))
@@ -152,21 +153,35 @@ def _split_rotary(second_half_ok: bool = True):
         def forward(self, q, pos):
             freqs = pos[..., None].float() * self.inv_freq  # [B, S, D/2]
             c4, s4 = (freqs.cos() * 1.3).unsqueeze(1), (freqs.sin() * 1.3).unsqueeze(1)
-            a, b = torch.chunk(q.transpose(1, 2), 2, dim=-1)
-            second = b * c4 + a * s4 if second_half_ok else b * s4 + a * c4
-            return torch.cat((a * c4 - b * s4, second), dim=-1)
+            return rotate(q.transpose(1, 2), c4, s4)
 
     q, pos = torch.randn(2, 5, H, D), torch.arange(5).repeat(2, 1)
     dyn = {"q": {0: "B", 1: "S"}, "pos": {0: "B", 1: "S"}}
-    return export(SplitRotary(), q, pos, dynamic=dyn, names=("q", "pos"))
+    return export(Rotary(), q, pos, dynamic=dyn, names=("q", "pos"))
+
+
+def _rotary_feeds(shapes) -> list[dict]:
+    rng = np.random.default_rng(3)
+    return [{"q": rng.standard_normal((b, s, H, D)).astype(np.float32),
+             "pos": (np.arange(s)[None] + 7 * np.arange(b)[:, None]).astype(np.int64)}
+            for b, s in shapes]  # fmt: skip
+
+
+def _split_rotary(second_half_ok: bool = True):
+    """GPT-OSS's rotary as its modeling code writes it (chunk halves)."""
+    import torch
+
+    def rotate(x, c4, s4):
+        a, b = torch.chunk(x, 2, dim=-1)
+        second = b * c4 + a * s4 if second_half_ok else b * s4 + a * c4
+        return torch.cat((a * c4 - b * s4, second), dim=-1)
+
+    return _exported_rotary(rotate)
 
 
 def test_gpt_oss_split_halves_rotary_becomes_one_op():
     m = _split_rotary()
-    rng = np.random.default_rng(3)
-    feeds = [{"q": rng.standard_normal((b, s, H, D)).astype(np.float32),
-              "pos": (np.arange(s)[None] + 7 * np.arange(b)[:, None]).astype(np.int64)}
-             for b, s in ((2, 5), (1, 9))]  # fmt: skip
+    feeds = _rotary_feeds(((2, 5), (1, 9)))
     new, rep = apply("rotary_embedding", m, feeds)
     assert rep["applied"] == 1, rep
     ops = op_counts(new)
@@ -186,36 +201,21 @@ def test_gpt_oss_form_with_the_wrong_pairing_is_left_unchanged():
 
 def _pair_rotary(second_ok: bool = True):
     """DeepSeek-V2's rotary as `ffnx.export.mla_absorb` writes it in real arithmetic: pairs
-    (x[2i], x[2i+1]) times c + is, stacked back interleaved (cos/sin half-width, scaled)."""
+    (x[2i], x[2i+1]) times c + is, stacked back interleaved."""
     import torch
 
-    from tests.passes.helpers import export
+    def rotate(x, c4, s4):
+        pairs = x.reshape(*x.shape[:-1], -1, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        second = a * s4 + b * c4 if second_ok else a * c4 + b * s4
+        return torch.stack((a * c4 - b * s4, second), dim=-1).flatten(3)
 
-    class PairRotary(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(D // 2) * 2.0 / D))
-
-        def forward(self, q, pos):
-            freqs = pos[..., None].float() * self.inv_freq  # [B, S, D/2]
-            c4, s4 = (freqs.cos() * 1.3).unsqueeze(1), (freqs.sin() * 1.3).unsqueeze(1)
-            x = q.transpose(1, 2)
-            pairs = x.reshape(*x.shape[:-1], -1, 2)
-            a, b = pairs[..., 0], pairs[..., 1]
-            second = a * s4 + b * c4 if second_ok else a * c4 + b * s4
-            return torch.stack((a * c4 - b * s4, second), dim=-1).flatten(3)
-
-    q, pos = torch.randn(2, 5, H, D), torch.arange(5).repeat(2, 1)
-    dyn = {"q": {0: "B", 1: "S"}, "pos": {0: "B", 1: "S"}}
-    return export(PairRotary(), q, pos, dynamic=dyn, names=("q", "pos"))
+    return _exported_rotary(rotate)
 
 
 def test_interleaved_pair_rotary_becomes_one_interleaved_op():
     m = _pair_rotary()
-    rng = np.random.default_rng(4)
-    feeds = [{"q": rng.standard_normal((b, s, H, D)).astype(np.float32),
-              "pos": (np.arange(s)[None] + 7 * np.arange(b)[:, None]).astype(np.int64)}
-             for b, s in ((2, 5), (1, 1))]  # fmt: skip
+    feeds = _rotary_feeds(((2, 5), (1, 1)))
     new, rep = apply("rotary_embedding", m, feeds)
     assert rep["applied"] == 1, rep
     ops = op_counts(new)
