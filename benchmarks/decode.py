@@ -63,6 +63,8 @@ SIZES = {
                        num_attention_heads=16, num_key_value_heads=8, vocab_size=151936,
                        head_dim=128, tie_word_embeddings=True, rope_theta=1000000),
 }  # fmt: skip
+# the latent geometry both DeepSeek benchmarks use (kv_lora_rank, rotary and head widths)
+MLA = dict(kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64)
 MOE = {
     "qwen3_moe": dict(num_experts=16, num_experts_per_tok=2, norm_topk_prob=True),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
@@ -92,11 +94,8 @@ MOE = {
         n_shared_experts=1,
         routed_scaling_factor=2.5,
         first_k_dense_replace=1,
-        kv_lora_rank=128,
         q_lora_rank=192,
-        qk_rope_head_dim=32,
-        qk_nope_head_dim=64,
-        v_head_dim=64,
+        **MLA,
     ),
     # DeepSeek-V2(-Lite): MLA with its complex rotary (exported in real arithmetic), 16 routed
     # experts, softmax top-2, one shared expert; the first layer dense
@@ -105,13 +104,11 @@ MOE = {
         num_experts_per_tok=2,
         n_shared_experts=1,
         first_k_dense_replace=1,
-        kv_lora_rank=128,
         q_lora_rank=None,
-        qk_rope_head_dim=32,
-        qk_nope_head_dim=64,
-        v_head_dim=64,
+        **MLA,
     ),
 }
+MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
 # every architecture --arch takes: dense (Llama, Mistral, Qwen3) and MoE
 ARCHS = ("qwen3", "llama", "mistral", *MOE)
 RUNTIMES = ("ffnx", "transformers", "genai")
@@ -120,11 +117,11 @@ RUNTIMES = ("ffnx", "transformers", "genai")
 def write_config(directory: Path, arch: str, size: str) -> Path:
     cfg = {"model_type": arch, "max_position_embeddings": 4096, "tie_word_embeddings": False,
            **SIZES[size], **MOE.get(arch, {})}  # fmt: skip
-    if arch in ("qwen3_moe", "deepseek_v3", "deepseek_v2"):  # a multiple of 32: experts quantize
+    if arch in ("qwen3_moe", *MLA_ARCHS):  # a multiple of 32, so experts quantize block-wise
         cfg["moe_intermediate_size"] = max(32, cfg["intermediate_size"] // 4 // 32 * 32)
-    if arch in ("mixtral", "deepseek_v3", "deepseek_v2"):
+    if arch in ("mixtral", *MLA_ARCHS):
         cfg.pop("head_dim")
-    if arch in ("deepseek_v3", "deepseek_v2"):  # MLA: every head reads the one latent cache
+    if arch in MLA_ARCHS:  # MLA: every head reads the one latent cache
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg))

@@ -20,9 +20,9 @@ def _not_absorbed(m: nn.Module) -> bool:
 
 
 def _frequencies_vary(m: nn.Module) -> bool:
-    from ffnx.export.mla_absorb import STATIC_ROPE
+    from ffnx.export.mla_absorb import rotary_fits
 
-    return getattr(m, "rope_type", None) not in STATIC_ROPE
+    return not rotary_fits(m)
 
 
 def _dbrx_unclipped(m: nn.Module) -> bool:

@@ -136,14 +136,17 @@ class RealRotary(nn.Module):
         return torch.stack((freqs.cos(), freqs.sin())) * r.attention_scaling
 
 
+def rotary_fits(module: nn.Module) -> bool:
+    """Whether `real_rotary` takes this (DeepSeek-V2 rotary) module: fixed frequencies."""
+    return getattr(module, "rope_type", None) in STATIC_ROPE
+
+
 def real_rotary(name: str, module: nn.Module, target: str) -> nn.Module | None:
     """Capture rule (listed in `capture.default_rules`): DeepSeek-V2's complex rotary module ->
     RealRotary, for rope types with fixed frequencies; anything else -> None."""
     if type(module).__name__ != "DeepseekV2RotaryEmbedding":
         return None
-    if not type(module).__module__.startswith("transformers."):
-        return None
-    if getattr(module, "rope_type", None) not in STATIC_ROPE:
+    if not type(module).__module__.startswith("transformers.") or not rotary_fits(module):
         return None
     return RealRotary(module)
 

@@ -187,16 +187,16 @@ def parse_split_rotary(cat: gs.Node) -> tuple[dict | None, str | None]:
                 nodes=[split, m1, m2, m3, m4, sub, add, cat]), None  # fmt: skip
 
 
-def _pair(n: gs.Node | None, index: int) -> gs.Tensor | None:
-    """The pairs tensor P when n = Gather(P, index) over P's last axis (P [..., h, 2])."""
-    if n is None or n.op != "Gather" or const(n.inputs[1]) is None:
+def _pair_part(t: gs.Tensor, index: int) -> gs.Node | None:
+    """The Gather node when t = Gather(P, index) over the last axis of P [..., h, 2]."""
+    n = producer(t, "Gather")
+    if n is None or const(n.inputs[1]) is None:
         return None
-    pairs = n.inputs[0]
-    rank = len(getattr(pairs, "shape", None) or [])
+    rank = len(getattr(n.inputs[0], "shape", None) or [])
     idx = np.asarray(const(n.inputs[1]))
     if rank < 2 or idx.shape != () or int(idx) != index:
         return None
-    return pairs if n.attrs.get("axis", 0) in (-1, rank - 1) else None
+    return n if n.attrs.get("axis", 0) in (-1, rank - 1) else None
 
 
 def parse_pair_rotary(out: gs.Node) -> tuple[dict | None, str | None]:
@@ -213,8 +213,8 @@ def parse_pair_rotary(out: gs.Node) -> tuple[dict | None, str | None]:
     m1, m2 = producer(sub.inputs[0], "Mul"), producer(sub.inputs[1], "Mul")
     if m1 is None or m2 is None:
         return None, None
-    ga = next((producer(t, "Gather") for t in m1.inputs if _pair(producer(t, "Gather"), 0)), None)
-    gb = next((producer(t, "Gather") for t in m2.inputs if _pair(producer(t, "Gather"), 1)), None)
+    ga = next(filter(None, (_pair_part(t, 0) for t in m1.inputs)), None)
+    gb = next(filter(None, (_pair_part(t, 1) for t in m2.inputs)), None)
     if ga is None or gb is None or ga.inputs[0] is not gb.inputs[0]:
         return None, None
     a, b = ga.outputs[0], gb.outputs[0]
