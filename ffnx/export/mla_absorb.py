@@ -17,7 +17,8 @@ of head h at position t is [W_uk[h] c_t ; r_t] and its value W_uv[h] c_t, so for
 (associativity: exact in real arithmetic; in fp32 the sums are taken in another order). The
 absorbed form is therefore multi-query attention over the latent cache itself: every head's
 query is projected once into the latent space (q_lat = q_n @ W_uk[h], [B, H, S, R]), all H*S
-query rows meet the one cached c and r in one GEMM each, softmax (scale and mask unchanged), and
+query rows meet the one cached c and r in one GEMM each (the softmax scale s applied to the
+queries: s(a.b) = (s a).b up to rounding), softmax (mask unchanged), and
 the [B, H, S, R] result is mapped back through W_uv[h]. Nothing of size T is rewritten per step.
 
 Per call of S new tokens over T cached ones the multiply-adds are
@@ -83,13 +84,15 @@ def absorbed_attention(module: nn.Module, query, key, value, attention_mask, sca
     q_nope, q_rot = torch.split(query, [nope, query.shape[-1] - nope], dim=-1)
     w = module.kv_b_proj.weight.view(heads, nope + v_dim, rank)
     w_uk, w_uv = torch.split(w, [nope, v_dim], dim=1)  # [H, N, R], [H, V, R]
-    q_lat = torch.matmul(q_nope, w_uk)  # [B, H, S, R]
+    # the scale rides on the queries: on W_uk (a constant the export folds) and on q_rot right
+    # before its GEMM (ONNX Runtime folds that Mul into the product's alpha): no kernel of its own
+    q_lat = torch.matmul(q_nope, w_uk * scaling)  # [B, H, S, R]
     # all H*S query rows against the one latent head: one GEMM each, no per-head copy of c
     rows = (batch, 1, heads * seq)
     scores = torch.matmul(q_lat.reshape(*rows, rank), key.transpose(2, 3)) + torch.matmul(
-        q_rot.reshape(*rows, q_rot.shape[-1]), value.transpose(2, 3)
+        q_rot.reshape(*rows, q_rot.shape[-1]) * scaling, value.transpose(2, 3)
     )
-    scores = scores.reshape(batch, heads, seq, -1) * scaling
+    scores = scores.reshape(batch, heads, seq, -1)
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

@@ -13,11 +13,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 
+from ffnx.artifact import write_bytes_atomic
 from ffnx.errors import ExportError
 from ffnx.export.inputs import output_names
 from ffnx.graph import model_io
+from ffnx.graph.dim_labels import label_dims
 from ffnx.models.spec import ModelSpec
 
 DEFAULT_OPSET = 18  # ORT >= 1.14, TensorRT >= 8.6 and every Jetson TensorRT read it
@@ -148,6 +151,16 @@ def _exact_no_op_rules() -> None:
                     pattern._abs_tol = pattern._rel_tol = 0.0
 
 
+def _label_dims(path: Path, spec: ModelSpec) -> None:
+    """The saved graph's dims named by the spec's labels (`ffnx.graph.dim_labels`); the weights,
+    inline or external, are not read or rewritten."""
+    if not spec.dynamic:
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    if label_dims(model, spec.dynamic):
+        write_bytes_atomic(path, model.SerializeToString())
+
+
 def export_onnx(spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Export `spec.module` to `path`; large models get external data beside it (`<name>.data`)."""
     path = Path(path)
@@ -169,6 +182,7 @@ def export_onnx(spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -
                 verbose=False,
             )
             program.save(str(path), external_data=nbytes > model_io.LIMIT)
+        _label_dims(path, spec)
     except ExportError:
         raise
     except Exception as e:

@@ -13,6 +13,7 @@ from ffnx.passes.base import GraphPass, Match, PassContext, PassResult
 ORDER = [
     "cleanup",
     "static_reshape",
+    "shared_dims",
     "fold_batchnorm",
     "merge_conv_branches",
     "fold_prepbn",

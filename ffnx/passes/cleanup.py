@@ -17,12 +17,16 @@ Forms handled:
   equal to the x_i's (known) sizes along a: readers of the Split's outputs read the x_i (an
   export writes this when a module concatenates two parts its callee splits again: MLA's
   query). Kept when a Split output is a graph output.
+- split of a split: p_1..p_k = Split(y_i, axis a) where y_i is part i of Split(x, axis a) and
+  read by nothing else, both with known sizes: the first Split returns p_1..p_k in y_i's place
+  (one kernel; fuse_sibling_linears leaves this when a merged linear had its own Split).
 - nodes that no graph output depends on are removed; nodes are sorted topologically.
 
 Exact: folding evaluates the same ops on the same values (ORT's CPU kernels, the ones that
 would run them at inference); Identity and inference-mode Dropout return their input unchanged;
 a reshape pair that ends in its input's shape reproduces its input (Reshape keeps element order);
-splitting a concatenation at its seams returns its parts.
+splitting a concatenation at its seams returns its parts, and splitting a part at its seams is
+splitting the whole at all of them.
 
 `applied` counts non-Constant nodes removed; a graph where nothing folds or disappears reports
 0 (Constant nodes turned into initializers alone do not count).
@@ -149,6 +153,36 @@ def split_of_concat(split: gs.Node) -> gs.Node | None:
     return cat if sizes == parts else None
 
 
+def split_of_split(outer: gs.Node, graph: gs.Graph) -> gs.Node | None:
+    """The Split whose one part `outer` splits again along the same axis (see the module
+    docstring), else None."""
+    inner = producer(outer.inputs[0], "Split") if outer.op == "Split" and outer.inputs else None
+    part = outer.inputs[0] if inner is not None else None
+    if inner is None or len(part.outputs) != 1 or part in graph.outputs:
+        return None
+    rank = len(known_shape(inner.inputs[0]) or known_shape(part) or [])  # one rank: a part's
+    axes = [n.attrs.get("axis", 0) for n in (inner, outer)]
+    if not rank or axes[0] % rank != axes[1] % rank:
+        return None
+    return inner if split_sizes(inner) is not None and split_sizes(outer) is not None else None
+
+
+def merge_split_of_split(outer: gs.Node, inner: gs.Node) -> None:
+    """inner's part i, split by outer into p_1..p_k: inner returns p_1..p_k in its place."""
+    sizes, i = split_sizes(inner), [o.name for o in inner.outputs].index(outer.inputs[0].name)
+    merged = sizes[:i] + split_sizes(outer) + sizes[i + 1 :]
+    outs = list(inner.outputs[:i]) + list(outer.outputs) + list(inner.outputs[i + 1 :])
+    outer.outputs.clear()
+    inner.outputs.clear()
+    inner.outputs.extend(outs)
+    if "split" in inner.attrs:
+        inner.attrs["split"] = merged
+    else:
+        name = f"{inner.name or outs[0].name}/split"
+        inner.inputs[1] = gs.Constant(name, np.array(merged, np.int64))
+    inner.attrs.pop("num_outputs", None)
+
+
 class Cleanup(GraphPass):
     """Fold constants, drop Identity/inference Dropout/identity reshapes and dead nodes.
 
@@ -170,10 +204,14 @@ class Cleanup(GraphPass):
                 out.append(Match([n], {"x": None}))
             elif n.op == "Split" and (cat := split_of_concat(n)) is not None:
                 out.append(Match([n, cat], {"x": None, "parts": list(cat.inputs)}))
+            elif n.op == "Split" and (inner := split_of_split(n, graph)) is not None:
+                out.append(Match([n, inner], {"x": None, "inner": inner}))
         return out
 
     def check(self, graph: gs.Graph, m: Match) -> str | None:
         n = m.nodes[0]
+        if "inner" in m.info:
+            return None
         if "parts" in m.info:
             out = next((o for o in n.outputs if o in graph.outputs), None)
             return f"{out.name} is a graph output" if out is not None else None
@@ -184,6 +222,10 @@ class Cleanup(GraphPass):
 
     def rewrite(self, graph: gs.Graph, m: Match, ctx: PassContext) -> None:
         n = m.nodes[0]
+        if "inner" in m.info:  # found again: an earlier merge may have moved n's input
+            if (inner := split_of_split(n, graph)) is not None:
+                merge_split_of_split(n, inner)
+            return
         if "parts" in m.info:  # readers of each split output read the concatenated part
             for out, part in zip(n.outputs, m.info["parts"]):
                 for c in list(out.outputs):

@@ -203,3 +203,38 @@ def test_split_of_a_concat_writing_a_graph_output_is_kept():
     )
     rep = check_unchanged("cleanup", m, [X])
     assert "is a graph output" in skip_reasons(rep)
+
+
+def _split_of_split(outer_axis: int = -1, also_read: bool = False):
+    """p, q = Split(relu(x), [3, 5]); q1, q2 = Split(q, [2, 3]) (or along `outer_axis`)."""
+    extra, u = ("u = Neg (q)", "2, 5, 5") if also_read else ("u = Neg (p)", "2, 5, 3")
+    shape1, shape2 = ("2, 5, 2", "2, 5, 3") if outer_axis in (-1, 2) else ("2, 2, 5", "2, 3, 5")
+    return model(
+        f"""
+        g (float[2, 5, 8] x)
+          => (float[2, 5, 3] y, float[{shape1}] z, float[{shape2}] w, float[{u}] u) {{
+            a = Relu (x)
+            s = Constant <value = int64[2] {{3, 5}}> ()
+            p, q = Split <axis = 2> (a, s)
+            t = Constant <value = int64[2] {{2, 3}}> ()
+            q1, q2 = Split <axis = {outer_axis}> (q, t)
+            y = Neg (p)
+            z = Tanh (q1)
+            w = Sigmoid (q2)
+            {extra}
+        }}
+        """
+    )
+
+
+def test_split_of_a_split_is_one_split_at_all_the_seams():
+    new, _ = check_applied("cleanup", _split_of_split(), [X], n_applied=1)
+    assert op_counts(new)["Split"] == 1
+    split = next(n for n in new.graph.node if n.op_type == "Split")
+    sizes = next(i for i in new.graph.initializer if i.name == split.input[1])
+    assert np.frombuffer(sizes.raw_data, np.int64).tolist() == [3, 2, 3]
+
+
+def test_split_of_a_split_along_another_axis_or_of_a_shared_part_is_kept():
+    for m in (_split_of_split(outer_axis=1), _split_of_split(also_read=True)):
+        assert op_counts(apply("cleanup", m, [X])[0])["Split"] == 2

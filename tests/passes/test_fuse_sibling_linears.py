@@ -121,3 +121,42 @@ def test_dynamic_weights_and_shared_products_are_left_alone():
     )
     rep = check_unchanged(NAME, shared, feeds_of(rand(2, 4, seed=3)))
     assert "no kernel launch saved" in skip_reasons(rep)  # y1 keeps its MatMul: 3 kernels
+
+
+def test_a_product_split_again_merges_into_one_split():
+    """MLA's query and latent projections: q = x·Wq and [c | r] = Split(x·Wkv): one MatMul and
+    one three-way Split (cleanup merges the split of the split)."""
+    m = model(
+        """
+        g (float[N, 4] x) => (float[N, 3] q, float[N, 5] c, float[N, 2] r) {
+            q = MatMul(x, wq)
+            kv = MatMul(x, wkv)
+            s = Constant <value = int64[2] {5, 2}> ()
+            c, r = Split <axis = -1> (kv, s)
+        }
+        """,
+        {"wq": rand(4, 3), "wkv": rand(4, 7, seed=1)},
+    )
+    new, _ = check_applied(NAME, m, feeds_of(rand(2, 4, seed=3)), n_applied=1)
+    assert op_counts(new) == {"MatMul": 1, "Split": 1}
+
+
+def test_a_router_stays_its_own_product():
+    m = model(
+        """
+        g (float[N, 4] x) => (float[N, 3] q, float[N, 2] c, float[N, 2] r, float[N, 1] v,
+                              int64[N, 1] i) {
+            q = MatMul(x, wq)
+            kv = MatMul(x, wkv)
+            s = Constant <value = int64[2] {2, 2}> ()
+            c, r = Split <axis = -1> (kv, s)
+            logits = MatMul(x, wr)
+            p = Softmax <axis = -1> (logits)
+            k = Constant <value = int64[1] {1}> ()
+            v, i = TopK (p, k)
+        }
+        """,
+        {"wq": rand(4, 3), "wkv": rand(4, 4, seed=1), "wr": rand(4, 5, seed=2)},
+    )
+    new, _ = check_applied(NAME, m, feeds_of(rand(2, 4, seed=3)), n_applied=1)
+    assert op_counts(new)["MatMul"] == 2  # q|kv merged, the router kept
