@@ -3,6 +3,7 @@ within an artifact's (or a bare graph's) declared inputs."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,21 @@ def sample_feeds(
 
     ui.err.print("[yellow]no --data given: using random inputs within the declared dims[/]")
     return random_feeds(model, manifest, dims, samples), "random"
+
+
+@contextmanager
+def explained_random_inputs(command: str, random: bool, data_option: bool = True):
+    """Random inputs that a graph cannot run on (inputs whose sizes depend on each other, such
+    as a KV-cache decoder's mask and past) get the fix appended to the error."""
+    from ffnx.errors import InputError
+
+    try:
+        yield
+    except InputError as e:
+        if not random:
+            raise
+        fix = "give --data FILE.npz with inputs it runs on, or " if data_option else ""
+        raise InputError(
+            f"{e} (random inputs within the declared dims; {fix}{command} the artifact "
+            "directory, whose manifest relates the dims)"
+        ) from e

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import numpy as np
 
 from ffnx.commands import grammar, ui
-from ffnx.commands.feeds import random_feeds, sample_feeds
+from ffnx.commands.feeds import explained_random_inputs, random_feeds, sample_feeds
 from ffnx.commands.options import csv_list, pass_timing_options
 from ffnx.commands.quantize import quantize_option
 
@@ -106,23 +105,6 @@ def _explain(reports: list[dict]) -> None:
             ui.out.print(f"{r['name']}: skipped {s['site']}: {s['reason']}")
         for k, v in r.get("notes", {}).items():
             ui.out.print(f"{r['name']}: {k}: {v}")
-
-
-@contextmanager
-def _explained_inputs(source: str):
-    """Random inputs that a graph cannot run on (inputs whose sizes depend on each other, such
-    as a KV-cache decoder's mask and past) get the fix appended to the error."""
-    from ffnx.errors import InputError
-
-    try:
-        yield
-    except InputError as e:
-        if source != "random":
-            raise
-        raise InputError(
-            f"{e} (random inputs within the declared dims; give --data FILE.npz with inputs it "
-            "runs on, or optimize the artifact directory, whose manifest relates the dims)"
-        ) from e
 
 
 @click.command("optimize", context_settings={"max_content_width": 100})
@@ -274,7 +256,7 @@ def optimize_cmd(
     kw = dict(passes=passes, skip=skip or [], target=target, max_error=max_error, options=opts)
     guarded = target == "ort" and not passes and not no_guard and speed_guard.enabled()
     guarded = guarded and not quantize  # the guard times fp32 forms, not MatMulNBits
-    with ui.steps("optimizing") as step, _explained_inputs(source):
+    with ui.steps("optimizing") as step, explained_random_inputs("optimize", source == "random"):
         if guarded:
             larger = _larger(model, manifest, feeds)
             sets = None

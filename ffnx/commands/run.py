@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from ffnx.commands import grammar, ui
+from ffnx.commands.feeds import explained_random_inputs
 
 BACKEND = click.option(
     "--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True
@@ -67,7 +68,8 @@ def run_cmd(ctx, path, data, output, force, as_json, backend, dims, threads) -> 
         outs = [o.name for o in engine.outputs]
         files = [Path(output) / name(o, i) for i in range(len(samples)) for o in outs]
         grammar.refuse_existing(files, force)
-    results = [engine.run(f) for f in samples]
+    with explained_random_inputs("run", not data):
+        results = [engine.run(f) for f in samples]
     rows = []
     for i, outs in enumerate(results):
         for out, arr in outs.items():
@@ -164,7 +166,8 @@ def bench_cmd(ctx, path, compare, iters, seconds, warmup, as_json, output, force
     feeds = engine.random_inputs(dims)
     items = int(np.prod([v.shape[0] for v in feeds.values()][:1]) or 1)
     results = []
-    with ui.bar(f"ffnx {engine.backend_name}") as tick:
+    explained = explained_random_inputs("bench", random=True, data_option=False)
+    with ui.bar(f"ffnx {engine.backend_name}") as tick, explained:
         s = measure(lambda: engine.run(feeds), iters, seconds, warmup, tick)
     s.update(
         runtime=f"ffnx ({engine.backend_name})",

@@ -409,17 +409,20 @@ def test_cli_on_a_decoder_graph_file(artifacts, tmp_path):
     r = cli("optimize", inside, "-o", tmp_path / "o.onnx", "--passes", "static_reshape")
     assert r.exit_code == 0 and (tmp_path / "o.onnx").exists(), r.output
     shutil.copy(inside, tmp_path / "bare.onnx")
-    for args, msg in (
-        (("run", tmp_path / "bare.onnx"), "error: ONNX Runtime cannot run"),
-        (("bench", tmp_path / "bare.onnx", "--iters", 2), "error: ONNX Runtime cannot run"),
+    for args, msg, fix in (
+        (("run", tmp_path / "bare.onnx"), "error: ONNX Runtime cannot run",
+         "give --data FILE.npz with inputs it runs on, or run the artifact directory"),
+        (("bench", tmp_path / "bare.onnx", "--iters", 2), "error: ONNX Runtime cannot run",
+         "bench the artifact directory"),
         (("optimize", tmp_path / "bare.onnx", "-o", tmp_path / "b.onnx"),
-         "error: the graph does not run on its sample inputs"),
+         "error: the graph does not run on its sample inputs",
+         "give --data FILE.npz with inputs it runs on, or optimize the artifact directory"),
     ):  # fmt: skip
         r = cli(*args)
         errors = [x for x in r.output.splitlines() if x.startswith("error:")]
         assert r.exit_code == 1 and len(errors) == 1 and errors[0].startswith(msg), r.output
+        assert fix in errors[0], errors[0]
         assert "Traceback" not in r.output and "internal error" not in r.output
-    assert "--data FILE.npz" in errors[0]
     assert not (tmp_path / "b.onnx").exists()
 
 
