@@ -54,7 +54,7 @@ def torch_decode(source: str, prompt_len: int, new_tokens: int, batch: int, thre
     import torch
 
     from ffnx.models.hf import load_hf
-    from ffnx.runtime.decode_bench import decode_stats, random_prompt
+    from ffnx.runtime.decode_bench import decode_stats, random_prompt, settle
 
     if not source.startswith("hf:"):
         raise ArtifactError(f"--compare torch needs an hf: export; this artifact is from {source}")
@@ -80,6 +80,7 @@ def torch_decode(source: str, prompt_len: int, new_tokens: int, batch: int, thre
                 out = model(input_ids=tok, use_cache=True, **{arg: past})
         return times[0] - t0, times, toks
 
+    settle()
     run(min(4, new_tokens))
     ttft, times, toks = run(new_tokens)
     return {**decode_stats(ttft, times, batch, prompt_len), "tokens": np.stack(toks, axis=1)}

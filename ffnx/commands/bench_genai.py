@@ -102,7 +102,7 @@ def genai_decode(model_dir: Path, prompt: np.ndarray, new_tokens: int, threads) 
     genai fails at run time, the line "onnxruntime-genai failed: <its first line>"."""
     import onnxruntime_genai as og
 
-    from ffnx.runtime.decode_bench import decode_stats
+    from ffnx.runtime.decode_bench import decode_stats, settle
 
     cfg = og.Config(str(model_dir))
     if threads:
@@ -127,6 +127,7 @@ def genai_decode(model_dir: Path, prompt: np.ndarray, new_tokens: int, threads) 
 
     # warm-up at the timed length: genai sizes its caches by max_length, and a sliding-window
     # layer refuses a cache below its window
+    settle()
     try:
         run(new_tokens)
     except Exception as e:  # its runtime's checks (RuntimeError, OrtException): one line

@@ -16,6 +16,18 @@ import numpy as np
 
 from ffnx.runtime.generate import decoder_meta
 
+SETTLE_S = 0.1
+
+
+def settle() -> None:
+    """Pause before a runtime is timed: the runtime timed just before leaves its ORT worker
+    threads spinning (onnxruntime-genai's keep spinning after a step, for tens of ms), and on a
+    machine with few cores they steal the next one's. Measured on the 2-core host: ffnx's first
+    decode steps right after a genai generation took 8-15 ms against 4-5 ms, its prefill 27-44 ms
+    against 17-20 ms; after a 0.1 s pause, the same as after its own run. Every timed decode
+    (ffnx, transformers, onnxruntime-genai) starts with it."""
+    time.sleep(SETTLE_S)
+
 
 def decode_stats(ttft_s: float, token_times_s: list[float], batch: int, prompt_len: int) -> dict:
     """From the first token's latency and each later token's arrival time (s) -> the report."""
@@ -38,6 +50,7 @@ def time_decode(engine, prompt_len: int, new_tokens: int, batch: int = 1, seed: 
                 warmup: int = 1) -> dict:  # fmt: skip
     """One timed greedy generation after `warmup` short ones; see `decode_stats`."""
     prompt = random_prompt(int(decoder_meta(engine)["vocab"]), batch, prompt_len, seed)
+    settle()
     for _ in range(warmup):
         for _tok in engine.stream(prompt, min(4, new_tokens), ignore_eos=True):
             pass
@@ -57,6 +70,7 @@ def gemv_bandwidth(model: bytes, weight_bytes: int, k: int, threads: int | None 
     the median of runs over `seconds` -> {"gemv_ms", "gemv_gbs": weight_bytes / median}."""
     import onnxruntime as ort
 
+    settle()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
