@@ -43,8 +43,8 @@ from ffnx.passes.cleanup import merge_split_of_split, split_of_split
 
 
 def split_again(lin: Linear, graph: gs.Graph) -> bool:
-    """lin's output is read only by a last-axis Split of known sizes (cleanup merges that Split
-    into the merged product's one)."""
+    """lin's output is read only by a last-axis Split of known sizes (`rewrite` merges that
+    Split into the merged product's one: cleanup's split of a split)."""
     readers = list(lin.y.outputs)
     return (len(readers) == 1 and readers[0].op == "Split" and lin.y not in graph.outputs
             and last_axis(readers[0].attrs.get("axis", 0), lin.y)
