@@ -48,7 +48,10 @@ the order [0, 2, ..., P-2, 1, 3, ..., P-1]. So the twin runs the forward with
 logits are bit-identical, and the graph carries the rotate-half form the rotary_embedding pass
 fuses into one RotaryEmbedding op (nine kernels per tensor become one; quantized weights quantize
 per output row, so int4 stays identical too). LongCat-Flash interleaves without consulting the
-config, so its rotary stays in the interleaved form (absorbed all the same).
+config: its module-level `apply_rotary_pos_emb_interleave` (y = Concat(a*c - b*s, b*c + a*s)
+on the strided a = x[0::2], b = x[1::2]) is replaced for the twin's forward by the rotate-half
+one, fed the same row-permuted projection copies, which computes the same products in the same
+order on a = x'[:P/2], b = x'[P/2:] (bit-identical, and fused like DeepSeek-V3's).
 
 Complex rotary (DeepSeek-V2, COMPLEX_ROTARY): its rotary module returns torch.polar(1, θ) *
 scaling and `apply_rotary_emb` multiplies view_as_complex of the pairs (x[2i], x[2i+1]) by it;
@@ -105,8 +108,24 @@ def absorbed_attention(module: nn.Module, query, key, value, attention_mask, sca
 # classes whose rotary is complex-valued: `apply_rotary_emb` multiplies view_as_complex(pairs
 # x[2i], x[2i+1]) by the rotary module's torch.polar output, which torch's exporter cannot lower
 COMPLEX_ROTARY = ("DeepseekV2Attention",)
+# classes that rotate interleaved pairs whatever the config says: the module-level function
+# the twin replaces by `_rotate_half_rotary` (it reads the de-interleaved projection copies)
+ALWAYS_INTERLEAVED = {"LongcatFlashMLA": "apply_rotary_pos_emb_interleave"}
 # rope types whose frequencies do not depend on the sequence (no dynamic_rope_update at run time)
 STATIC_ROPE = ("default", "linear", "yarn", "llama3")
+
+
+def _rotate_half_rotary(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """transformers' rotate-half rotary, x*cos + rotate_half(x)*sin with cos = Concat(f, f):
+    (a*c - b*s, b*c + a*s) on the halves a, b of x, the products `apply_rotary_pos_emb_
+    interleave` takes on the strided pairs (the module docstring: interleaved rotary)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def _rotated_pairs(xq, xk, freqs):
@@ -184,7 +203,8 @@ def _deinterleaved(attention: nn.Module) -> nn.ModuleDict | None:
     """Copies of the projections whose rotary rows feed transformers' rotate-half rotary the
     pairs its interleaved one rotates (module docstring), or None when the module does not
     interleave or its layout is not the one this reads."""
-    if not getattr(attention.config, "rope_interleave", False):
+    always = type(attention).__name__ in ALWAYS_INTERLEAVED
+    if not (always or getattr(attention.config, "rope_interleave", False)):
         return None
     q_name = "q_proj" if getattr(attention, "q_lora_rank", None) is None else "q_b_proj"
     q, kv_a = getattr(attention, q_name, None), getattr(attention, "kv_a_proj_with_mqa", None)
@@ -209,10 +229,14 @@ class AbsorbedMLA(nn.Module):
         self.config = copy.copy(attention.config)
         self.config._attn_implementation_internal = ATTENTION_KEY  # not the setter: no subconfigs
         self.deinterleaved = _deinterleaved(attention)
+        kind = type(attention).__name__
+        # module-level functions the forward calls that give way while it runs: DeepSeek-V2's
+        # complex `apply_rotary_emb` to the real one, LongCat's interleaved rotary to rotate-half
+        self.patches = {"apply_rotary_emb": _rotated_pairs} if kind in COMPLEX_ROTARY else {}
         if self.deinterleaved is not None:
             self.config.rope_interleave = False
-        # DeepSeek-V2: its module-level complex `apply_rotary_emb` gives way to the real one
-        self.rotary = _rotated_pairs if type(attention).__name__ in COMPLEX_ROTARY else None
+            if kind in ALWAYS_INTERLEAVED:
+                self.patches[ALWAYS_INTERLEAVED[kind]] = _rotate_half_rotary
 
     def forward(self, *args, **kwargs):
         inner = self.inner
@@ -223,17 +247,17 @@ class AbsorbedMLA(nn.Module):
         for name, linear in swapped.items():
             inner._modules[name] = linear
         code = sys.modules[type(inner).__module__]
-        rotary = getattr(code, "apply_rotary_emb", None)
-        if self.rotary is not None:
-            code.apply_rotary_emb = self.rotary
+        own = {name: getattr(code, name) for name in self.patches}
+        for name, fn in self.patches.items():
+            setattr(code, name, fn)
         try:
             return inner(*args, **kwargs)
         finally:
             del inner.expand_kv
             inner.config = saved
             inner._modules.update(originals)
-            if self.rotary is not None:
-                code.apply_rotary_emb = rotary
+            for name, fn in own.items():
+                setattr(code, name, fn)
 
 
 def fits(module: nn.Module) -> bool:

@@ -12,7 +12,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ffnx.export.capture import captured  # noqa: E402
-from ffnx.export.mla_absorb import AbsorbedMLA, RealRotary, absorb_mla, real_rotary  # noqa: E402
+from ffnx.export.mla_absorb import (  # noqa: E402
+    ALWAYS_INTERLEAVED,
+    AbsorbedMLA,
+    RealRotary,
+    absorb_mla,
+    real_rotary,
+)
 
 MLA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4, vocab_size=256, kv_lora_rank=16, q_lora_rank=24,
@@ -86,12 +92,15 @@ def test_absorbed_logits_equal_expanded_over_prefill_and_decode(model_type):
     assert len(swapped) == MLA["num_hidden_layers"] and ops == set()  # no plugin needed
     assert not any(isinstance(m, AbsorbedMLA) for m in model.modules())  # put back
     # interleaved rotary: the twin ran de-interleaved copies of the projections and put the
-    # module's own back (MiniCPM3 rotates halves already: nothing to copy)
-    interleaved = bool(getattr(model.config, "rope_interleave", False))
+    # module's own back (MiniCPM3 rotates halves already: nothing to copy; LongCat interleaves
+    # whatever its config says)
+    always = any(type(m.inner).__name__ in ALWAYS_INTERLEAVED for m in swapped)
+    interleaved = always or bool(getattr(model.config, "rope_interleave", False))
     assert all((m.deinterleaved is not None) == interleaved for m in swapped)
     for m in swapped:
         for name, linear in (m.deinterleaved or {}).items():
-            assert getattr(m.inner, name) is not linear and m.inner.config.rope_interleave
+            assert getattr(m.inner, name) is not linear
+            assert always or m.inner.config.rope_interleave
     for r, o in zip(ref, got, strict=True):
         err, scale = float((o - r).abs().max()), float(r.abs().max())
         assert err <= 1e-5 * scale, f"max abs error {err:.3g} at scale {scale:.3g}"

@@ -257,6 +257,19 @@ def test_deepseek_v2_rotary_runs_as_interleaved_rotary_ops(exported):
     assert all({a.name: a.i for a in n.attribute}.get("interleaved") == 1 for n in rot)
 
 
+def test_longcat_interleaved_rotary_runs_as_rotary_ops(exported):
+    """LongCat-Flash rotates interleaved pairs whatever its config says: its absorbed twin runs
+    the rotate-half form on de-interleaved projection copies, fused into one RotaryEmbedding per
+    q and cached key (two attentions per layer), and greedy tokens equal transformers'."""
+    engine, model, _ = exported("longcat_flash")
+    opt = onnx.load(Path(engine.path) / "model.opt.onnx", load_external_data=False)
+    caches = len(engine.manifest["decoder"]["kv_heads"])
+    assert [n.op_type for n in opt.graph.node].count("RotaryEmbedding") == 2 * caches
+    rows = [[5, 9, 200, 31, 7, 64], [12, 3, 99]]
+    np.testing.assert_array_equal(engine.generate(rows, STEPS, ignore_eos=True),
+                                  hf_greedy(model, rows, STEPS))  # fmt: skip
+
+
 def test_deepseek_v3_decoder_caches_mla_latents(exported):
     engine, model, plain = exported("deepseek_v3")
     dec = engine.manifest["decoder"]
