@@ -255,7 +255,11 @@ def optimize_cmd(
     opts.update(manifest_options(manifest))
     kw = dict(passes=passes, skip=skip or [], target=target, max_error=max_error, options=opts)
     guarded = target == "ort" and not passes and not no_guard and speed_guard.enabled()
-    guarded = guarded and not quantize  # the guard times fp32 forms, not MatMulNBits
+    timed_as = {}
+    if quantize:  # the guard times every graph with its linears quantized, as they will run
+        from ffnx.compress.quantize_weights import quantize_linears
+
+        timed_as = dict(prepare=lambda m: quantize_linears(m, quantize)[0], variant=quantize)
     with ui.steps("optimizing") as step, explained_random_inputs("optimize", source == "random"):
         if guarded:
             larger = _larger(model, manifest, feeds)
@@ -265,8 +269,9 @@ def optimize_cmd(
                 make = lambda dims: random_feeds(model, manifest, dims, 1)  # noqa: E731
                 sets = speed_guard.decode_step_sets(make, total)
             new, reports, guard = speed_guard.optimize_guarded(
-                model, feeds, larger, threads=threads, step=step, timing_sets=sets, **kw
-            )
+                model, feeds, larger, threads=threads, step=step, timing_sets=sets, **timed_as,
+                **kw,
+            )  # fmt: skip
         else:
             new, reports = optimize_model(model, feeds, step=step, **kw)
     if not as_json:

@@ -56,25 +56,24 @@ def check(p: Path, manifest: dict, scheme: str, experts, target: str, passes, ma
 def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda s: None) -> dict:
     """`ffnx export --quantize`: the just-exported fp32 artifact -> int4/int8 in place. Dense
     decoders quantize model.opt.onnx; MoE ones rerun the passes from model.onnx with quantized
-    expert lowerings. Returns the `quantize` report (also written to the manifest)."""
+    expert lowerings, under the speed guard timing every graph with its linears quantized too
+    (`quantized_guard`). Returns the `quantize` report (also written to the manifest)."""
     from ffnx import artifact
-    from ffnx.commands.feeds import random_feeds
     from ffnx.commands.inspect import load_onnx
     from ffnx.compress.quantize_weights import quantize_decoder
     from ffnx.graph.model_io import save_model
-    from ffnx.passes.optimize import manifest_options, optimize_model
 
     directory = Path(directory)
     manifest = artifact.read_manifest(directory)
     plain = load_onnx(directory / artifact.MODEL)
     _, experts = check(directory, manifest, scheme, None, "ort", passes, None, plain)
     if experts:
-        feeds = random_feeds(plain, manifest, {}, samples=2)
-        lowered, manifest["passes"] = optimize_model(
-            plain, feeds, passes=passes, skip=skip or [], max_error=float("inf"), step=step,
-            options={"quantize_experts": experts, **manifest_options(manifest)},
-        )  # fmt: skip
-        manifest.pop("speed_guard", None)  # the guard timed the fp32 lowering, not this one
+        lowered, manifest["passes"], guard = quantized_guard(
+            plain, manifest, experts, passes, skip, step
+        )
+        manifest.pop("speed_guard", None)  # the fp32 guard's, not this graph's
+        if guard is not None:
+            manifest["speed_guard"] = guard
     else:
         lowered = load_onnx(directory / artifact.MODEL_OPT)
     step(f"quantizing linears to {scheme}, measuring token agreement")
@@ -82,3 +81,27 @@ def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda 
     save_model(new, directory / artifact.MODEL_OPT)
     artifact.write_manifest(directory, manifest, {artifact.MODEL_OPT: [artifact.MODEL]})
     return manifest["quantize"]
+
+
+def quantized_guard(plain, manifest: dict, experts: str, passes=None, skip=(), step=None):
+    """The passes from the fp32 export with `experts` lowerings (QMoE / MatMulNBits experts) ->
+    (graph, pass reports, guard report or None). Without explicit --passes and with the guard
+    on, `speed_guard` times each candidate at decode steps with its linears quantized as
+    `quantize_decoder` will quantize them (`prepare`), so a pass is judged on the graph that
+    runs; the decision is cached under the scheme's name."""
+    from ffnx.commands.feeds import random_feeds
+    from ffnx.compress.quantize_weights import quantize_linears
+    from ffnx.passes import speed_guard
+    from ffnx.passes.optimize import manifest_options, optimize_model
+
+    feeds = random_feeds(plain, manifest, {}, samples=2)
+    kw = dict(passes=passes, skip=skip or [], max_error=float("inf"), step=step or (lambda s: None),
+              options={"quantize_experts": experts, **manifest_options(manifest)})  # fmt: skip
+    if passes or not speed_guard.enabled():
+        return (*optimize_model(plain, feeds, **kw), None)
+    total = (manifest.get("dims", {}).get("total") or {}).get("max")
+    make = lambda dims: random_feeds(plain, manifest, dims, 1)  # noqa: E731
+    return speed_guard.optimize_guarded(
+        plain, feeds, timing_sets=speed_guard.decode_step_sets(make, total),
+        prepare=lambda m: quantize_linears(m, experts)[0], variant=experts, **kw,
+    )  # fmt: skip

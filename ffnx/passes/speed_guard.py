@@ -105,7 +105,8 @@ def cache_file() -> Path:
     return Path(root) / "speed_guard.json"
 
 
-def cache_key(model: onnx.ModelProto, passes: list[str], shapes, threads) -> str:
+def cache_key(model: onnx.ModelProto, passes: list[str], shapes, threads,
+              variant: str | None = None) -> str:  # fmt: skip
     import platform
 
     import onnxruntime
@@ -114,6 +115,8 @@ def cache_key(model: onnx.ModelProto, passes: list[str], shapes, threads) -> str
            "shapes": shapes, "threads": threads, "ort": onnxruntime.__version__,
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "rule": RULE}  # fmt: skip
+    if variant:  # the graphs are timed after `prepare` (e.g. int4 linears): another decision
+        sig["variant"] = variant
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -133,22 +136,36 @@ def guard(
     threads: int | None = None,
     timer: Timer | None = None,
     use_cache: bool = True,
+    prepare: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+    variant: str | None = None,
 ) -> tuple[onnx.ModelProto, list[dict], dict]:
     """-> (model, pass reports, guard report). `rerun(names)` runs exactly those passes on
     `original`; `feed_sets`: the example feeds and a larger shape set, each timed separately.
-    The guard report: dropped passes, speedup (input time / kept graph's time, per shape set),
-    shapes, threads, margin, cached."""
+    `prepare`: what every graph goes through before it is timed, the input included (`--quantize`:
+    its linears to MatMulNBits, so the passes are judged on the graph that will run), named by
+    `variant` in the cache key and the report. The guard report: dropped passes, speedup (input
+    time / kept graph's time, per shape set), shapes, threads, margin, cached."""
     timer = timer or ort_timer(threads)
     applied = [r["name"] for r in reports if r.get("status") == "applied"]
     shapes = [[{k: list(v.shape) for k, v in f.items()} for f in fs[:1]] for fs in feed_sets]
     labels = [_label(s[0]) for s in shapes]
-    key = cache_key(original, applied, shapes, threads) if use_cache else None
+    key = cache_key(original, applied, shapes, threads, variant) if use_cache else None
     cache = _read_cache() if key else {}
     hit = cache.get(key) if key else None
-    base = {"shapes": labels, "threads": threads, "margin": MARGIN, "min_wins": MIN_WINS}
+    base = {"shapes": labels, "threads": threads, "margin": MARGIN, "min_wins": MIN_WINS,
+            **({"timed_as": variant} if variant else {})}  # fmt: skip
+    # (model, prepared) of the last call's graphs: the input and the current graph are timed in
+    # every call, prepared once; `is` finds them (a pair keeps its model referenced)
+    kept: list[tuple[onnx.ModelProto, onnx.ModelProto]] = []
 
     def timed(models: dict[str, onnx.ModelProto]) -> list[dict]:
-        return [timer({"input": original, **models}, fs) for fs in feed_sets]
+        pairs = []
+        for m in (original, *models.values()):
+            hit = next((p for k, p in kept if k is m), None)
+            pairs.append((m, hit if hit is not None else prepare(m) if prepare else m))
+        kept[:] = pairs
+        done = dict(zip(("input", *models), (p for _, p in pairs)))
+        return [timer(done, fs) for fs in feed_sets]
 
     def speed(per: list[dict], name: str) -> dict[str, float]:
         return {lbl: round(1 / paired_ratio(p, name, "input"), 4) for lbl, p in zip(labels, per)}
@@ -213,7 +230,8 @@ def decode_step_sets(make: Callable[[dict], list[dict]], max_total: int | None) 
 
 
 def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
-                     use_cache=True, timing_sets=None, **kwargs):  # fmt: skip
+                     use_cache=True, timing_sets=None, prepare=None, variant=None,
+                     **kwargs):  # fmt: skip
     """`optimize_model` (default passes), then `guard`: -> (model, reports, guard report).
     Explicit `passes=` bypasses the guard (the caller asked for exactly those). The guard times
     on `feeds` and `larger_feeds`, or on `timing_sets` when given (a decoder's decode steps:
@@ -247,7 +265,7 @@ def optimize_guarded(model, feeds, larger_feeds=None, threads=None, timer=None,
         if larger_feeds and not _runs(model, larger_feeds):
             larger_feeds = None  # e.g. past a position table the graph does not declare
         sets = [feeds] + ([larger_feeds] if larger_feeds else [])
-    return guard(model, new, reports, rerun, sets, threads, timer, use_cache)
+    return guard(model, new, reports, rerun, sets, threads, timer, use_cache, prepare, variant)
 
 
 def _runs(model: onnx.ModelProto, feeds: list[dict]) -> bool:

@@ -296,3 +296,26 @@ def test_moe_experts_qmoe_int4_routers_fp32(tmp_path):
     assert len(lowered) == 2 and all(x.startswith(("qmoe_int4", "sorted_int4")) for x in lowered)
     # measured: cosine 0.9943, agreement 0.66 (random tiny weights: near-tied logits)
     assert 0.985 < q["accuracy"]["logits_cosine"] < 0.99999
+
+
+def test_moe_int4_export_is_speed_guarded_on_its_int4_graph(tmp_path, monkeypatch):
+    """`ffnx export hf:DIR --quantize int4` on a MoE decoder reruns the passes with quantized
+    experts under the speed guard, which times every candidate with its linears quantized
+    (`timed_as: int4`), real ORT timing; the artifact still generates transformers'-shaped
+    tokens and says what the guard decided."""
+    from ffnx import artifact
+    from ffnx.runtime import Engine
+
+    monkeypatch.setenv("FFNX_SPEED_GUARD", "on")
+    monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path / "cache"))
+    src = write_config(tmp_path / "src", "mixtral")
+    r = cli("export", f"hf:{src}", "-o", tmp_path / "q", "--quantize", "int4")
+    assert r.exit_code == 0, r.output
+    m = artifact.read_manifest(tmp_path / "q")
+    guard = m["speed_guard"]
+    assert guard["timed_as"] == "int4" and guard["trials"]
+    assert {t["without"] for t in guard["trials"]} <= {p["name"] for p in m["passes"]} | {
+        "+".join(guard["dropped"])}  # fmt: skip
+    assert m["quantize"]["experts"]["scheme"] == "int4"
+    tokens = Engine.load(tmp_path / "q", backend="ort").generate([[5, 17, 99]], 4, ignore_eos=True)
+    assert tokens.shape == (1, 4)

@@ -59,6 +59,43 @@ def test_slower_pass_is_dropped_and_reported(tmp_path, monkeypatch):
     assert g2["dropped"] == g["dropped"] and calls == [] and g2["cached"] is True
 
 
+def test_prepared_graphs_are_timed_and_cached_apart(tmp_path, monkeypatch):
+    """`prepare` (--quantize: linears to MatMulNBits) is applied to every graph timed, the input
+    included, each once per call; the decision is cached under its `variant`, apart from the
+    unprepared one. Here prepare makes the merged Conv slow, so only the prepared guard drops
+    merge_conv_branches."""
+    monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path))
+    m, seen, prepared = _model(), [], []
+
+    def prepare(g):
+        prepared.append(g)
+        out = onnx.ModelProto()
+        out.CopyFrom(g)
+        for n in out.graph.node:
+            n.name = f"{n.name}/int4"
+        return out
+
+    def timer(models, feeds):
+        seen.append({k: all(n.name.endswith("/int4") for n in g.graph.node) for k, g in
+                     models.items()})  # fmt: skip
+        return (
+            fake_timer("merged_conv", [])(models, feeds)
+            if all(seen[-1].values())
+            else {k: float(len(g.graph.node)) for k, g in models.items()}
+        )
+
+    _, _, plain = speed_guard.optimize_guarded(m, _feeds(), timer=timer)
+    assert plain["dropped"] == [] and "timed_as" not in plain
+    seen.clear()
+    _, _, q = speed_guard.optimize_guarded(m, _feeds(), timer=timer, prepare=prepare,
+                                           variant="int4")  # fmt: skip
+    assert "merge_conv_branches" in q["dropped"] and q["timed_as"] == "int4" and not q["cached"]
+    assert seen and all(all(v.values()) for v in seen)  # every graph timed was prepared
+    assert sum(g is m for g in prepared) == 1  # the input prepared once
+    _, _, again = speed_guard.optimize_guarded(m, _feeds(), timer=timer)
+    assert again["cached"] and again["dropped"] == []  # the unprepared decision stands apart
+
+
 def test_faster_pass_is_kept_and_explicit_passes_bypass(tmp_path, monkeypatch):
     monkeypatch.setenv("FFNX_CACHE_DIR", str(tmp_path))
     m, calls = _model(), []
