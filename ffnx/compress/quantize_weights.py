@@ -46,13 +46,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ffnx.graph.export import hoist_branch_initializers
+from ffnx.graph.ffn_match import ROUTE_THROUGH
 from ffnx.graph.model_io import tensor_bytes
 from ffnx.graph.opsets import MS_DOMAIN
 from ffnx.lowering.moe_ort import ACCURACY_LEVEL
 from ffnx.lowering.quantize import BITS
 
-ROUTE_THROUGH = {"Reshape", "Cast", "Softmax", "Sigmoid", "Flatten", "Identity", "Squeeze",
-                 "Unsqueeze", "Neg", "Softplus", "Add"}  # fmt: skip
 SCHEMES = tuple(BITS)  # "int4", "int8"
 
 

@@ -22,6 +22,10 @@ from ffnx.graph.builder import GELU_ERF, GELU_TANH
 from ffnx.graph.tensors import const, producer
 
 ACTIVATIONS = ("relu", "silu", GELU_ERF, GELU_TANH, "bilinear")
+# ops between a MoE router's product and its TopK / MoE router input (int4 keeps such products
+# fp32: ffnx.compress.quantize_weights; fuse_sibling_linears never merges them)
+ROUTE_THROUGH = frozenset({"Reshape", "Cast", "Softmax", "Sigmoid", "Flatten", "Identity",
+                           "Squeeze", "Unsqueeze", "Neg", "Softplus", "Add"})  # fmt: skip
 
 
 def scalar(t: gs.Tensor) -> float | None:

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from ffnx.graph.algebra import merge_linears
 from ffnx.graph.ffn_match import (
+    ROUTE_THROUGH,
     Linear,
     find_ffns,
     last_axis,
@@ -49,10 +50,6 @@ def split_again(lin: Linear, graph: gs.Graph) -> bool:
     return (len(readers) == 1 and readers[0].op == "Split" and lin.y not in graph.outputs
             and last_axis(readers[0].attrs.get("axis", 0), lin.y)
             and split_sizes(readers[0]) is not None)  # fmt: skip
-
-
-ROUTE_THROUGH = ("Reshape", "Cast", "Softmax", "Sigmoid", "Flatten", "Identity", "Squeeze",
-                 "Unsqueeze", "Neg", "Softplus", "Add")  # fmt: skip
 
 
 def routes(t: gs.Tensor, depth: int = 5) -> bool:

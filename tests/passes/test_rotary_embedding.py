@@ -12,7 +12,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.passes.helpers import apply, assert_close, op_counts, run
+from tests.passes.helpers import (
+    apply,
+    assert_close,
+    check_applied,
+    check_unchanged,
+    op_counts,
+    run,
+    skip_reasons,
+)
 
 H, D = 4, 16
 
@@ -181,22 +189,17 @@ def _split_rotary(second_half_ok: bool = True):
 
 def test_gpt_oss_split_halves_rotary_becomes_one_op():
     m = _split_rotary()
-    feeds = _rotary_feeds(((2, 5), (1, 9)))
-    new, rep = apply("rotary_embedding", m, feeds)
-    assert rep["applied"] == 1, rep
+    new, _ = check_applied("rotary_embedding", m, _rotary_feeds(((2, 5), (1, 9))), n_applied=1)
     ops = op_counts(new)
     assert ops["RotaryEmbedding"] == 1 and "Split" not in ops and "Sub" not in ops
-    for f in feeds:
-        assert_close(run(m, f), run(new, f))
+
+
+ONES = [{"q": np.ones((1, 3, H, D), np.float32), "pos": np.arange(3)[None]}]
 
 
 def test_gpt_oss_form_with_the_wrong_pairing_is_left_unchanged():
-    m = _split_rotary(second_half_ok=False)
-    feeds = [{"q": np.ones((1, 3, H, D), np.float32), "pos": np.arange(3)[None]}]
-    before = m.SerializeToString()
-    new, rep = apply("rotary_embedding", m, feeds)
-    assert rep["applied"] == 0 and new.SerializeToString() == before
-    assert "not b*cos + a*sin" in " ".join(s["reason"] for s in rep["skipped"])
+    rep = check_unchanged("rotary_embedding", _split_rotary(second_half_ok=False), ONES)
+    assert "not b*cos + a*sin" in skip_reasons(rep)
 
 
 def _pair_rotary(second_ok: bool = True):
@@ -215,21 +218,13 @@ def _pair_rotary(second_ok: bool = True):
 
 def test_interleaved_pair_rotary_becomes_one_interleaved_op():
     m = _pair_rotary()
-    feeds = _rotary_feeds(((2, 5), (1, 1)))
-    new, rep = apply("rotary_embedding", m, feeds)
-    assert rep["applied"] == 1, rep
+    new, _ = check_applied("rotary_embedding", m, _rotary_feeds(((2, 5), (1, 1))), n_applied=1)
     ops = op_counts(new)
     assert ops["RotaryEmbedding"] == 1 and "Gather" not in ops and "Sub" not in ops
     rot = next(n for n in new.graph.node if n.op_type == "RotaryEmbedding")
     assert {a.name: a.i for a in rot.attribute}.get("interleaved") == 1
-    for f in feeds:
-        assert_close(run(m, f), run(new, f))
 
 
 def test_pair_rotary_with_the_wrong_pairing_is_left_unchanged():
-    m = _pair_rotary(second_ok=False)
-    feeds = [{"q": np.ones((1, 3, H, D), np.float32), "pos": np.arange(3)[None]}]
-    before = m.SerializeToString()
-    new, rep = apply("rotary_embedding", m, feeds)
-    assert rep["applied"] == 0 and new.SerializeToString() == before
-    assert "not a*sin + b*cos" in " ".join(s["reason"] for s in rep["skipped"])
+    rep = check_unchanged("rotary_embedding", _pair_rotary(second_ok=False), ONES)
+    assert "not a*sin + b*cos" in skip_reasons(rep)
