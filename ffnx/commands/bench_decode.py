@@ -15,6 +15,7 @@ import numpy as np
 from ffnx.commands import ui
 from ffnx.commands.bench_genai import genai_decode, genai_model
 from ffnx.errors import ArtifactError
+from ffnx.lowering.quantize import stored_bytes_per_weight
 
 COMPARE = ("torch", "genai")
 # what each comparison imports, and the ffnx extra that installs it
@@ -136,7 +137,7 @@ def weight_bytes_per_step(directory: str, manifest: dict, batch: int) -> dict:
                 rotary += tensor_bytes(t) - batch * tensor_bytes(t) // int(t.dims[0])
     q = manifest.get("quantize", {})
     scheme = q.get("experts", {}).get("scheme", "fp32") if q else "fp32"
-    per_param = {"fp32": 4.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}[scheme]
+    per_param = stored_bytes_per_weight(scheme)
     unread = 0.0
     plain = d / artifact.MODEL
     if plain.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import click
@@ -257,9 +258,10 @@ def optimize_cmd(
     guarded = target == "ort" and not passes and not no_guard and speed_guard.enabled()
     timed_as = {}
     if quantize:  # the guard times every graph with its linears quantized, as they will run
-        from ffnx.compress.quantize_weights import quantize_linears
+        from ffnx.commands.quantize import quantized_linears
 
-        timed_as = dict(prepare=lambda m: quantize_linears(m, quantize)[0], variant=quantize)
+        prepare = partial(quantized_linears, scheme=quantize, passes=passes, skip=skip or ())
+        timed_as = dict(prepare=prepare, variant=quantize)
     with ui.steps("optimizing") as step, explained_random_inputs("optimize", source == "random"):
         if guarded:
             larger = _larger(model, manifest, feeds)
@@ -283,10 +285,13 @@ def optimize_cmd(
     if explain:
         _explain(reports)
     if quantize:
-        from ffnx.compress.quantize_weights import quantize_decoder, summary
+        from ffnx.commands.quantize import quantize_lowered
+        from ffnx.compress.quantize_weights import summary
 
         with ui.steps(f"quantizing linears to {quantize}, measuring token agreement"):
-            new, manifest["quantize"] = quantize_decoder(model, new, manifest, quantize)
+            new, manifest["quantize"] = quantize_lowered(
+                model, new, manifest, quantize, passes, skip or ()
+            )
         ui.err.print(summary(manifest["quantize"]))
     elif p.is_dir():
         manifest.pop("quantize", None)

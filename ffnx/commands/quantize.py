@@ -5,6 +5,7 @@ the fp32 export (token agreement, logits cosine) in the CLI output and the manif
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import click
@@ -53,6 +54,41 @@ def check(p: Path, manifest: dict, scheme: str, experts, target: str, passes, ma
     return bound, (None if expert_misfits(plain) else scheme)
 
 
+def fold_for_scheme(model, scheme: str, passes=None, skip=()):
+    """`fold_head_products` judged at `scheme`'s stored bytes per weight: a per-head product
+    that stays fp32 (MLA's W_uk, W_uv) folds into its linear where the quantized linear then
+    stores less -> (model, the pass report; None when --passes / --skip leave the pass out)."""
+    from ffnx.graph import verify
+    from ffnx.lowering.quantize import stored_bytes_per_weight
+    from ffnx.passes import PassContext
+    from ffnx.passes.optimize import apply_pass, select_passes
+
+    chosen = [p for p in select_passes(passes, skip) if p.name == "fold_head_products"]
+    if not chosen:
+        return model, None
+    ctx = PassContext(options={"bytes_per_weight": stored_bytes_per_weight(scheme)})
+    return apply_pass(chosen[0], model, ctx, [], verify.Tolerance())
+
+
+def quantized_linears(model, scheme: str, passes=None, skip=()):
+    """The graph as `--quantize` runs it: `fold_for_scheme`, then every linear quantized."""
+    from ffnx.compress.quantize_weights import quantize_linears
+
+    return quantize_linears(fold_for_scheme(model, scheme, passes, skip)[0], scheme)[0]
+
+
+def quantize_lowered(plain, lowered, manifest: dict, scheme: str, passes=None, skip=()):
+    """`quantize_decoder` of the lowered graph after `fold_for_scheme` -> (model, report with
+    the fold's `head_products`: sites folded and why the others were not)."""
+    from ffnx.compress.quantize_weights import quantize_decoder
+
+    lowered, fold = fold_for_scheme(lowered, scheme, passes, skip)
+    model, report = quantize_decoder(plain, lowered, manifest, scheme)
+    if fold is not None:
+        report["head_products"] = {"folded": fold["applied"], "skipped": fold["skipped"]}
+    return model, report
+
+
 def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda s: None) -> dict:
     """`ffnx export --quantize`: the just-exported fp32 artifact -> int4/int8 in place. Dense
     decoders quantize model.opt.onnx; MoE ones rerun the passes from model.onnx with quantized
@@ -60,7 +96,6 @@ def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda 
     (`quantized_guard`). Returns the `quantize` report (also written to the manifest)."""
     from ffnx import artifact
     from ffnx.commands.inspect import load_onnx
-    from ffnx.compress.quantize_weights import quantize_decoder
     from ffnx.graph.model_io import save_model
 
     directory = Path(directory)
@@ -77,7 +112,7 @@ def quantize_artifact(directory, scheme: str, passes=None, skip=(), step=lambda 
     else:
         lowered = load_onnx(directory / artifact.MODEL_OPT)
     step(f"quantizing linears to {scheme}, measuring token agreement")
-    new, manifest["quantize"] = quantize_decoder(plain, lowered, manifest, scheme)
+    new, manifest["quantize"] = quantize_lowered(plain, lowered, manifest, scheme, passes, skip)
     save_model(new, directory / artifact.MODEL_OPT)
     artifact.write_manifest(directory, manifest, {artifact.MODEL_OPT: [artifact.MODEL]})
     return manifest["quantize"]
@@ -90,7 +125,6 @@ def quantized_guard(plain, manifest: dict, experts: str, passes=None, skip=(), s
     `quantize_decoder` will quantize them (`prepare`), so a pass is judged on the graph that
     runs; the decision is cached under the scheme's name."""
     from ffnx.commands.feeds import random_feeds
-    from ffnx.compress.quantize_weights import quantize_linears
     from ffnx.passes import speed_guard
     from ffnx.passes.optimize import manifest_options, optimize_model
 
@@ -103,5 +137,6 @@ def quantized_guard(plain, manifest: dict, experts: str, passes=None, skip=(), s
     make = lambda dims: random_feeds(plain, manifest, dims, 1)  # noqa: E731
     return speed_guard.optimize_guarded(
         plain, feeds, timing_sets=speed_guard.decode_step_sets(make, total),
-        prepare=lambda m: quantize_linears(m, experts)[0], variant=experts, **kw,
+        prepare=partial(quantized_linears, scheme=experts, passes=passes, skip=skip or ()),
+        variant=experts, **kw,
     )  # fmt: skip

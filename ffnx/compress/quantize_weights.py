@@ -378,5 +378,7 @@ def summary(report: dict) -> str:
             f"prefix {a['greedy_identical_prefix']}"
             + ("; the tied embedding reads the head's bytes" if report.get("embedding_shared")
                else "")
+            + (f"; {folded} per-head products folded into their linears"
+               if (folded := report.get("head_products", {}).get("folded")) else "")
             + (f"; MoE experts fp32: {next(iter(e['kept_fp32'].values()))}"
                if (e := report.get("experts")) and e["kept_fp32"] else ""))  # fmt: skip

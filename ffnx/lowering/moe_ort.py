@@ -15,7 +15,9 @@ ort_moe      com.microsoft::MoE. ORT 1.32 CPU: softmax over all E logits, top-k,
              swiglu with activation_alpha = alpha, activation_beta = 1 (the up + 1) and
              swiglu_limit = limit: min(g, limit) * sigmoid(alpha * min(g, limit)) *
              (clamp(u, -limit, limit) + beta), the schema's formula.
-qmoe_int4/8  com.microsoft::QMoE: the same, with block-wise symmetric int4/int8 expert weights.
+qmoe_int4/8  com.microsoft::QMoE: the same, with block-wise symmetric int4/int8 expert weights;
+             an unnormalised softmax or sigmoid goes in as router_weights = p beside
+             router_probs = s (see `_router`): the op's renormalisation never sees it.
              A routing the op cannot compute itself (hash, score_bias, group-limited) is
              computed by `route` and handed over precomputed: router_probs = router_weights =
              R [T, E], R[t, idx[t, j]] = w[t, j] and -inf elsewhere (ScatterElements), with
@@ -104,25 +106,31 @@ def _interleave(v: np.ndarray, gated: bool) -> np.ndarray:
     return np.stack([g, u], axis=2).reshape(v.shape)
 
 
-def _router(b: Builder, s: MoESite):
-    """-> (router_probs, per-token output factor or None); the op always renormalises.
+def _router(b: Builder, s: MoESite, weights_input: bool = False):
+    """-> (router_probs, router_weights or None, per-token output factor or None).
 
-    ORT 1.32's CPU QMoE renormalises the top-k weights even with normalize_routing_weights=0,
-    so both ops get 1 and normalize=0 is restored by y * sum_j p_j (top-k p; y is linear in w)."""
+    ORT 1.32's CPU ops renormalise the top-k weights even with normalize_routing_weights=0.
+    QMoE (`weights_input`) takes the unnormalised scores p as router_weights and selects by the
+    logits (softmax and sigmoid are increasing, so the logits' top-k is p's): no extra kernel.
+    MoE has no such input: it gets normalize=1 and y * sum_j p_j restores normalize=0 (top-k p;
+    y is linear in w)."""
     logits = b.reshape(s.inputs["router_logits"], -1, s.E)
     if s.dtype != np.float32:
         logits = b.op("Cast", logits, to=1)
     scoring, normalize = s.attrs["scoring"], int(s.attrs["normalize"])
     if scoring == "topk_softmax":
-        return logits, None
+        return logits, None, None
+    score = "Softmax" if scoring == "softmax" else "Sigmoid"
+    if weights_input and not normalize:
+        return logits, b.op(score, logits, **({"axis": 1} if score == "Softmax" else {})), None
     if scoring == "softmax":
         probs, p = logits, (None if normalize else b.op("Softmax", logits, axis=1))
     else:
         probs, p = b.op("Neg", b.op("Softplus", b.op("Neg", logits))), b.op("Sigmoid", logits)
     if normalize:
-        return probs, None
+        return probs, None, None
     top, _ = b.op("TopK", p, i64(s.k), axis=1, n_out=2)
-    return probs, b.reduce_sum(top, 1, keepdims=1)
+    return probs, None, b.reduce_sum(top, 1, keepdims=1)
 
 
 def _precomputed(b: Builder, s: MoESite):
@@ -139,12 +147,13 @@ def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
     if misfit:
         raise LoweringError(f"{s.node.name}: {op} cannot express {misfit}")
     own = routing_misfit(s) is None
+    slot = [None] * (14 - 2 - len(weights))  # QMoE's router_weights is input 14
     if own:
-        probs, factor = _router(b, s)
-        extra, normalize = [], 1
+        probs, given, factor = _router(b, s, weights_input=op == "QMoE")
+        extra, normalize = ([], 1) if given is None else ([*slot, given], 0)
     else:  # routed here; the scaling factor is already in w
         probs, factor = _precomputed(b, s), None
-        extra, normalize = [None] * (14 - 2 - len(weights)) + [probs], 0
+        extra, normalize = [*slot, probs], 0
     act = "swiglu" if s.gated else s.activation
     fusion = {"swiglu_fusion": 1} if s.gated else {}
     if s.activation == CLAMPED_SWIGLU:

@@ -17,6 +17,12 @@ import numpy as np
 BITS = {"int4": 4, "int8": 8}
 
 
+def stored_bytes_per_weight(scheme: str, block: int = 32) -> float:
+    """Bytes a weight takes stored under `scheme`: 4 for fp32, else bits / 8 plus its block's
+    fp32 scale (int4, block 32: 0.625)."""
+    return 4.0 if scheme == "fp32" else BITS[scheme] / 8 + 4 / block
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """W [..., N, K] quantized: packed uint8 [..., N, K*bits/8], scales fp32 [..., N, K/block]."""

@@ -25,6 +25,7 @@ ORDER = [
     "fuse_parallel_ffn",
     "fuse_attention",
     "fuse_sibling_linears",
+    "fold_head_products",
     "canonical_gelu",
     "canonical_norm",
     "rotary_embedding",

@@ -5,8 +5,10 @@ Forms handled:
   static shapes) is evaluated once with ONNX Runtime (onnx-graphsurgeon `fold_constants`) and
   replaced by its value; `If` nodes with a constant condition are flattened. Kept: random ops
   (Random*, Multinomial, Bernoulli), Q/DQ ops, custom-domain ops, outputs above
-  FOLD_LIMIT_BYTES, and ConstantOfShape/Expand/Tile/Range unless their output is known to have
-  at most EXPAND_LIMIT elements.
+  FOLD_LIMIT_BYTES, nodes reading a weight (over SHARED_WEIGHT_LIMIT elements) another node also
+  reads (folding would store it twice: a tied LM head's Transpose), and
+  ConstantOfShape/Expand/Tile/Range unless their output is known to have at most EXPAND_LIMIT
+  elements.
 - y = Identity(x) and y = Dropout(x) at inference (no training_mode, or a constant false one;
   mask output unused): readers of y read x. When y is a graph output, x's producer writes y
   instead, so graph output names never change; when x is a graph input or a constant (no
@@ -49,6 +51,10 @@ NO_FOLD = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLi
 # (attention masks, position ids), never e.g. the ConstantOfShape weights of "light" models.
 EXPANDING = ("ConstantOfShape", "Expand", "Tile", "Range")
 EXPAND_LIMIT = 1 << 16  # elements
+# a constant above this (elements) that several nodes read is not copied by folding one of them
+SHARED_WEIGHT_LIMIT = 1024
+# graphsurgeon imports the default domain as None
+STANDARD_DOMAINS = (None, "", "ai.onnx")
 
 
 def count_nodes(graph: gs.Graph) -> int:
@@ -66,7 +72,16 @@ def _exclude(n: gs.Node) -> bool:
         if shape is None or not all(isinstance(d, int) for d in shape):
             return True
         return int(np.prod(shape)) > EXPAND_LIMIT
-    return n.op in NO_FOLD or n.domain not in ("", "ai.onnx")
+    if n.op in NO_FOLD or n.domain not in STANDARD_DOMAINS:
+        return True
+    return any(_copies_weight(n, t) for t in n.inputs)
+
+
+def _copies_weight(n: gs.Node, t: gs.Tensor) -> bool:
+    """Folding n would store a second copy of the weight t (read by another node too: a
+    tied embedding's Transpose for the LM head)."""
+    return (isinstance(t, gs.Constant) and int(np.prod(t.shape)) > SHARED_WEIGHT_LIMIT
+            and any(c is not n for c in t.outputs))  # fmt: skip
 
 
 def fold_constants(graph: gs.Graph) -> None:

@@ -319,3 +319,39 @@ def test_moe_int4_export_is_speed_guarded_on_its_int4_graph(tmp_path, monkeypatc
     assert m["quantize"]["experts"]["scheme"] == "int4"
     tokens = Engine.load(tmp_path / "q", backend="ort").generate([[5, 17, 99]], 4, ignore_eos=True)
     assert tokens.shape == (1, 4)
+
+
+def test_mla_int4_folds_the_per_head_products(tmp_path):
+    """A dense DeepSeek-V2 (absorbed MLA) whose latent is wider than its heads (R = 32 > d = 16):
+    fp32 keeps W_uk and W_uv as batched products (folding would store more bytes), `--quantize
+    int4` folds them into q_proj and o_proj (fewer bytes at 0.625 per weight), quantizes all
+    linears, and the artifact generates."""
+    from ffnx import artifact
+    from ffnx.runtime import Engine
+
+    mla = dict(kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+               v_head_dim=16, num_key_value_heads=4, first_k_dense_replace=2,
+               n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)  # fmt: skip
+    src = write_config(tmp_path / "src", "deepseek_v2", **mla)
+    r = cli("export", f"hf:{src}", "-o", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+
+    def batched(path) -> int:
+        model = onnx.load(str(path))
+        inits = {i.name: list(i.dims) for i in model.graph.initializer}
+        return sum(n.op_type == "MatMul" and len(inits.get(n.input[1], [])) == 3
+                   for n in model.graph.node)  # fmt: skip
+
+    assert batched(tmp_path / "a" / artifact.MODEL_OPT) == 4  # 2 layers x (W_uk, W_uv)
+    fold = next(p for p in artifact.read_manifest(tmp_path / "a")["passes"]
+                if p["name"] == "fold_head_products")  # fmt: skip
+    assert fold["matches"] == 4 and "would store" in fold["skipped"][0]["reason"]
+    r = cli("optimize", tmp_path / "a", "--quantize", "int4", "--force")
+    assert r.exit_code == 0, r.output
+    q = artifact.read_manifest(tmp_path / "a")["quantize"]
+    assert q["head_products"] == {"folded": 4, "skipped": []}
+    assert "4 per-head products folded into their linears" in r.output
+    assert batched(tmp_path / "a" / artifact.MODEL_OPT) == 0
+    assert q["accuracy"]["logits_cosine"] > 0.97
+    tokens = Engine.load(tmp_path / "a", backend="ort").generate([[5, 17, 99]], 8, ignore_eos=True)
+    assert tokens.shape == (1, 8)

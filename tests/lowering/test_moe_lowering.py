@@ -333,6 +333,21 @@ def test_quantized_experts_compute_with_the_dequantized_weights(form, name):
         assert cos > 0.999, (T, cos)
 
 
+@pytest.mark.parametrize("name", ["softmax-swiglu", "sigmoid-relu-k4"])
+def test_qmoe_takes_unnormalised_scores_as_router_weights(name):
+    """normalize=0 under QMoE: the scores go in as router_weights (no TopK / ReduceSum / Mul
+    restoring them); the numbers are checked by the test above."""
+    cfg = ORT_CONFIGS[name]
+    lm = lowered(moe_model(cfg, moe_weights(cfg)), "qmoe_int4")
+    ops = [n.op_type for n in lm.graph.node]
+    assert "TopK" not in ops and "ReduceSum" not in ops, ops
+    (q,) = [n for n in lm.graph.node if n.op_type == "QMoE"]
+    score = {"softmax": "Softmax", "sigmoid": "Sigmoid"}[cfg.scoring]
+    assert [n.op_type for n in lm.graph.node if n.output[0] == q.input[14]] == [score]
+    a = {x.name: x.i for x in q.attribute}
+    assert a["normalize_routing_weights"] == 0
+
+
 @pytest.mark.parametrize(
     "cfg,why",
     [

@@ -36,6 +36,45 @@ def test_folds_constants_and_drops_identity_dropout_dead_nodes():
     assert [o.name for o in new.graph.output] == ["y"]
 
 
+def test_folds_nodes_whose_domain_field_is_unset():
+    """torch's exporter leaves the default domain unset (graphsurgeon reads None): standard ops
+    all the same (MLA's per-head weights: Reshape, Split and Mul of kv_b_proj's weight)."""
+    m = model(
+        """
+        g (float[2, 5, 8] x) => (float[2, 5, 4] y) {
+            s = Constant <value = int64[3] {2, 8, 4}> ()
+            r = Reshape (w, s)
+            a, b = Split <axis = 0, num_outputs = 2> (r)
+            c = Mul (a, b)
+            h = MatMul (x, c)
+            y = Relu (h)
+        }
+        """,
+        {"w": rand(8, 8)},
+    )
+    for n in m.graph.node:
+        n.ClearField("domain")
+    new, _ = check_applied("cleanup", m, [X])
+    assert op_counts(new) == {"MatMul": 1, "Relu": 1}
+
+
+def test_a_weight_read_twice_is_not_copied_by_folding():
+    """Transpose(E) of a tied LM head: folding would store the table twice."""
+    m = model(
+        """
+        g (int64[2, 5] ids) => (float[2, 5, 300] y) {
+            e = Gather (emb, ids)
+            et = Transpose <perm = [1, 0]> (emb)
+            y = MatMul (e, et)
+        }
+        """,
+        {"emb": rand(300, 256)},
+    )
+    new, _ = apply("cleanup", m, [{"ids": np.arange(10, dtype=np.int64).reshape(2, 5)}])
+    assert op_counts(new)["Transpose"] == 1
+    assert len(new.graph.initializer) == 1
+
+
 def test_identity_writing_a_graph_output_keeps_the_output_name():
     m = model(
         """
