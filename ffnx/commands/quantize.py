@@ -63,7 +63,7 @@ def fold_for_scheme(model, scheme: str, passes=None, skip=()):
     from ffnx.passes import PassContext
     from ffnx.passes.optimize import apply_pass, select_passes
 
-    chosen = [p for p in select_passes(passes, skip) if p.name == "fold_head_products"]
+    chosen = [p for p in select_passes(passes, skip or ()) if p.name == "fold_head_products"]
     if not chosen:
         return model, None
     ctx = PassContext(options={"bytes_per_weight": stored_bytes_per_weight(scheme)})

@@ -18,7 +18,10 @@ ort_moe      com.microsoft::MoE. ORT 1.32 CPU: softmax over all E logits, top-k,
 qmoe_int4/8  com.microsoft::QMoE: the same, with block-wise symmetric int4/int8 expert weights;
              an unnormalised softmax or sigmoid goes in as router_weights = p beside
              router_probs = s (see `_router`): the op's renormalisation never sees it.
-             A routing the op cannot compute itself (hash, score_bias, group-limited) is
+             A softmax / sigmoid routing the op cannot choose by itself (score_bias,
+             group-limited) gives it the selection scores as router_probs (-inf outside the
+             kept groups) and the weights row as router_weights (`_selection`). Others (hash,
+             top-k-then-softmax in groups) are
              computed by `route` and handed over precomputed: router_probs = router_weights =
              R [T, E], R[t, idx[t, j]] = w[t, j] and -inf elsewhere (ScatterElements), with
              normalize_routing_weights = 0. QMoE takes the top-k of router_probs, which is
@@ -35,7 +38,7 @@ import numpy as np
 
 from ffnx.graph.builder import Builder, f32, i64
 from ffnx.graph.opsets import MS_DOMAIN
-from ffnx.lowering.moe_common import LoweringError, MoESite, route
+from ffnx.lowering.moe_common import LoweringError, MoESite, group_mask, route
 from ffnx.lowering.moe_forms import sorted_experts
 from ffnx.lowering.quantize import BITS, pick_block, quantize
 from ffnx.plugins.schema import CLAMPED_SWIGLU, group_limited
@@ -142,6 +145,31 @@ def _precomputed(b: Builder, s: MoESite):
     return b.op("ScatterElements", empty, idx, w, axis=1)
 
 
+def _selection(b: Builder, s: MoESite):
+    """-> (router_probs, router_weights) [T, E] for a softmax or sigmoid router whose choice
+    QMoE cannot compute (a score_bias, group-limited routing): the selection scores choose
+    (p + bias, experts outside the kept groups at -inf, as `route`), and the weights row is p
+    times the token's factor scale / sum_j p_j over the chosen j (scale alone without
+    normalize), so QMoE's weights at its choice are `route`'s w. Four kernels fewer than
+    `_precomputed`'s scatter (none of `route`'s TopK without normalize). Exact where QMoE's
+    top-k and TopK pick the same experts: always, but for exact ties of selection scores."""
+    a = s.attrs
+    logits = b.reshape(s.inputs["router_logits"], -1, s.E)
+    if s.dtype != np.float32:
+        logits = b.op("Cast", logits, to=1)
+    p = b.op("Softmax", logits, axis=1) if a["scoring"] == "softmax" else b.op("Sigmoid", logits)
+    bias = s.tensor(b, "score_bias")
+    sel = p if bias is None else b.add(p, bias)
+    if group_limited(a):
+        sel = group_mask(b, s, sel)
+    scale = float(a["routed_scaling_factor"])
+    if not int(a["normalize"]):
+        return sel, (p if scale == 1.0 else b.mul(p, f32(scale)))
+    _, idx = b.op("TopK", sel, i64(s.k), axis=1, n_out=2)
+    total = b.reduce_sum(b.op("GatherElements", p, idx, axis=1), 1, keepdims=1)
+    return sel, b.mul(p, b.op("Div", f32(scale), total))
+
+
 def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
     misfit = ort_moe_misfit(s) if op == "MoE" else qmoe_misfit(s)
     if misfit:
@@ -151,6 +179,9 @@ def _fused(b: Builder, s: MoESite, x, op: str, weights: list, **attrs):
     if own:
         probs, given, factor = _router(b, s, weights_input=op == "QMoE")
         extra, normalize = ([], 1) if given is None else ([*slot, given], 0)
+    elif s.attrs["routing_mode"] == "router" and s.attrs["scoring"] != "topk_softmax":
+        (probs, given), factor = _selection(b, s), None  # the scaling factor is in the weights
+        extra, normalize = [*slot, given], 0
     else:  # routed here; the scaling factor is already in w
         probs, factor = _precomputed(b, s), None
         extra, normalize = [*slot, probs], 0

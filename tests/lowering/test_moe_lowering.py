@@ -311,6 +311,10 @@ PRECOMPUTED = {
     "hash-k1-scale": C(D=32, H=32, hash=True, k=1, routed_scaling_factor=2.0),
     # ERNIE 4.5: softmax with a selection bias
     "softmax-scorebias-norm": C(D=32, H=32, E=8, k=2, score_bias=True, normalize=1),
+    "group-softmax-max-nonorm": C(D=32, H=32, E=8, k=2, n_group=4, topk_group=2,
+                                  group_scoring="max", routed_scaling_factor=1.5),
+    "group-topk_softmax": C(D=32, H=32, E=8, k=2, n_group=4, topk_group=2,
+                            scoring="topk_softmax"),
 }  # fmt: skip
 
 
@@ -346,6 +350,20 @@ def test_qmoe_takes_unnormalised_scores_as_router_weights(name):
     assert [n.op_type for n in lm.graph.node if n.output[0] == q.input[14]] == [score]
     a = {x.name: x.i for x in q.attribute}
     assert a["normalize_routing_weights"] == 0
+
+
+@pytest.mark.parametrize(
+    "name,scatter", [("group-v3-sigmoid-top2-shared", 0), ("sigmoid-scorebias-nonorm-silu", 0),
+                     ("softmax-scorebias-norm", 0), ("hash-k1-scale", 1)],
+)  # fmt: skip
+def test_qmoe_chooses_by_selection_scores_where_a_router_decides(name, scatter):
+    """score_bias / group-limited routers: QMoE gets the selection scores and a weights row,
+    no scatter of a precomputed routing (hash tables keep it); numbers: the test above."""
+    cfg = PRECOMPUTED[name]
+    lm = lowered(moe_model(cfg, moe_weights(cfg)), "qmoe_int4")
+    ops = [n.op_type for n in lm.graph.node]
+    assert ops.count("ScatterElements") == scatter, ops
+    assert ops.count("TopK") == ("hash" not in name) * (cfg.normalize + 2 * (cfg.n_group > 1))
 
 
 @pytest.mark.parametrize(
@@ -483,13 +501,20 @@ def test_ort_moe_refuses_group_routing():
         lowered(moe_model(GROUP_ORT, moe_weights(GROUP_ORT)), "ort_moe")
 
 
-def test_qmoe_takes_a_foreign_routing_precomputed():
-    """Group-limited routing: one QMoE node fed R = w at the routed experts, -inf elsewhere,
-    with normalize_routing_weights = 0; no TopK inside the op's own softmax path."""
+def test_qmoe_takes_a_foreign_routing_as_selection_and_weights():
+    """Group-limited softmax routing: one QMoE node choosing by the group-masked scores
+    (router_probs) and weighting by a row of weights (router_weights), with
+    normalize_routing_weights = 0; a top-k-then-softmax one gets R = w at the routed experts,
+    -inf elsewhere, as both."""
     m = lowered(moe_model(GROUP_ORT, moe_weights(GROUP_ORT)), "qmoe_int4")
     (q,) = [n for n in m.graph.node if n.op_type == "QMoE"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
-    assert attrs["normalize_routing_weights"] == 0 and q.input[1] == q.input[14]
+    assert attrs["normalize_routing_weights"] == 0 and q.input[1] != q.input[14]
+    assert [n.op_type for n in m.graph.node].count("ScatterElements") == 0
+    cfg = C(D=32, H=32, E=8, k=2, n_group=4, topk_group=2, scoring="topk_softmax")
+    m = lowered(moe_model(cfg, moe_weights(cfg)), "qmoe_int4")
+    (q,) = [n for n in m.graph.node if n.op_type == "QMoE"]
+    assert q.input[1] == q.input[14]
     assert [n.op_type for n in m.graph.node].count("ScatterElements") == 1
 
 
