@@ -19,13 +19,16 @@ with `ffnx export hf:DIR` (KV cache, default passes) and, for int4, quantized as
 --quantize int4` does (`ffnx.commands.quantize.quantize_artifact`: MatMulNBits block 32, int4
 experts where they fit; its token agreement and logits cosine against fp32 are reported). Timed
 in one process, every runtime with --threads threads, the same random prompt ids, greedy, EOS
-ignored, one warm-up generation each, --rounds timed generations per runtime interleaved (ffnx,
-transformers, genai, then genai, transformers, ffnx, ...: a slow spell of a shared machine hits
-every runtime, and none always runs first) and the
+ignored, one warm-up generation each, --rounds timed generations per runtime and precision
+interleaved (ffnx fp32, transformers, genai fp32, ffnx int4, genai int4, then the same in
+reverse, ...: a slow spell of a shared machine hits every one, and none always runs first) and
+the
 round with the median decode tokens/s reported (`decode_tok_s_rounds` has them all), and per
 compared runtime ffnx's tokens/s over its own in each round and the median of those paired
 ratios (`ffnx_over_this_rounds`, `ffnx_over_this_paired`: the machine's speed shifts between
-rounds by up to 1.5x here, which cancels within a round):
+rounds by up to 1.5x here, which cancels within a round); likewise "x fp32" is the median of
+each round's int4 (int8) tokens/s over fp32's (`over_fp32_rounds`; `x_fp32_medians` is the
+ratio of the median rounds):
 
   ffnx          `ffnx.runtime.decode_bench.time_decode`
   transformers  `ffnx.commands.bench_decode.torch_decode` (eager, its DynamicCache; fp32 only)
@@ -171,79 +174,53 @@ def bench_arch(arch: str, a) -> list[dict]:
     from ffnx.commands import bench_genai as bg
     from ffnx.models.hf import load_hf
     from ffnx.runtime import Engine
-    from ffnx.runtime.decode_bench import gemv_bandwidth, random_prompt, roofline, time_decode
+    from ffnx.runtime.decode_bench import gemv_bandwidth, random_prompt, time_decode
 
     src = write_config(a.work / f"{arch}-{a.size}-src", arch, a.size)
     arts = artifacts(src, a.work, f"{arch}-{a.size}", a.precision, a.reuse)
     model = load_hf(str(src)).module.model
     base = {"arch": arch, "size": a.size}
-    rows = []
+    timers, setups, refused = {}, {}, {}
     for prec, art in arts.items():
         manifest = artifact.read_manifest(art)
         vocab = int(manifest["decoder"]["vocab"])
         prompt = random_prompt(vocab, a.batch, a.prompt_len)
         engine = Engine.load(art, backend="ort", threads=a.threads)
-        timers = {"ffnx (ort)": lambda e=engine: time_decode(e, a.prompt_len, a.new_tokens,
-                                                             a.batch)}  # fmt: skip
+        timers[prec, "ffnx (ort)"] = partial(time_decode, engine, a.prompt_len, a.new_tokens,
+                                             a.batch)  # fmt: skip
         if "transformers" in a.runtimes and prec == "fp32":
-            timers["transformers eager"] = lambda: bd.torch_decode(
+            timers[prec, "transformers eager"] = lambda: bd.torch_decode(
                 f"hf:{src}", a.prompt_len, a.new_tokens, a.batch, a.threads, model=model
             )
-        refused = None
         if "genai" in a.runtimes:
             built = bg.genai_model(str(src), model, prec)
             if isinstance(built, str):
-                refused = built
+                refused[prec] = built
             else:
                 timer = partial(bg.genai_decode, built, prompt, a.new_tokens, a.threads)
                 first = timer()  # untimed: where genai fails at run time, it says so here
                 if isinstance(first, str):
-                    refused = first
+                    refused[prec] = first
                 else:
-                    timers["onnxruntime-genai"] = timer
+                    timers[prec, "onnxruntime-genai"] = timer
         # the roofline GEMV (at the artifact's precision, sized like the weights decoding
         # streams) is timed in every round too: a round's fraction pairs a decode with its GEMV
         wb = bd.weight_bytes_per_step(str(art), manifest, a.batch)
-        step = wb["weight_bytes_per_step"]
         bits = manifest.get("quantize", {}).get("bits")
         gemv_model = bd.gemv_models(bits, bd.roofline_bytes(bd.working_set(wb)))
-        timers["roofline GEMV"] = lambda m=gemv_model: gemv_bandwidth(*m, threads=a.threads)
-        runs = {name: [] for name in timers}
-        for i in range(a.rounds):  # interleaved: a slow spell of the machine hits every runtime;
-            order = list(timers.items())  # every other round in reverse, so no runtime always
-            for name, timer in order[::-1] if i % 2 else order:  # runs first or last
-                runs[name].append(timer())
-        gemvs = runs.pop("roofline GEMV")
-        fractions = [roofline(step, a.batch / r["decode_tok_s"], g["gemv_gbs"])["roofline_fraction"]
-                     for r, g in zip(runs["ffnx (ort)"], gemvs)]  # fmt: skip
-        res = {name: median_round(r) for name, r in runs.items()}
-        ours = res.pop("ffnx (ort)")
-        tokens = ours.pop("tokens")
-        gemv = median_by(gemvs, "gemv_gbs")
-        row = {**base, "precision": prec, "runtime": "ffnx (ort)", **ours, **wb,
-               **roofline(step, a.batch / ours["decode_tok_s"], gemv["gemv_gbs"]),
-               "roofline_fraction": float(np.median(fractions)),
-               "roofline_fraction_rounds": [round(f, 3) for f in fractions],
-               "roofline_gbs_rounds": [round(g["gemv_gbs"], 1) for g in gemvs],
-               "roofline_kind": f"{manifest.get('quantize', {}).get('scheme', 'fp32')} GEMV",
-               "gemv": gemv}  # fmt: skip
-        if "quantize" in manifest:
-            row["accuracy_vs_fp32"] = manifest["quantize"]["accuracy"]
-        if "ffnx" in a.runtimes:  # (ffnx always runs: its tokens are the reference)
-            rows.append(row)
-        for name, r in res.items():
-            same = float((r.pop("tokens") == tokens).mean())
-            # ffnx over this runtime within each round (the two ran seconds apart): a shift of
-            # the machine's speed between rounds cancels in the ratio, not in the medians
-            paired = [o["decode_tok_s"] / t["decode_tok_s"]
-                      for o, t in zip(runs["ffnx (ort)"], runs[name])]  # fmt: skip
-            rows.append({**base, "precision": prec, "runtime": name, **r,
-                         "tokens_equal_ffnx": same,
-                         "ffnx_over_this_rounds": [round(x, 3) for x in paired],
-                         "ffnx_over_this_paired": float(np.median(paired))})  # fmt: skip
-        if refused:
-            rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai",
-                         "unsupported": refused})  # fmt: skip
+        timers[prec, "roofline GEMV"] = partial(gemv_bandwidth, *gemv_model, threads=a.threads)
+        setups[prec] = (manifest, wb)
+    # every precision and runtime in every round, every other round in reverse: a slow spell
+    # of the machine hits all of them, none always runs first or last, and a ratio taken
+    # within a round (int4 over fp32, ffnx over genai) cancels the machine's drift
+    runs = {key: [] for key in timers}
+    for i in range(a.rounds):
+        order = list(timers.items())
+        for key, timer in order[::-1] if i % 2 else order:
+            runs[key].append(timer())
+    rows = []
+    for prec, (manifest, wb) in setups.items():
+        rows += _rows(base, prec, manifest, wb, runs, refused.get(prec), a)
     ref = {(r["runtime"], r["precision"]): r for r in rows if "decode_tok_s" in r}
     tf = ref.get(("transformers eager", "fp32"))
     for r in rows:
@@ -253,7 +230,54 @@ def bench_arch(arch: str, a) -> list[dict]:
             r["x_transformers"] = r["decode_tok_s"] / tf["decode_tok_s"]
         fp = ref.get((r["runtime"], "fp32"))
         if fp and r["precision"] != "fp32":
-            r["x_fp32"] = r["decode_tok_s"] / fp["decode_tok_s"]
+            r["x_fp32_medians"] = r["decode_tok_s"] / fp["decode_tok_s"]
+            name = r["runtime"]  # this precision over fp32 within each round (the table's)
+            paired = [q["decode_tok_s"] / f["decode_tok_s"]
+                      for q, f in zip(runs[r["precision"], name], runs["fp32", name])]  # fmt: skip
+            r["over_fp32_rounds"] = [round(x, 3) for x in paired]
+            r["x_fp32"] = r["over_fp32_paired"] = float(np.median(paired))
+    return rows
+
+
+def _rows(base: dict, prec: str, manifest: dict, wb: dict, runs: dict, refused, a) -> list:
+    """One precision's rows from the interleaved rounds: ffnx's (median round, roofline) and
+    each compared runtime's with ffnx's tokens/s over its own per round."""
+    import numpy as np
+
+    from ffnx.runtime.decode_bench import roofline
+
+    mine = {name: r for (p, name), r in runs.items() if p == prec}
+    gemvs = mine.pop("roofline GEMV")
+    step = wb["weight_bytes_per_step"]
+    fractions = [roofline(step, a.batch / r["decode_tok_s"], g["gemv_gbs"])["roofline_fraction"]
+                 for r, g in zip(mine["ffnx (ort)"], gemvs)]  # fmt: skip
+    res = {name: median_round(r) for name, r in mine.items()}
+    ours = res.pop("ffnx (ort)")
+    tokens = ours.pop("tokens")
+    gemv = median_by(gemvs, "gemv_gbs")
+    row = {**base, "precision": prec, "runtime": "ffnx (ort)", **ours, **wb,
+           **roofline(step, a.batch / ours["decode_tok_s"], gemv["gemv_gbs"]),
+           "roofline_fraction": float(np.median(fractions)),
+           "roofline_fraction_rounds": [round(f, 3) for f in fractions],
+           "roofline_gbs_rounds": [round(g["gemv_gbs"], 1) for g in gemvs],
+           "roofline_kind": f"{manifest.get('quantize', {}).get('scheme', 'fp32')} GEMV",
+           "gemv": gemv}  # fmt: skip
+    if "quantize" in manifest:
+        row["accuracy_vs_fp32"] = manifest["quantize"]["accuracy"]
+    rows = [row] if "ffnx" in a.runtimes else []  # (ffnx always runs: its tokens are the reference)
+    for name, r in res.items():
+        same = float((r.pop("tokens") == tokens).mean())
+        # ffnx over this runtime within each round (the two ran seconds apart): a shift of
+        # the machine's speed between rounds cancels in the ratio, not in the medians
+        paired = [o["decode_tok_s"] / t["decode_tok_s"]
+                  for o, t in zip(mine["ffnx (ort)"], mine[name])]  # fmt: skip
+        rows.append({**base, "precision": prec, "runtime": name, **r,
+                     "tokens_equal_ffnx": same,
+                     "ffnx_over_this_rounds": [round(x, 3) for x in paired],
+                     "ffnx_over_this_paired": float(np.median(paired))})  # fmt: skip
+    if refused:
+        rows.append({**base, "precision": prec, "runtime": "onnxruntime-genai",
+                     "unsupported": refused})  # fmt: skip
     return rows
 
 
@@ -282,6 +306,11 @@ def print_table(rows: list[dict]) -> None:
             rounds = ", ".join(f"{x:.2f}" for x in r["ffnx_over_this_rounds"])
             print(f"{r['arch']} {r['precision']} ffnx / {r['runtime']} per round: {rounds}; "
                   f"median {r['ffnx_over_this_paired']:.2f}")  # fmt: skip
+    for r in rows:
+        if "over_fp32_paired" in r:
+            rounds = ", ".join(f"{x:.2f}" for x in r["over_fp32_rounds"])
+            print(f"{r['arch']} {r['runtime']} {r['precision']} / fp32 per round: {rounds}; "
+                  f"median {r['over_fp32_paired']:.2f}")  # fmt: skip
     for r in rows:
         if "accuracy_vs_fp32" in r:
             acc = r["accuracy_vs_fp32"]
