@@ -355,3 +355,8 @@ def test_mla_int4_folds_the_per_head_products(tmp_path):
     assert q["accuracy"]["logits_cosine"] > 0.97
     tokens = Engine.load(tmp_path / "a", backend="ort").generate([[5, 17, 99]], 8, ignore_eos=True)
     assert tokens.shape == (1, 8)
+    r = cli("optimize", tmp_path / "a", "--quantize", "int4", "--skip", "fold_head_products",
+            "--force")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "head_products" not in artifact.read_manifest(tmp_path / "a")["quantize"]
+    assert batched(tmp_path / "a" / artifact.MODEL_OPT) == 4  # kept fp32
