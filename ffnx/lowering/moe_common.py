@@ -208,16 +208,19 @@ def _group_route(b: Builder, s: MoESite, logits):
 def group_mask(b: Builder, s: MoESite, sel):
     """sel [T, E] with the experts outside each token's topk_group best groups set to -inf:
     group scores from TopK(1 or 2) + ReduceSum over [T, n_group, G], the best groups by TopK,
-    a one-hot compare with the group ids as the keep mask, then Where."""
+    then OneHot(best, n_group, off = -inf, on = 0) along axis 1 ([T, n_group, topk_group]),
+    its max over the chosen ones ([T, n_group, 1]: 0 for a kept group, -inf otherwise) added
+    to the scores: x + 0 = x and x + -inf = -inf exactly for finite x (three kernels where a
+    compare, cast, sum and select took seven)."""
     a = s.attrs
     n, tg = int(a["n_group"]), int(a["topk_group"])
     g = b.reshape(sel, -1, n, s.E // n)
     top, _ = b.op("TopK", g, i64(2 if a["group_scoring"] == "top2_sum" else 1), axis=2, n_out=2)
     _, best = b.op("TopK", b.reduce_sum(top, 2), i64(tg), axis=1, n_out=2)  # [T, tg]
-    hits = b.op("Equal", b.unsqueeze(best, 2), np.arange(n, dtype=np.int64).reshape(1, 1, n))
-    keep = b.unsqueeze(b.reduce_sum(b.op("Cast", hits, to=1), 1), 2)  # [T, n, 1]: 1 or 0
-    masked = b.op("Where", b.op("Greater", keep, f32(0.0)), g, f32(-np.inf))
-    return b.reshape(masked, -1, s.E)
+    values = np.array([-np.inf, 0.0], np.float32)
+    hot = b.op("OneHot", best, i64(n).reshape(()), values, axis=1)  # [T, n, tg]
+    keep = b.op("ReduceMax", hot, i64(2), keepdims=1)  # [T, n, 1]
+    return b.reshape(b.add(g, keep), -1, s.E)
 
 
 def dense_ffn(b: Builder, x, w1, w2, act: str, H: int, attrs: dict | None = None):
