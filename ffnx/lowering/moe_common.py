@@ -154,6 +154,30 @@ def flatten(b: Builder, s: MoESite):
     return x if s.dtype == np.float32 else b.op("Cast", x, to=1)
 
 
+def router_logits(b: Builder, s: MoESite):
+    """The router's logits as [T, E] float32."""
+    logits = b.reshape(s.inputs["router_logits"], -1, s.E)
+    return logits if s.dtype == np.float32 else b.op("Cast", logits, to=1)
+
+
+def router_scores(b: Builder, s: MoESite, logits):
+    """p [T, E]: the softmax over the experts or each expert's sigmoid (`scoring`)."""
+    scoring = s.attrs["scoring"]
+    if scoring == "softmax":
+        return b.op("Softmax", logits, axis=1)
+    if scoring == "sigmoid":
+        return b.op("Sigmoid", logits)
+    raise LoweringError(f"{s.node.name}: unknown scoring {scoring!r}")
+
+
+def selection_scores(b: Builder, s: MoESite, logits):
+    """-> (p, sel) [T, E]: the scores that weigh (`router_scores`) and those that choose
+    (p plus the score_bias, where there is one)."""
+    p = router_scores(b, s, logits)
+    bias = s.tensor(b, "score_bias")
+    return p, (p if bias is None else b.add(p, bias))
+
+
 def route(b: Builder, s: MoESite):
     """-> idx [T, k] int64, w [T, k] float32 (see the module docstring)."""
     a, k = s.attrs, s.k
@@ -162,9 +186,7 @@ def route(b: Builder, s: MoESite):
         ids = b.reshape(s.inputs["token_ids"], -1)
         idx = b.op("Gather", s.inputs["hash_table"], ids, axis=0)
         return idx, b.op("Expand", f32(scale / k), b.op("Shape", idx))
-    logits = b.reshape(s.inputs["router_logits"], -1, s.E)
-    if s.dtype != np.float32:
-        logits = b.op("Cast", logits, to=1)
+    logits = router_logits(b, s)
     scoring, normalize = a["scoring"], int(a["normalize"])
     if group_limited(a):
         idx, w = _group_route(b, s, logits)
@@ -172,16 +194,13 @@ def route(b: Builder, s: MoESite):
     elif scoring == "topk_softmax":
         v, idx = b.op("TopK", logits, i64(k), axis=1, n_out=2)
         w, normalize = b.op("Softmax", v, axis=1), 0  # already sums to 1
-    elif scoring in ("softmax", "sigmoid"):  # a score_bias moves the choice, not the weights
-        p = b.op("Softmax", logits, axis=1) if scoring == "softmax" else b.op("Sigmoid", logits)
-        bias = s.tensor(b, "score_bias")
-        if bias is None:
+    else:  # softmax or sigmoid: a score_bias moves the choice, not the weights
+        p, sel = selection_scores(b, s, logits)
+        if sel is p:
             w, idx = b.op("TopK", p, i64(k), axis=1, n_out=2)
         else:
-            _, idx = b.op("TopK", b.add(p, bias), i64(k), axis=1, n_out=2)
+            _, idx = b.op("TopK", sel, i64(k), axis=1, n_out=2)
             w = b.op("GatherElements", p, idx, axis=1)
-    else:
-        raise LoweringError(f"{s.node.name}: unknown scoring {scoring!r}")
     if normalize:
         w = b.op("Div", w, b.reduce_sum(w, 1, keepdims=1))
     if scale != 1.0:
@@ -192,14 +211,7 @@ def route(b: Builder, s: MoESite):
 def _group_route(b: Builder, s: MoESite, logits):
     """Group-limited routing: -> idx [T, k], w [T, k] (before normalize and scaling)."""
     scoring = s.attrs["scoring"]
-    if scoring == "topk_softmax":
-        p = sel = logits
-    elif scoring in ("softmax", "sigmoid"):
-        p = b.op("Softmax", logits, axis=1) if scoring == "softmax" else b.op("Sigmoid", logits)
-        bias = s.tensor(b, "score_bias")
-        sel = p if bias is None else b.add(p, bias)
-    else:
-        raise LoweringError(f"{s.node.name}: unknown scoring {scoring!r}")
+    p, sel = (logits, logits) if scoring == "topk_softmax" else selection_scores(b, s, logits)
     _, idx = b.op("TopK", group_mask(b, s, sel), i64(s.k), axis=1, n_out=2)
     w = b.op("GatherElements", p, idx, axis=1)
     return idx, b.op("Softmax", w, axis=1) if scoring == "topk_softmax" else w

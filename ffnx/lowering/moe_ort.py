@@ -38,7 +38,15 @@ import numpy as np
 
 from ffnx.graph.builder import Builder, f32, i64
 from ffnx.graph.opsets import MS_DOMAIN
-from ffnx.lowering.moe_common import LoweringError, MoESite, group_mask, route
+from ffnx.lowering.moe_common import (
+    LoweringError,
+    MoESite,
+    group_mask,
+    route,
+    router_logits,
+    router_scores,
+    selection_scores,
+)
 from ffnx.lowering.moe_forms import sorted_experts
 from ffnx.lowering.quantize import BITS, pick_block, quantize
 from ffnx.plugins.schema import CLAMPED_SWIGLU, group_limited
@@ -117,22 +125,19 @@ def _router(b: Builder, s: MoESite, weights_input: bool = False):
     logits (softmax and sigmoid are increasing, so the logits' top-k is p's): no extra kernel.
     MoE has no such input: it gets normalize=1 and y * sum_j p_j restores normalize=0 (top-k p;
     y is linear in w)."""
-    logits = b.reshape(s.inputs["router_logits"], -1, s.E)
-    if s.dtype != np.float32:
-        logits = b.op("Cast", logits, to=1)
+    logits = router_logits(b, s)
     scoring, normalize = s.attrs["scoring"], int(s.attrs["normalize"])
     if scoring == "topk_softmax":
         return logits, None, None
-    score = "Softmax" if scoring == "softmax" else "Sigmoid"
     if weights_input and not normalize:
-        return logits, b.op(score, logits, **({"axis": 1} if score == "Softmax" else {})), None
+        return logits, router_scores(b, s, logits), None
     if scoring == "softmax":
-        probs, p = logits, (None if normalize else b.op("Softmax", logits, axis=1))
+        probs = logits
     else:
-        probs, p = b.op("Neg", b.op("Softplus", b.op("Neg", logits))), b.op("Sigmoid", logits)
+        probs = b.op("Neg", b.op("Softplus", b.op("Neg", logits)))
     if normalize:
         return probs, None, None
-    top, _ = b.op("TopK", p, i64(s.k), axis=1, n_out=2)
+    top, _ = b.op("TopK", router_scores(b, s, logits), i64(s.k), axis=1, n_out=2)
     return probs, None, b.reduce_sum(top, 1, keepdims=1)
 
 
@@ -154,12 +159,7 @@ def _selection(b: Builder, s: MoESite):
     `_precomputed`'s scatter (none of `route`'s TopK without normalize). Exact where QMoE's
     top-k and TopK pick the same experts: always, but for exact ties of selection scores."""
     a = s.attrs
-    logits = b.reshape(s.inputs["router_logits"], -1, s.E)
-    if s.dtype != np.float32:
-        logits = b.op("Cast", logits, to=1)
-    p = b.op("Softmax", logits, axis=1) if a["scoring"] == "softmax" else b.op("Sigmoid", logits)
-    bias = s.tensor(b, "score_bias")
-    sel = p if bias is None else b.add(p, bias)
+    p, sel = selection_scores(b, s, router_logits(b, s))
     if group_limited(a):
         sel = group_mask(b, s, sel)
     scale = float(a["routed_scaling_factor"])

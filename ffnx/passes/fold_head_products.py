@@ -16,14 +16,16 @@ where Wo[h] are the rows h*Vd .. (h+1)*Vd: the MatMul goes and Wo' [H*R, N] repl
 Exact in real arithmetic (associativity); in fp32 the sums are taken in another order.
 
 When: a batched product stays fp32 (MatMulNBits takes a 2-D weight), while the linear is
-stored at `bytes_per_weight` (PassContext.options; 4 for fp32, `quantize_linears` passes its
-scheme's: 0.625 for int4 with block-32 fp32 scales). A site folds only when the folded linear
-stores fewer bytes than the linear and the product together:
+stored at `bytes_per_weight` (PassContext.options; 4 for fp32 in the pass pipeline, the
+scheme's under --quantize, where `ffnx.commands.quantize.fold_for_scheme` runs it right before
+the linears are quantized: 0.625 for int4 with block-32 fp32 scales). A site folds only when the
+folded linear stores fewer bytes than the linear and the product together:
     query  K*H*R*b < K*H*d*b + bytes(U)        value  H*R*N*b < H*Vd*N*b + bytes(V)
-It also saves the product's kernel. In fp32 that needs R < d, which no DeepSeek-style
-config has (R = 512, d = 128); at int4 it holds for narrow models (the hidden-512 benchmark
-decoders: K = N = 512, d = Vd = 64, R = 128) and not for DeepSeek-V2-Lite (K = N = 2048,
-d = Vd = 128, R = 512), where the sites are reported skipped with both byte counts.
+It also saves the product's kernel. In fp32 that needs R <= d (or K < d*R / (R - d)), which
+no DeepSeek-style config has (R = 512, d = 128); at int4 it holds for narrow models (the
+hidden-512 benchmark decoders: K = N = 512, d = Vd = 64, R = 128) and not for DeepSeek-V2-Lite
+(K = N = 2048, d = Vd = 128, R = 512), where the sites are reported skipped with both byte
+counts.
 """
 
 from __future__ import annotations
@@ -172,10 +174,7 @@ class FoldHeadProducts(GraphPass):
         heads, r, vd = v.shape
         wo = lin.weight.reshape(heads, vd, -1)
         new_w = np.einsum("hrv,hvn->hrn", v, wo).reshape(heads * r, -1).astype(lin.weight.dtype)
-        mm = lin.nodes[0]
-        mm.inputs[1] = gs.Constant(f"{self.name}/{mm.name}/w", new_w)
-        if mm.op == "Gemm" and mm.attrs.get("transB", 0):
-            mm.inputs[1] = gs.Constant(f"{self.name}/{mm.name}/w", np.ascontiguousarray(new_w.T))
+        _set_weight(lin.nodes[0], new_w, self.name)
         view = const(s["view"].inputs[1]).copy()
         if view[2] != -1:
             view[2] = heads * r
@@ -208,10 +207,7 @@ def _replace_columns(graph, prefix: str, lin: Linear, w: np.ndarray, b: np.ndarr
     for n in lin.nodes:  # their outputs' recorded widths are stale
         for t in n.outputs:
             t.shape = None
-    if mm.op == "Gemm" and mm.attrs.get("transB", 0):
-        mm.inputs[1] = gs.Constant(f"{prefix}/{mm.name}/w", np.ascontiguousarray(full.T))
-    else:
-        mm.inputs[1] = gs.Constant(f"{prefix}/{mm.name}/w", np.ascontiguousarray(full))
+    _set_weight(mm, full, prefix)
     if bias is not None:
         add = next((n for n in lin.nodes if n.op == "Add"), None)
         if add is not None:
@@ -219,6 +215,12 @@ def _replace_columns(graph, prefix: str, lin: Linear, w: np.ndarray, b: np.ndarr
             add.inputs[j] = gs.Constant(f"{prefix}/{add.name}/b", bias.astype(full.dtype))
         elif mm.op == "Gemm":
             mm.inputs[2] = gs.Constant(f"{prefix}/{mm.name}/b", bias.astype(full.dtype))
+
+
+def _set_weight(mm: gs.Node, w: np.ndarray, prefix: str) -> None:
+    """The MatMul / Gemm `mm` multiplies by w [K, N] (stored transposed for a transB Gemm)."""
+    w = w.T if mm.op == "Gemm" and mm.attrs.get("transB", 0) else w
+    mm.inputs[1] = gs.Constant(f"{prefix}/{mm.name}/w", np.ascontiguousarray(w))
 
 
 def _resize_split(sp: gs.Node, sizes: list[int], prefix: str) -> None:
